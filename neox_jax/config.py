@@ -1,0 +1,234 @@
+"""Configuration: defaults, validation and derived sizes.
+
+A run is described by one `ml_collections.ConfigDict` built by a `get_config()` file under `configs/`
+(configs are code). This module owns the schema: `default_config()` lists every field with its default,
+`validate()` checks a finished config once at start-up and raises `ConfigError` naming the offending field,
+and the small helpers below derive sizes (padded vocabulary, head dim, rotary dims, parameter count) so no
+other module recomputes them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh")
+INITS = ("small_init", "normal")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the project cannot use; the message names the field."""
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+    """The GPT-NeoX architecture fields; defaults are the 20B / Pythia conventions."""
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=50277,  # ids the tokenizer produces (20B tokenizer)
+            padded_vocab_size=0,  # 0: round vocab_size up to make_vocab_size_divisible_by x mesh.tensor
+            make_vocab_size_divisible_by=128,
+            hidden_size=512,
+            num_layers=6,
+            num_heads=8,
+            intermediate_size=0,  # 0: 4 x hidden_size
+            rotary_pct=0.25,
+            rotary_emb_base=10000.0,
+            max_position_embeddings=2048,
+            layernorm_eps=1e-5,
+            hidden_act="gelu",  # "gelu" exact (Pythia); "gelu_fast"/"gelu_new" tanh approximation (NeoX fused)
+            use_parallel_residual=True,
+            init="small_init",  # small_init + wang_init (20B), or normal + scaled_normal (Pythia 6.9b/12b)
+            init_std=0.02,  # used by init="normal"
+            param_dtype="float32",
+            dtype="float32",  # compute dtype; "bfloat16" for mixed precision with fp32 master params
+            attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere
+            remat_policy="none",
+            scan_layers=True,
+        )
+    )
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field a run understands. `configs/*.py` start from this and change what they need."""
+    c = ml_collections.ConfigDict()
+    c.model = model_defaults()
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.zero_stage = 1
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            lr=6e-4,
+            min_lr_ratio=0.1,
+            warmup_fraction=0.01,
+            warmup_steps=-1,  # -1: warmup_fraction x train.steps
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.01,
+            grad_clip=1.0,
+        )
+    )
+    c.precision = ml_collections.ConfigDict(
+        dict(
+            loss_scale="none",  # "none" | "dynamic" (fp16 training)
+            initial_scale_power=12,
+            loss_scale_window=1000,
+            hysteresis=2,
+            min_loss_scale=1.0,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            batch_size=8,  # global batch, sequences per optimizer step
+            micro_batches=1,  # gradient accumulation steps inside one train step
+            seq_len=128,
+            seed=0,
+            log_every=10,
+            eval_every=100,
+            eval_batches=4,
+            checkpoint_every=200,
+            keep_checkpoints=3,
+            keep_every=0,  # 0: none kept permanently
+            max_nonfinite_in_a_row=5,
+            profile_steps="",  # "10,12": JAX profiler trace from step 10 to 12
+            peak_tflops=0.0,  # 0: look up the device in metrics.PEAK_TFLOPS
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_paths="",  # comma-separated .bin/.idx prefixes or Pile-format files; "" -> bundled sample
+            train_weights="",  # comma-separated mixing weights, same order as train_paths
+            val_paths="",
+            tokenizer="",  # "" -> bundled 20B tokenizer
+            cache_dir="",  # where on-the-fly preprocessing writes .bin/.idx; "" -> ~/.cache/neox_jax
+            workers=0,  # grain worker processes; 0 = in-process
+        )
+    )
+    c.workdir = ""
+    return c
+
+
+def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    """Apply {"a.b.c": value} overrides, refusing unknown keys with near names."""
+    c = ml_collections.ConfigDict(base.to_dict())
+    for dotted, value in overrides.items():
+        node = c
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            keys = list(node.keys())
+            if part not in keys:
+                raise ConfigError(_unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return c
+
+
+def _unknown(field: str, keys, parent: str) -> str:
+    near = difflib.get_close_matches(field.rsplit(".", 1)[-1], keys, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr((parent + '.' if parent else '') + n) for n in near)}?" if near else ""
+    return f"unknown config field {field!r}{hint} (known under {parent or 'config'}: {', '.join(sorted(keys))})"
+
+
+def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict | None = None, prefix=""):
+    """Raise ConfigError for any field not in the schema (catches typos in config files)."""
+    reference = default_config() if reference is None else reference
+    for key in config.keys():
+        name = prefix + key
+        if key not in reference:
+            raise ConfigError(_unknown(name, list(reference.keys()), prefix.rstrip(".")))
+        if isinstance(config[key], ml_collections.ConfigDict) and isinstance(reference[key], ml_collections.ConfigDict):
+            check_keys(config[key], reference[key], name + ".")
+
+
+def _require(ok: bool, field: str, message: str):
+    if not ok:
+        raise ConfigError(f"config field {field}: {message}")
+
+
+def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None:
+    """Check the architecture fields; raises ConfigError naming the first bad field."""
+    check_keys(m, model_defaults(), prefix)
+    for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_position_embeddings"):
+        _require(isinstance(m[f], int) and m[f] > 0, prefix + f, f"must be a positive integer, got {m[f]!r}")
+    _require(m.hidden_size % m.num_heads == 0, prefix + "hidden_size",
+             f"{m.hidden_size} is not divisible by num_heads={m.num_heads}")
+    _require(0.0 <= m.rotary_pct <= 1.0, prefix + "rotary_pct", f"must be in [0, 1], got {m.rotary_pct}")
+    r = rotary_dims(m)
+    _require(r % 2 == 0, prefix + "rotary_pct",
+             f"gives {r} rotary dims of head_dim {head_dim(m)}; rotary dims must be even")
+    _require(m.rotary_emb_base > 0, prefix + "rotary_emb_base", f"must be positive, got {m.rotary_emb_base}")
+    _require(m.padded_vocab_size == 0 or m.padded_vocab_size >= m.vocab_size, prefix + "padded_vocab_size",
+             f"{m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}")
+    _require(m.intermediate_size >= 0, prefix + "intermediate_size", "must be >= 0 (0 means 4 x hidden_size)")
+    _require(m.layernorm_eps > 0, prefix + "layernorm_eps", f"must be positive, got {m.layernorm_eps}")
+    for field, allowed in (("hidden_act", ACTIVATIONS), ("init", INITS), ("param_dtype", DTYPES), ("dtype", DTYPES),
+                           ("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES)):
+        _require(m[field] in allowed, prefix + field, f"{m[field]!r} is not one of {', '.join(allowed)}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Validate a whole run config once at start-up. Returns it for chaining."""
+    check_keys(c)
+    validate_model(c.model)
+    for axis in MESH_AXES:
+        v = c.mesh[axis]
+        _require(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{axis}", f"must be -1 or a positive integer, got {v!r}")
+    _require(sum(c.mesh[a] == -1 for a in MESH_AXES) <= 1, "mesh", "at most one axis may be -1")
+    _require(c.zero_stage in (0, 1, 3), "zero_stage", f"must be 0, 1 or 3, got {c.zero_stage!r}")
+    t = c.train
+    for f in ("steps", "batch_size", "micro_batches", "seq_len"):
+        _require(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive integer, got {t[f]!r}")
+    _require(t.batch_size % t.micro_batches == 0, "train.batch_size",
+             f"{t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+    _require(t.seq_len <= c.model.max_position_embeddings, "train.seq_len",
+             f"{t.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
+    _require(c.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
+    _require(0 <= c.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
+    _require(c.precision.loss_scale in ("none", "dynamic"), "precision.loss_scale",
+             f"{c.precision.loss_scale!r} is not one of none, dynamic")
+    return c
+
+
+# ---- derived sizes -------------------------------------------------------------------------------------
+
+def head_dim(m) -> int:
+    return m.hidden_size // m.num_heads
+
+
+def rotary_dims(m) -> int:
+    return int(head_dim(m) * m.rotary_pct)
+
+
+def ffn_size(m) -> int:
+    return m.intermediate_size or 4 * m.hidden_size
+
+
+def padded_vocab(m, tensor_parallel: int = 1) -> int:
+    """NeoX pads the embedding to a multiple of 128 x tensor-parallel size (50,304 at TP 1, 50,432 at TP 2)."""
+    if m.padded_vocab_size:
+        return m.padded_vocab_size
+    multiple = m.make_vocab_size_divisible_by * max(tensor_parallel, 1)
+    return int(math.ceil(m.vocab_size / multiple) * multiple)
+
+
+def param_count(m, tensor_parallel: int = 1) -> int:
+    """Closed form L(12H^2 + 13H) + 2VH + 2H (4H FFN); the general form for other FFN sizes."""
+    h, f, v = m.hidden_size, ffn_size(m), padded_vocab(m, tensor_parallel)
+    per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # qkv+dense, mlp, two LayerNorms
+    return m.num_layers * per_layer + 2 * v * h + 2 * h
+
+
+def resolve_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The model config with padded_vocab_size fixed for this run's tensor-parallel size."""
+    m = ml_collections.ConfigDict(c.model.to_dict())
+    m.padded_vocab_size = padded_vocab(m, c.mesh.tensor)
+    return m

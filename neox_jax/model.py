@@ -1,0 +1,268 @@
+"""The GPT-NeoX model in Flax Linen.
+
+    x = embed_in[ids]
+    per layer:  x = x + Attn(LN1(x)) + MLP(LN2(x))       (parallel residual, the NeoX default)
+           or:  x = x + Attn(LN1(x)); x = x + MLP(LN2(x)) (sequential)
+    logits = final_LN(x) @ embed_out                       (untied)
+
+Layers are one `nn.scan` over a single block, so XLA compiles the block once and every layer parameter has
+a leading `layers` axis. Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`, `mlp`,
+`layers`); `neox_jax.sharding` maps them to mesh axes. The same code serves training (no cache, causal flash
+attention) and decoding (an explicit KV-cache pytree in, an updated one out; see `init_cache`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from neox_jax import config as cfg
+
+Array = jax.Array
+
+# Logical names of the activations constrained at block boundaries.
+ACT_AXES = ("batch", "length", "embed")
+
+
+def _std(m, output_projection: bool) -> float:
+    """NeoX init: small_init N(0, sqrt(2/5H)) + wang_init 2/(L sqrt H) for output projections;
+    or normal(init_std) + scaled_normal init_std/sqrt(2L)."""
+    if m.init == "small_init":
+        return 2.0 / (m.num_layers * math.sqrt(m.hidden_size)) if output_projection else math.sqrt(2.0 / (5 * m.hidden_size))
+    return m.init_std / math.sqrt(2.0 * m.num_layers) if output_projection else m.init_std
+
+
+def _param(module, name, std, shape, axes, dtype):
+    init = nn.initializers.normal(std) if std is not None else nn.initializers.zeros_init()
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """Contract x with a kernel of any shape (`spec` is the einsum), plus a bias."""
+
+    spec: str
+    kernel_shape: tuple
+    kernel_axes: tuple
+    bias_shape: tuple
+    bias_axes: tuple
+    std: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        w = _param(self, "kernel", self.std, self.kernel_shape, self.kernel_axes, self.param_dtype)
+        b = _param(self, "bias", None, self.bias_shape, self.bias_axes, self.param_dtype)
+        return jnp.einsum(self.spec, x.astype(self.dtype), w.astype(self.dtype)) + b.astype(self.dtype)
+
+
+def layer_norm(m, name):
+    return nn.LayerNorm(
+        epsilon=m.layernorm_eps,
+        dtype=jnp.dtype(m.dtype),
+        param_dtype=jnp.dtype(m.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+# ---- rotary ----------------------------------------------------------------------------------------------
+
+def rotary_tables(positions: Array, rot_dims: int, base: float) -> tuple[Array, Array]:
+    """cos/sin of shape [B, T, r] for integer positions [B, T]; inv_freq over r, not head_dim (NeoX)."""
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dims, 2, dtype=jnp.float32) / rot_dims))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the leading r dims of every head of x [B, T, n, d] ("rotate_half" convention)."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    x_rot, x_pass = x[..., :r].astype(jnp.float32), x[..., r:]
+    half = r // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    x_rot = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return jnp.concatenate([x_rot.astype(x.dtype), x_pass], axis=-1)
+
+
+# ---- attention -------------------------------------------------------------------------------------------
+
+def attention_impl(m, decoding: bool) -> str:
+    """cuDNN flash attention on GPU for half-precision training; XLA otherwise (CPU, TPU, fp32, decoding)."""
+    if m.attention_impl != "auto":
+        return m.attention_impl
+    half = jnp.dtype(m.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if (jax.default_backend() == "gpu" and half and not decoding) else "xla"
+
+
+class Attention(nn.Module):
+    config: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, layer_cache=None, cache_meta=None):
+        m = self.config
+        n, d, h = m.num_heads, cfg.head_dim(m), m.hidden_size
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        # Fused per-head qkv: outputs laid out n_heads x (q|k|v) x head_dim, as NeoX/HF store them.
+        qkv = Linear("bth,hnkd->btnkd", (h, n, 3, d), ("embed", "heads", None, "kv"), (n, 3, d), ("heads", None, "kv"),
+                     _std(m, False), dt, pdt, name="query_key_value")(x)
+        q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if layer_cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_impl(m, False))
+            new_cache = None
+        else:
+            index, key_mask = cache_meta  # key_mask [B, S]: slots holding real tokens, this step's included
+            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0))
+            t, s = q.shape[1], k_all.shape[1]
+            causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S] in slot order
+            mask = causal[None, None] & key_mask[:, None, None, :]
+            out = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask,
+                                               implementation=attention_impl(m, True))
+            new_cache = {"k": k_all, "v": v_all}
+        out = checkpoint_name(out, "attention_out")
+        out = Linear("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), (h,), ("embed",),
+                     _std(m, True), dt, pdt, name="dense")(out)
+        return out, new_cache
+
+
+class MLP(nn.Module):
+    config: Any
+
+    @nn.compact
+    def __call__(self, x):
+        m = self.config
+        h, f = m.hidden_size, cfg.ffn_size(m)
+        dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
+        y = Linear("bth,hf->btf", (h, f), ("embed", "mlp"), (f,), ("mlp",), _std(m, False), dt, pdt,
+                   name="dense_h_to_4h")(x)
+        y = jax.nn.gelu(y, approximate=m.hidden_act != "gelu")
+        return Linear("btf,fh->bth", (f, h), ("mlp", "embed"), (h,), ("embed",), _std(m, True), dt, pdt,
+                      name="dense_4h_to_h")(y)
+
+
+class Block(nn.Module):
+    """One transformer layer; the scan carry is the residual stream x."""
+
+    config: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, layer_cache, cache_meta):
+        m = self.config
+        attn, new_cache = Attention(m, name="attention")(layer_norm(m, "input_layernorm")(x), cos, sin,
+                                                          layer_cache, cache_meta)
+        if m.use_parallel_residual:
+            x = x + attn + MLP(m, name="mlp")(layer_norm(m, "post_attention_layernorm")(x))
+        else:
+            x = x + attn
+            x = x + MLP(m, name="mlp")(layer_norm(m, "post_attention_layernorm")(x))
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        self.sow("intermediates", "hidden_states", x)
+        return x, new_cache
+
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole layer
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+def layer_stack(m):
+    block = Block
+    if m.remat_policy != "none":
+        block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[m.remat_policy])
+    return nn.scan(
+        block,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        length=m.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(m, name="layers")
+
+
+class GPTNeoX(nn.Module):
+    """`GPTNeoX(model_config).apply({"params": p}, ids)` -> fp32 logits [B, T, padded_vocab].
+
+    With `cache=` (from `init_cache`) it returns `(logits, new_cache)`: the KV-cache decode path.
+    `method="hidden"` returns the final hidden state instead of logits (for a chunked loss).
+    """
+
+    config: Any
+
+    def setup(self):
+        m = self.config
+        v, h = cfg.padded_vocab(m), m.hidden_size
+        pdt = jnp.dtype(m.param_dtype)
+        self.embed_in = _param(self, "embed_in", _std(m, False), (v, h), ("vocab", "embed"), pdt)
+        self.layers = layer_stack(m)
+        self.final_layer_norm = layer_norm(m, "final_layer_norm")
+        self.embed_out = _param(self, "embed_out", _std(m, False), (h, v), ("embed", "vocab"), pdt)
+
+    def hidden(self, input_ids, positions=None, cache=None, input_mask=None):
+        """Final (post-LayerNorm) hidden states [B, T, H], and the updated cache when one is given."""
+        m = self.config
+        b, t = input_ids.shape
+        if positions is None:
+            start = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = jnp.take(self.embed_in, input_ids, axis=0).astype(jnp.dtype(m.dtype))
+        x = nn.with_logical_constraint(x, ACT_AXES)
+        self.sow("intermediates", "embeddings", x)
+        cos, sin = rotary_tables(positions, cfg.rotary_dims(m), m.rotary_emb_base)
+        layer_cache = cache_meta = None
+        if cache is not None:
+            valid = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
+            key_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, cache["index"]))
+            cache_meta = (cache["index"], key_mask)
+            layer_cache = {"k": cache["k"], "v": cache["v"]}
+        x, new_layers = self.layers(x, cos, sin, layer_cache, cache_meta)
+        x = self.final_layer_norm(x)
+        if cache is None:
+            return x, None
+        return x, {"k": new_layers["k"], "v": new_layers["v"], "mask": cache_meta[1], "index": cache["index"] + t}
+
+    def logits(self, x):
+        return jnp.einsum("bth,hv->btv", x, self.embed_out.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions=None, cache=None, input_mask=None):
+        x, new_cache = self.hidden(input_ids, positions, cache, input_mask)
+        logits = self.logits(x)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(m, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: k/v [L, B, S, n, d], key-slot mask [B, S], fill index (slots are shared by the batch;
+    ragged prompts are left-padded and their pads masked out)."""
+    dtype = jnp.dtype(dtype or m.dtype)
+    shape = (m.num_layers, batch, max_len, m.num_heads, cfg.head_dim(m))
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def param_shapes(m, seq_len: int = 8):
+    """Boxed (logically annotated) parameter shapes, without allocating anything."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda: GPTNeoX(m).init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype)))["params"]
+
+
+def count_params(m) -> int:
+    """Number of parameters from `jax.eval_shape` (no allocation)."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(param_shapes(m))))
+
+
+def init_params(m, rng) -> Any:
+    """Unboxed fp32 (param_dtype) parameters."""
+    return nn.meta.unbox(GPTNeoX(m).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
