@@ -1,0 +1,136 @@
+"""FLOPs, MFU and throughput; metric writers (console, JSONL, TensorBoard) and the end-of-run plot.
+
+FLOPs conventions (both count a forward + backward pass, no recomputation):
+  * "palm" (the default, used for MFU everywhere in this project): 6 N + 12 L H S per token, N = all parameters.
+  * "neox": GPT-NeoX's own formula, 24 f B S L H^2 (1 + S/(6H) + V/(16 L H)) per step with f = 3, divided by B S.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+from neox_jax import config as cfg
+
+# Dense bf16 peak TFLOP/s by device kind (datasheets); substring match on jax's device_kind, first hit wins.
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v4", 275.0),
+)
+
+
+def flops_per_token(m, seq_len: int, convention: str = "palm", tensor_parallel: int = 1) -> float:
+    """Model FLOPs (forward + backward) per trained token."""
+    L, H, S, V = m.num_layers, m.hidden_size, seq_len, cfg.padded_vocab(m, tensor_parallel)
+    if convention == "palm":
+        return 6.0 * cfg.param_count(m, tensor_parallel) + 12.0 * L * H * S
+    if convention == "neox":
+        return 24.0 * 3 * L * H * H * (1.0 + S / (6.0 * H) + V / (16.0 * L * H))
+    raise ValueError(f"unknown FLOPs convention {convention!r}; use 'palm' or 'neox'")
+
+
+def device_peak_tflops(device_kind: str | None = None, override: float = 0.0) -> float | None:
+    """Peak dense bf16 TFLOP/s of one device: the override when given, else the table; None when unknown (CPU)."""
+    if override:
+        return float(override)
+    if device_kind is None:
+        import jax
+
+        device_kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def mfu(tokens_per_second: float, flops_token: float, n_devices: int, peak_tflops: float | None) -> float | None:
+    """Model FLOPs utilisation in [0, 1]; None when the peak is unknown."""
+    if not peak_tflops:
+        return None
+    return tokens_per_second * flops_token / (n_devices * peak_tflops * 1e12)
+
+
+class Writers:
+    """Console + metrics.jsonl + TensorBoard for one run; a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.workdir, self.enabled = workdir, enabled
+        self._jsonl = self._tb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # optional at import time: benchmarks don't need it
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        self._jsonl.write(json.dumps({"step": int(step), "split": prefix, "time": time.time(), **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def format_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
+    """One console progress line."""
+    parts = [f"step {step:>6}/{total}"]
+    fmt = {"loss": "{:.4f}", "ppl": "{:.2f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
+           "tokens_per_s": "{:,.0f}", "step_time": "{:.3f}s", "mfu": "{:.1%}", "loss_scale": "{:g}",
+           "skipped_steps": "{:.0f}"}
+    for key, f in fmt.items():
+        if metrics.get(key) is not None:
+            parts.append(f"{key} " + f.format(metrics[key]))
+    return " | ".join(parts)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:
+    """PNG of train/val loss and throughput from metrics.jsonl; returns its path (None without metrics)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_jsonl(path)
+    train = [r for r in rows if r.get("split") == "train" and "loss" in r]
+    val = [r for r in rows if r.get("split") == "val" and "loss" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    if val:
+        ax1.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
+    ax1.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax1.legend()
+    tput = [r for r in train if "tokens_per_s" in r]
+    ax2.plot([r["step"] for r in tput], [r["tokens_per_s"] for r in tput])
+    ax2.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    fig.tight_layout()
+    out = os.path.join(workdir, out_name)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
