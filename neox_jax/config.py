@@ -50,7 +50,6 @@ def model_defaults() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; "bfloat16" for mixed precision with fp32 master params
             attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere
             remat_policy="none",
-            scan_layers=True,
         )
     )
 

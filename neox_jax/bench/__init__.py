@@ -1,0 +1,1 @@
+"""Benchmarks behind scripts/benchmark.py (train, generate, data). Imported only by benchmarks."""

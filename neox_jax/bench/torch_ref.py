@@ -1,0 +1,102 @@
+"""The reference we race: HF transformers' GPTNeoXForCausalLM in PyTorch on the identical shape.
+
+GPU: fp32 master weights, bf16 autocast, SDPA attention, fused AdamW, grad clipping; eager or torch.compile.
+CPU: plain fp32 (autocast to bf16 is slower than fp32 on most CPUs). Imported only by benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+
+from neox_jax import config as cfg
+
+
+def hf_config(m, tensor_parallel: int = 1):
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=cfg.padded_vocab(m, tensor_parallel), hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=cfg.ffn_size(m),
+        max_position_embeddings=m.max_position_embeddings, rotary_pct=m.rotary_pct,
+        rotary_emb_base=m.rotary_emb_base, layer_norm_eps=m.layernorm_eps,
+        hidden_act="gelu" if m.hidden_act == "gelu" else "gelu_new",
+        use_parallel_residual=m.use_parallel_residual, tie_word_embeddings=False,
+        attention_dropout=0.0, hidden_dropout=0.0,
+    )
+
+
+def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int = 3, compile: bool = False,
+                     bf16: bool | None = None, lr: float = 1e-4) -> dict:
+    """Tokens/s and step time of an HF torch train step (forward, backward, clip, AdamW)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    bf16 = cuda if bf16 is None else bf16
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM._from_config(hf_config(m), attn_implementation="sdpa").to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+                            fused=cuda)
+    ids = torch.randint(0, m.vocab_size, (batch, seq_len), device=device)
+
+    def step():
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    if compile:
+        step = torch.compile(step)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    out = {"step_time": dt, "tokens_per_s": batch * seq_len / dt, "loss": float(loss)}
+    if cuda:
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    del model, opt
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, dtype: str = "bfloat16") -> dict:
+    """HF `generate` (greedy, KV cache) decode tokens/s on random weights, timed after one warm-up call."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    tdtype = getattr(torch, dtype) if cuda else torch.float32
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM._from_config(hf_config(m), attn_implementation="sdpa", dtype=tdtype).to(device).eval()
+    ids = torch.randint(0, m.vocab_size, (batch, prompt_len), device=device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, **{**kw, "min_new_tokens": 4, "max_new_tokens": 4})
+        sync()
+        t0 = time.perf_counter()
+        model(ids)
+        sync()
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        sync()
+        total = time.perf_counter() - t0
+    decode = max(total - prefill, 1e-9)
+    del model
+    return {"prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode,
+            "decode_steps_per_s": new_tokens / decode}

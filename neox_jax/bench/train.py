@@ -1,0 +1,110 @@
+"""Train-step throughput of neox_jax (and, on request, HF torch on the identical shape in the same run)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from neox_jax import config as cfg
+from neox_jax.cli import load_config
+from neox_jax import metrics, sharding
+from neox_jax import train as train_lib
+
+# name: (config spec, overrides). seq_len / batch_size / dtype are the benchmark's shape.
+PRESETS = {
+    # the issue's CPU probe: 4 layers, d 256, seq 256, batch 8, fp32
+    "cpu-small": ("configs/tiny.py", {"model.num_layers": 4, "model.hidden_size": 256, "model.num_heads": 4,
+                                      "train.seq_len": 256, "train.batch_size": 8}),
+    "cpu-tiny": ("configs/tiny.py", {}),
+    "gpu-410m": ("configs/pythia.py:410m", {"train.seq_len": 2048, "train.batch_size": 16, "model.dtype": "bfloat16"}),
+    "gpu-1.4b": ("configs/pythia.py:1.4b", {"train.seq_len": 2048, "train.batch_size": 8, "model.dtype": "bfloat16"}),
+}
+GPU_ANCHOR = ("gpu-410m", "gpu-1.4b")
+
+
+def jax_train_throughput(config, steps: int = 10, warmup: int = 2) -> dict:
+    """Tokens/s, step time, MFU and peak memory of the compiled neox_jax train step on random tokens."""
+    config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}) if jax.device_count() == 1 else config
+    mesh = sharding.make_mesh(config)
+    t = config.train
+    state = train_lib.init_train_state(config, mesh, jax.random.PRNGKey(0))
+    step = train_lib.make_train_step(config, mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+    batch = sharding.global_batch({"tokens": tokens}, mesh)
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    dt = (time.perf_counter() - t0) / steps
+    out = {"step_time": dt, "tokens_per_s": t.batch_size * t.seq_len / dt, "loss": float(m["loss"]),
+           "warmup_s": compile_s}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        out["peak_mem_gb"] = stats["peak_bytes_in_use"] / 2**30
+    del state
+    return out
+
+
+def run(preset: str | None = None, config_spec: str | None = None, overrides: dict | None = None,
+        steps: int = 10, warmup: int = 2, compare_hf: bool = False, torch_compile: bool = False,
+        measure_peak: bool = True) -> list[dict]:
+    """Benchmark one preset, the GPU anchor pair (preset="gpu-anchor"), or a config spec; rows for a table."""
+    names = GPU_ANCHOR if preset == "gpu-anchor" else ([preset] if preset else [])
+    jobs = [(n, *PRESETS[n]) for n in names] or [(config_spec, config_spec, {})]
+    backend = jax.default_backend()
+    peak_measured = None
+    if measure_peak and backend != "cpu":
+        from neox_jax.bench import device
+
+        peak_measured = device.matmul_tflops()
+    peak_sheet = metrics.device_peak_tflops()
+    rows = []
+    for name, spec, preset_overrides in jobs:
+        config = load_config(spec, {**preset_overrides, **(overrides or {})})
+        m, t = cfg.resolve_model(config), config.train
+        fpt = metrics.flops_per_token(m, t.seq_len)
+        n_dev = jax.device_count()
+
+        def row(impl, res):
+            r = {"name": name, "impl": impl, "device": jax.devices()[0].device_kind, "n_devices": n_dev,
+                 "batch": t.batch_size, "seq_len": t.seq_len, "dtype": m.dtype, "params": cfg.param_count(m), **res}
+            r["mfu_measured_peak"] = metrics.mfu(res["tokens_per_s"], fpt, n_dev, peak_measured)
+            r["mfu_datasheet_peak"] = metrics.mfu(res["tokens_per_s"], fpt, n_dev, peak_sheet)
+            r["peak_tflops_measured"] = peak_measured
+            return r
+
+        rows.append(row("neox_jax", jax_train_throughput(config, steps, warmup)))
+        if compare_hf:
+            from neox_jax.bench import torch_ref
+
+            bf16 = backend == "gpu" and m.dtype == "bfloat16"
+            group = [rows[-1], row("hf_torch_eager", torch_ref.train_throughput(m, t.batch_size, t.seq_len, steps,
+                                                                               warmup, bf16=bf16))]
+            if torch_compile:
+                group.append(row("hf_torch_compile", torch_ref.train_throughput(m, t.batch_size, t.seq_len, steps,
+                                                                               warmup, compile=True, bf16=bf16)))
+            for r in group:
+                r["vs_hf_eager"] = r["tokens_per_s"] / group[1]["tokens_per_s"]
+            rows.extend(group[1:])
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'name':<10} {'impl':<17} {'device':<18} {'batch':>5} {'seq':>5} {'tok/s':>11} {'step s':>8} " \
+           f"{'MFU(meas)':>9} {'MFU(sheet)':>10} {'mem GB':>7} {'vs HF':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        lines.append(f"{r['name']:<10} {r['impl']:<17} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
+                     f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {pct(r['mfu_measured_peak']):>9} "
+                     f"{pct(r['mfu_datasheet_peak']):>10} {r.get('peak_mem_gb', float('nan')):>7.1f} "
+                     f"{r.get('vs_hf_eager', float('nan')):>6.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,81 @@
+"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+
+from neox_jax import config as cfg
+
+
+def load_config(spec: str, overrides: dict | None = None):
+    """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
+    module_spec = importlib.util.spec_from_file_location(f"_neox_config_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    c = module.get_config(arg) if arg else module.get_config()
+    return cfg.merge(c, overrides or {})
+
+
+def _fail(message: str) -> None:
+    print(f"FATAL: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_config_overrides(argv: list[str], default_config: str, own_flags: tuple = (), flag: str = "config") -> None:
+    """Reject unknown flags and unknown --config.* fields before absl parses them, naming the near names
+    (absl and ml_collections would otherwise fail with a bare message or a traceback). Call it before the
+    script defines its config flag: ml_collections applies --config.* overrides as soon as it is defined."""
+    from absl import flags
+
+    known = sorted({flag, *own_flags} | {f for f in flags.FLAGS if not f.startswith("?")})
+
+    spec, fields = default_config, []
+    args = iter(argv[1:])
+    for arg in args:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        name, has_value, value = arg[2:].partition("=")
+        if name == flag:
+            spec = value if has_value else next(args, spec)
+        elif name.startswith(flag + "."):
+            fields.append(name[len(flag) + 1:])
+        elif name not in known and not (name.startswith("no") and name[2:] in known) \
+                and name not in ("help", "helpfull", "helpshort", "helpxml"):
+            near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+            _fail(f"unknown flag --{name}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
+                  + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
+    if not fields:
+        return
+    try:
+        config = load_config(spec)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(f"--{flag}: {e}")
+    for field in fields:
+        node, parts = config, field.split(".")
+        for i, part in enumerate(parts):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                _fail(f"--{flag}.{field}: " + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
+            node = node[part]
+
+
+def default_workdir(config_spec: str) -> str:
+    """runs/<config name>[_<arg>]: stable, so running the same command again resumes."""
+    path, _, arg = config_spec.partition(":")
+    name = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg else "")
+    return os.path.join("runs", name)
+
+
+def summary(last: dict, workdir: str) -> str:
+    parts = [f"done: step {last.get('step')}"]
+    for key in ("loss", "val_loss", "tokens_per_s"):
+        if last.get(key) is not None:
+            parts.append(f"{key} {last[key]:.4f}" if key != "tokens_per_s" else f"{key} {last[key]:,.0f}")
+    parts.append(f"workdir {workdir}")
+    return " | ".join(parts)

@@ -1,0 +1,201 @@
+"""The training loop: data -> compiled train step -> metrics, evaluation, checkpoints, preemption.
+
+Kept apart from `train.py` (the pure, compiled step) because everything here is I/O and control flow.
+Resume is exact: the data pipeline's batch n is a pure function of n, and the checkpoint holds the full train
+state, the RNG and the pipeline position, so a run stopped at any step continues bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+
+import jax
+import numpy as np
+
+from neox_jax import checkpoint as ckpt_lib
+from neox_jax import config as cfg
+from neox_jax import metrics as metrics_lib
+from neox_jax import sharding
+from neox_jax import train as train_lib
+
+log = logging.getLogger("neox_jax")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class StopFlag:
+    """Set by SIGTERM / SIGINT: the loop finishes the current step, saves and returns."""
+
+    signal: int | None = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+    def install(self):
+        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def _profile_window(spec: str) -> tuple[int, int] | None:
+    if not spec:
+        return None
+    try:
+        start, stop = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise cfg.ConfigError(f"config field train.profile_steps: {spec!r} is not 'START,STOP' (e.g. '10,12')") from None
+    if not 0 <= start < stop:
+        raise cfg.ConfigError(f"config field train.profile_steps: need 0 <= START < STOP, got {spec!r}")
+    return start, stop
+
+
+def _check_tokenizer(config, model) -> None:
+    """Refuse a tokenizer whose ids don't fit the padded embedding (only when text is tokenized on the fly)."""
+    from neox_jax.data import check_vocab, default_paths
+
+    check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
+
+
+def evaluate(eval_step, params, val_batches, mesh) -> float:
+    """Mean validation cross-entropy over the fixed validation batches."""
+    total, count = 0.0, 0
+    for batch in val_batches:
+        out = eval_step(params, sharding.global_batch(batch, mesh))
+        total += float(out["loss"]) * int(out["tokens"])
+        count += int(out["tokens"])
+    return total / max(count, 1)
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics.
+
+    `stop_after` ends the run (with a checkpoint) after that many steps of this invocation: tests use it to
+    stand in for a preemption.
+    """
+    from neox_jax.data import make_train_iterator, make_val_batches
+
+    cfg.validate(config)
+    t = config.train
+    mesh = sharding.make_mesh(config)
+    config = sharding.with_mesh_sizes(config, mesh)
+    model = cfg.resolve_model(config)
+    is_main = jax.process_index() == 0
+    _check_tokenizer(config, model)
+    profile = _profile_window(t.profile_steps)
+
+    train_it = make_train_iterator(config)
+    val_batches = make_val_batches(config) if t.eval_every else None
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
+    rng = jax.random.PRNGKey(t.seed)
+    if checkpointer.latest_step() is not None:
+        abstract = {"train": train_lib.state_shapes(config, mesh),
+                    "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
+        restored, data_state, _ = checkpointer.restore(abstract)
+        state, rng = restored["train"], restored["rng"]
+        train_it.set_state(data_state)
+        if is_main:
+            print(f"resumed from {checkpointer.directory} at step {int(state.step)}", flush=True)
+    else:
+        state = train_lib.init_train_state(config, mesh, rng)
+    step_fn = train_lib.make_train_step(config, mesh)
+    eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
+
+    writers = metrics_lib.Writers(workdir, enabled=is_main)
+    if is_main:
+        with open(f"{workdir}/config.json", "w") as f:
+            f.write(config.to_json(indent=1))
+    flops_token = metrics_lib.flops_per_token(model, t.seq_len)
+    peak = metrics_lib.device_peak_tflops(override=t.peak_tflops)
+    stop = StopFlag()
+    restore_signals = stop.install()
+
+    def save(step: int, force: bool = False):
+        checkpointer.save(step, {"train": state, "rng": rng}, train_it.get_state(), json.loads(config.to_json()),
+                          force=force)
+
+    step = int(state.step)
+    start_step, last = step, {}
+    window = {"loss": [], "t0": time.perf_counter(), "steps": 0}
+    pending = None  # metrics of the previous step, read while the current one runs
+    try:
+        while step < t.steps:
+            if profile and step == profile[0]:
+                jax.profiler.start_trace(f"{workdir}/profile")
+            batch = sharding.global_batch(next(train_it), mesh)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            if pending is not None:
+                last = _consume(pending, window, t, writers, flops_token, peak, last)
+            pending = (step, step_metrics)
+            if profile and step == profile[1]:
+                jax.block_until_ready(step_metrics)
+                jax.profiler.stop_trace()
+            if eval_fn is not None and step % t.eval_every == 0:
+                val_loss = evaluate(eval_fn, state.params, val_batches, mesh)
+                writers.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}, prefix="val")
+                last["val_loss"] = val_loss
+                if is_main:
+                    print(f"step {step:>6}/{t.steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}",
+                          flush=True)
+            preempted = stop.signal is not None or (stop_after is not None and step - start_step >= stop_after)
+            if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+                save(step, force=True)
+            if preempted:
+                if is_main:
+                    why = f"signal {signal.Signals(stop.signal).name}" if stop.signal else f"stop_after={stop_after}"
+                    print(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}", flush=True)
+                break
+        if pending is not None:
+            last = _consume(pending, window, t, writers, flops_token, peak, last, force_log=True)
+    finally:
+        restore_signals()
+        checkpointer.close()
+        writers.close()
+        train_it.close()
+    if is_main:
+        plot = metrics_lib.plot_run(workdir)
+        if plot:
+            print(f"plot: {plot}", flush=True)
+    last["step"] = step
+    return last
+
+
+def _consume(pending, window, t, writers, flops_token, peak, last, force_log: bool = False) -> dict:
+    """Read one finished step's metrics; every log_every steps write a line (loss averaged over the window)."""
+    step, m = pending
+    m = {k: float(v) for k, v in jax.device_get(m).items()}
+    if m["nonfinite_in_a_row"] >= t.max_nonfinite_in_a_row:
+        raise NonFiniteError(
+            f"step {step}: {int(m['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "
+            f"(limit train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the updates were skipped and the last "
+            "checkpoint is intact. Lower optimizer.lr, check the data, or use precision.loss_scale=dynamic for fp16.")
+    if not m["skipped"]:
+        window["loss"].append(m["loss"])
+    if window.get("warm"):
+        window["steps"] += 1
+    else:  # the first step includes compilation: time throughput from its end
+        window.update(warm=True, t0=time.perf_counter())
+    if step % t.log_every and not force_log:
+        return last
+    elapsed = time.perf_counter() - window["t0"]
+    timed = window["steps"]
+    tokens_per_s = timed * t.batch_size * t.seq_len / max(elapsed, 1e-9) if timed else None
+    loss = float(np.mean(window["loss"])) if window["loss"] else float("nan")
+    n_dev = jax.device_count()
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan"),
+           "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tokens_per_s,
+           "step_time": elapsed / timed if timed else None, "loss_scale": m["loss_scale"],
+           "skipped_steps": m["skipped_steps"],
+           "mfu": metrics_lib.mfu(tokens_per_s, flops_token, n_dev, peak) if timed else None}
+    writers.write(step, out)
+    if writers.enabled:
+        print(metrics_lib.format_line(step, t.steps, out), flush=True)
+    window.update(loss=[], t0=time.perf_counter(), steps=0)
+    return {**last, **out}

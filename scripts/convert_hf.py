@@ -1,0 +1,49 @@
+"""Convert GPT-NeoX weights between HF `GPTNeoXForCausalLM` directories and neox_jax params dirs.
+
+    python scripts/convert_hf.py --hf_dir PATH --out PARAMS_DIR        # HF -> params dir
+    python scripts/convert_hf.py --params_dir PARAMS_DIR --hf_out PATH  # params dir -> HF (safetensors)
+
+The logic lives in neox_jax/convert.py.
+"""
+
+import argparse
+import sys
+
+from neox_jax import convert
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hf_dir", help="HF GPTNeoXForCausalLM directory to read (with --out)")
+    p.add_argument("--out", help="params dir to write (config.json + params.safetensors)")
+    p.add_argument("--params_dir", help="params dir to read (with --hf_out)")
+    p.add_argument("--hf_out", help="HF directory to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="tensor dtype of the HF output (default float32)")
+    p.add_argument("--max_shard_gb", type=float, default=4.0, help="largest HF safetensors shard, GiB")
+    args = p.parse_args(argv)
+    to_params, to_hf = bool(args.hf_dir and args.out), bool(args.params_dir and args.hf_out)
+    if to_params == to_hf or (args.hf_dir or args.out) and (args.params_dir or args.hf_out):
+        p.error("give either --hf_dir and --out, or --params_dir and --hf_out")
+    return args
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.hf_dir:
+            config, params = convert.load_hf(args.hf_dir)
+            convert.save_params(config, params, args.out)
+            where = args.out
+        else:
+            config, params = convert.load_params(args.params_dir)
+            files = convert.save_hf(config, params, args.hf_out, dtype=args.dtype,
+                                    max_shard_bytes=int(args.max_shard_gb * 2**30))
+            where = f"{args.hf_out} ({len(files)} safetensors file{'s' if len(files) > 1 else ''}, {args.dtype})"
+    except convert.ConversionError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {where}\n{convert.describe(config, params)}")
+
+
+if __name__ == "__main__":
+    main()
