@@ -108,7 +108,7 @@ class Attention(nn.Module):
     config: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, layer_cache=None, cache_meta=None):
+    def __call__(self, x, cos, sin, kv=None, cache_meta=None):
         m = self.config
         n, d, h = m.num_heads, cfg.head_dim(m), m.hidden_size
         dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
@@ -117,23 +117,26 @@ class Attention(nn.Module):
                      _std(m, False), dt, pdt, name="query_key_value")(x)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if layer_cache is None:
+        if kv is None:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_impl(m, False))
-            new_cache = None
         else:
+            # The whole [L, B, S, n, d] cache rides in the scan carry and this layer writes its slice in place:
+            # returning per-layer slices as scan outputs would copy the entire cache on every decode step.
             index, key_mask = cache_meta  # key_mask [B, S]: slots holding real tokens, this step's included
-            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0))
+            i = kv["layer"]
+            cache_k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype)[None], (i, 0, index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype)[None], (i, 0, index, 0, 0))
+            k_all = jax.lax.dynamic_index_in_dim(cache_k, i, keepdims=False).astype(dt)
+            v_all = jax.lax.dynamic_index_in_dim(cache_v, i, keepdims=False).astype(dt)
             t, s = q.shape[1], k_all.shape[1]
             causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S] in slot order
             mask = causal[None, None] & key_mask[:, None, None, :]
-            out = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=mask,
-                                               implementation=attention_impl(m, True))
-            new_cache = {"k": k_all, "v": v_all}
+            out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, implementation=attention_impl(m, True))
+            kv = {"k": cache_k, "v": cache_v, "layer": i + 1}
         out = checkpoint_name(out, "attention_out")
         out = Linear("btnd,ndh->bth", (n, d, h), ("heads", "kv", "embed"), (h,), ("embed",),
                      _std(m, True), dt, pdt, name="dense")(out)
-        return out, new_cache
+        return out, kv
 
 
 class MLP(nn.Module):
@@ -152,15 +155,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer; the scan carry is the residual stream x."""
+    """One transformer layer; the scan carry is (residual stream x, KV cache or None)."""
 
     config: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, layer_cache, cache_meta):
+    def __call__(self, carry, cos, sin, cache_meta):
         m = self.config
-        attn, new_cache = Attention(m, name="attention")(layer_norm(m, "input_layernorm")(x), cos, sin,
-                                                          layer_cache, cache_meta)
+        x, kv = carry
+        attn, kv = Attention(m, name="attention")(layer_norm(m, "input_layernorm")(x), cos, sin, kv, cache_meta)
         if m.use_parallel_residual:
             x = x + attn + MLP(m, name="mlp")(layer_norm(m, "post_attention_layernorm")(x))
         else:
@@ -168,7 +171,7 @@ class Block(nn.Module):
             x = x + MLP(m, name="mlp")(layer_norm(m, "post_attention_layernorm")(x))
         x = nn.with_logical_constraint(x, ACT_AXES)
         self.sow("intermediates", "hidden_states", x)
-        return x, new_cache
+        return (x, kv), None
 
 
 REMAT_POLICIES = {
@@ -187,7 +190,7 @@ def layer_stack(m):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=m.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(m, name="layers")
@@ -222,17 +225,17 @@ class GPTNeoX(nn.Module):
         x = nn.with_logical_constraint(x, ACT_AXES)
         self.sow("intermediates", "embeddings", x)
         cos, sin = rotary_tables(positions, cfg.rotary_dims(m), m.rotary_emb_base)
-        layer_cache = cache_meta = None
+        kv = cache_meta = None
         if cache is not None:
             valid = jnp.ones((b, t), bool) if input_mask is None else input_mask.astype(bool)
             key_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, cache["index"]))
             cache_meta = (cache["index"], key_mask)
-            layer_cache = {"k": cache["k"], "v": cache["v"]}
-        x, new_layers = self.layers(x, cos, sin, layer_cache, cache_meta)
+            kv = {"k": cache["k"], "v": cache["v"], "layer": jnp.zeros((), jnp.int32)}
+        (x, kv), _ = self.layers((x, kv), cos, sin, cache_meta)
         x = self.final_layer_norm(x)
         if cache is None:
             return x, None
-        return x, {"k": new_layers["k"], "v": new_layers["v"], "mask": cache_meta[1], "index": cache["index"] + t}
+        return x, {"k": kv["k"], "v": kv["v"], "mask": cache_meta[1], "index": cache["index"] + t}
 
     def logits(self, x):
         return jnp.einsum("bth,hv->btv", x, self.embed_out.astype(x.dtype), preferred_element_type=jnp.float32)

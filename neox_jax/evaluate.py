@@ -1,0 +1,217 @@
+"""lm-evaluation-harness adapter: the `neox_jax` model type and the local (offline) task set.
+
+Importing this module registers `neox_jax` with lm-eval (`--model neox_jax --model_args hf=DIR` or
+`checkpoint=DIR`). Scoring follows the harness's own `hf` backend token for token: the context/continuation
+split of `TemplateLM._encode_pair`, the end-of-document token as the context of an empty one, left truncation
+to `max_length + 1` tokens, log-softmax over the model's whole (padded) vocabulary, and the rolling windows
+of `lm_eval.utils.get_rolling_token_windows`. Requests are sorted by length and right-padded to power-of-two
+buckets with a fixed batch size, so only a handful of shapes compile; per-token log-probabilities are reduced on
+the device, so only two numbers per request come back to the host.
+
+The task definitions for LAMBADA (OpenAI), PIQA, ARC-Easy/Challenge, WinoGrande and HellaSwag live in
+`configs/eval_tasks/` and read local files from `$NEOX_JAX_EVAL_DATA` (default `../shared/data/eval`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from neox_jax import generate as gen_lib
+from neox_jax import model as model_lib
+
+TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
+DATA_ENV = "NEOX_JAX_EVAL_DATA"
+LOCAL_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
+
+
+def score_tokens(m, params, ids, targets, weights):
+    """Sum of log p(target) over positions with weight 1, and whether each of those targets is the argmax.
+
+    ids / targets / weights [B, T] -> (logprob [B], greedy [B])."""
+    logits = model_lib.GPTNeoX(m).apply({"params": params}, ids)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    is_argmax = jnp.argmax(logits, axis=-1) == targets
+    return jnp.sum(target_logp * weights, axis=-1), jnp.all(is_argmax | (weights == 0), axis=-1)
+
+
+@register_model("neox_jax")
+class NeoXLM(TemplateLM):
+    """model_args: `hf=DIR` or `checkpoint=DIR` (params dir or training workdir), `batch_size` (rows per
+    compiled call), `max_length` (default: max_position_embeddings), `dtype` (float32 | bfloat16 | float16),
+    `tokenizer` (path; default the HF dir's tokenizer.json, else the 20B tokenizer), `max_gen_toks`,
+    `tensor_parallel` (mesh: all devices, weights split tensor_parallel ways, batch rows over the rest).
+    From Python, `model_config=`, `params=` and a `neox_jax.data.tokenizer` object may be passed instead."""
+
+    def __init__(self, hf: str | None = None, checkpoint: str | None = None, batch_size: int | str = 8,
+                 max_length: int | None = None, dtype: str | None = None, tokenizer: Any = None,
+                 max_gen_toks: int = 256, tensor_parallel: int = 1, model_config: Any = None, params: Any = None,
+                 mesh: Any = None, **unused):
+        super().__init__()
+        if model_config is None:
+            model_config, params = gen_lib.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = gen_lib.load_tokenizer(hf=hf, path=tokenizer)
+        self.mesh = gen_lib.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
+        self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh)
+        self.m, self.params, self.tokenizer = model_config, self._generator.params, tokenizer
+        if str(batch_size).startswith("auto"):
+            batch_size = 8
+        self._batch_size = self._generator.rows(int(batch_size))
+        self._max_length = int(max_length or model_config.max_position_embeddings)
+        self._max_gen_toks = int(max_gen_toks)
+        self._eot = tokenizer.eod_id
+        self._score = jax.jit(functools.partial(score_tokens, model_config))
+
+    # ---- the harness's interface --------------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self._eot
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return "neox_jax"
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string)
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode([t for t in tokens if t != self._eot])
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        pairs = [(ctx, cont) for _, ctx, cont in requests]
+        return self.score_pairs(pairs, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        pairs, owner = [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            windows = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self._eot,
+                                                         max_seq_len=self.max_length, context_len=1)
+            for window in map(lm_utils.make_disjoint_window, windows):
+                pairs.append(window)
+                owner.append(i)
+        totals = [0.0] * len(requests)
+        for i, (logprob, _) in zip(owner, self.score_pairs(pairs, disable_tqdm=disable_tqdm)):
+            totals[i] += logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[str, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
+        eos = self.tokenizer.decode([self._eot])
+        results: list[str] = [""] * len(requests)
+        pbar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running generate_until requests")
+        for indices in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[indices[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.get("until"), eos=eos)
+            max_new = int(kwargs["max_gen_toks"])
+            if max_new >= self.max_length:
+                raise ValueError(f"max_gen_toks={max_new} must be smaller than max_length={self.max_length}")
+            sampling = gen_lib.Sampling(
+                max_new_tokens=max_new, temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+                top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0),
+                seed=int(kwargs.get("seed") or 0), stop_token_ids=(self._eot,), stop_strings=tuple(u for u in until if u))
+            indices = sorted(indices, key=lambda i: -len(requests[i].args[0]))
+            prompts = [self.tok_encode(requests[i].args[0])[-(self.max_length - max_new):] for i in indices]
+            for start in range(0, len(prompts), self.batch_size):
+                done = self._generator.generate(prompts[start:start + self.batch_size], sampling, decode=self.tok_decode,
+                                                batch_size=self.batch_size)
+                for i, completion in zip(indices[start:start + self.batch_size], done):
+                    text = postprocess_generated_text(completion.text, until, None)
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                pbar.update(len(done))
+        pbar.close()
+        return results
+
+    # ---- scoring ------------------------------------------------------------------------------------------
+    def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False):
+        """(log p(continuation | context), continuation is greedy) for each (context ids, continuation ids)."""
+        rows = []
+        for ctx, cont in pairs:
+            if not ctx or not cont or len(cont) > self.max_length:
+                raise ValueError(f"cannot score context of {len(ctx)} / continuation of {len(cont)} tokens "
+                                 f"(both must be non-empty, the continuation at most max_length={self.max_length})")
+            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
+            rows.append((whole, len(cont)))
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        pbar = tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests")
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            length = gen_lib.bucket_length(len(rows[chunk[0]][0]) - 1, minimum=16, maximum=self.max_length)
+            ids, targets, weights = (np.zeros((self.batch_size, length), dt) for dt in (np.int32, np.int32, np.float32))
+            for r, i in enumerate(chunk):
+                whole, n_cont = rows[i]
+                n = len(whole) - 1
+                ids[r, :n], targets[r, :n] = whole[:-1], whole[1:]
+                weights[r, n - n_cont:n] = 1.0
+            batch = gen_lib.put_batch((ids, targets, weights), self.mesh)
+            with gen_lib.tracing_context(self.m, self.mesh):
+                logprob, greedy = jax.device_get(self._score(self.params, *batch))
+            for r, i in enumerate(chunk):
+                results[i] = (float(logprob[r]), bool(greedy[r]))
+            pbar.update(len(chunk))
+        pbar.close()
+        return results
+
+
+# ---- running the local tasks --------------------------------------------------------------------------------
+
+def task_manager(data_dir: str | None = None, include_builtin: bool = False):
+    """A TaskManager over configs/eval_tasks (plus the harness's own tasks if asked; ours win on name clashes)."""
+    from lm_eval.tasks import TaskManager
+
+    if data_dir is not None:
+        os.environ[DATA_ENV] = os.path.abspath(data_dir)
+    return TaskManager(include_path=str(TASK_DIR), include_defaults=include_builtin)
+
+
+def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
+             data_dir: str | None = None, include_builtin: bool = False, bootstrap_iters: int = 0,
+             seed: int = 1234, log_samples: bool = False) -> dict:
+    """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict."""
+    import lm_eval
+
+    manager = task_manager(data_dir, include_builtin)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        known = ", ".join(LOCAL_TASKS) + (" and the harness's own tasks" if include_builtin else "")
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {known} (task files in {TASK_DIR})")
+    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                   task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed,
+                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                   log_samples=log_samples)
+
+
+def results_table(results: dict) -> str:
+    return lm_utils.make_table(results)

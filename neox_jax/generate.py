@@ -1,0 +1,371 @@
+"""Text generation with a KV cache: batched prefill, one compiled decode step, sampling.
+
+Prompts of different lengths are left-padded to a power-of-two bucket so they share cache slots; the pads are
+masked out of attention and the rotary positions count only real tokens (`cumsum(mask) - 1`), so every row
+sees exactly what it would see alone. The cache is an explicit pytree (`model.init_cache`) threaded through
+two jitted pure functions, `prefill` and `decode_step`; the Python loop around the step only checks stop
+conditions and streams text, so the step compiles once per (batch, cache length).
+
+Also here: `load_model` / `load_tokenizer`, shared by scripts/generate.py and the lm-eval adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import pathlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neox_jax import model as model_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_TOKENIZERS = (
+    pathlib.Path(__file__).resolve().parent / "assets" / "20B_tokenizer.json",
+    ROOT.parent / "shared" / "data" / "tokenizers" / "20B_tokenizer.json",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for field, ok, expected in (
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"sampling option {field} must be {expected}, got {getattr(self, field)!r}")
+
+
+@dataclasses.dataclass
+class Completion:
+    tokens: list[int]  # generated ids, without the stop token
+    text: str | None  # decoded and cut before a stop string (None without a tokenizer)
+    finish_reason: str  # "stop_token", "stop_string" or "length"
+
+
+def bucket_length(n: int, minimum: int = 16, maximum: int | None = None) -> int:
+    """The next power of two >= n (at least `minimum`, at most `maximum` when that still holds n)."""
+    b = max(minimum, 1 << max(n - 1, 0).bit_length())
+    return min(b, maximum) if maximum is not None and maximum >= n else b
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ids and mask [batch, length], each prompt right-aligned; extra rows (batch > len(prompts)) are empty."""
+    batch = batch or len(prompts)
+    ids = np.zeros((batch, length), np.int32)
+    mask = np.zeros((batch, length), bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, -len(p):] = p
+            mask[i, -len(p):] = True
+    return ids, mask
+
+
+# ---- the compiled pieces ------------------------------------------------------------------------------------
+
+def prefill(m, params, ids, mask, cache):
+    """Run the left-padded prompts through the model, filling the cache.
+    Returns (logits of each row's last token [B, V], cache, rotary position of that token [B])."""
+    positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
+    logits, cache = model_lib.GPTNeoX(m).apply({"params": params}, ids, positions=positions, cache=cache,
+                                               input_mask=mask)
+    return logits[:, -1], cache, positions[:, -1]
+
+
+def decode_step(m, params, tokens, positions, cache):
+    """One token per row at rotary `positions` [B] -> (logits [B, V], cache)."""
+    ones = jnp.ones((tokens.shape[0], 1), bool)
+    logits, cache = model_lib.GPTNeoX(m).apply({"params": params}, tokens[:, None], positions=positions[:, None],
+                                               cache=cache, input_mask=ones)
+    return logits[:, 0], cache
+
+
+def pick_tokens(logits, key, *, vocab_limit: int, temperature, top_k: int, top_p: float, greedy: bool):
+    """Next ids [B] from logits [B, V]; ids >= vocab_limit (embedding padding) are never chosen."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, logits.astype(jnp.float32), -jnp.inf)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0 or top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        threshold = jnp.full(logits.shape[:1], -jnp.inf)
+        if top_k > 0:
+            threshold = jnp.maximum(threshold, ordered[:, min(top_k, logits.shape[-1]) - 1])
+        if top_p < 1.0:
+            probs = jax.nn.softmax(ordered, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token; the top one always stays
+            kept = jnp.where(before < top_p, ordered, jnp.inf)
+            threshold = jnp.maximum(threshold, jnp.min(kept, axis=-1))
+        logits = jnp.where(logits >= threshold[:, None], logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Generator:
+    """Holds the jitted prefill/step for one model; `generate` runs the loop."""
+
+    def __init__(self, m, params, vocab_limit: int | None = None, mesh=None):
+        """With a `mesh` (see `inference_mesh`) params are placed by the logical rules (tensor-parallel
+        weights), and batch rows and the cache are split over the data axes."""
+        self.m, self.mesh = m, mesh
+        self.params = params if mesh is None else place_params(m, params, mesh)
+        self.vocab_limit = vocab_limit or m.vocab_size
+        self._prefill = jax.jit(functools.partial(prefill, m), donate_argnums=(3,))
+        self._step = jax.jit(functools.partial(decode_step, m), donate_argnums=(3,))
+        self._pick = jax.jit(pick_tokens, static_argnames=("vocab_limit", "top_k", "top_p", "greedy"))
+
+    def rows(self, batch_size: int) -> int:
+        """`batch_size` rounded up to a multiple of the data-parallel split."""
+        return _round_up(batch_size, batch_split(self.mesh))
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
+                 decode: Callable[[list[int]], str] | None = None,
+                 on_text: Callable[[int, str], None] | None = None, batch_size: int | None = None) -> list[Completion]:
+        """Complete every prompt (lists of ids). `decode` (ids -> text) enables stop strings and `on_text(row,
+        new_text)` streaming. Batches of `batch_size` rows (default: all at once); results in prompt order."""
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        if sampling.stop_strings and decode is None:
+            raise ValueError("generate: stop_strings need a `decode` function (a tokenizer)")
+        longest = max(len(p) for p in prompts)
+        if longest + sampling.max_new_tokens > self.m.max_position_embeddings:
+            raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
+                             f"exceeds the model's max_position_embeddings={self.m.max_position_embeddings}")
+        batch_size = self.rows(batch_size or len(prompts))
+        out: list[Completion] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            stream = None if on_text is None else (lambda row, text, s=start: on_text(s + row, text))
+            out += self._generate_batch(chunk, sampling, decode, stream, batch_size)
+        return out
+
+    def _generate_batch(self, prompts, sampling, decode, on_text, batch_size):
+        n, greedy = len(prompts), sampling.temperature == 0.0
+        length = bucket_length(max(len(p) for p in prompts))
+        ids, mask = left_pad(prompts, length, batch_size)
+        mask[n:, -1] = True  # filler rows attend to one token so their softmax stays finite
+        cache = model_lib.init_cache(self.m, batch_size, length + sampling.max_new_tokens)
+        ids, mask, cache = put_batch((ids, mask, cache), self.mesh)
+        with tracing_context(self.m, self.mesh):
+            logits, cache, positions = self._prefill(self.params, ids, mask, cache)
+        root = jax.random.PRNGKey(sampling.seed)
+        pick = functools.partial(self._pick, vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
+                                 top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
+        rows = [_Row(sampling, decode, on_text, i) for i in range(n)]
+        for step in range(sampling.max_new_tokens):
+            tokens = pick(logits, jax.random.fold_in(root, step))
+            host_tokens = np.asarray(tokens)
+            for row, token in zip(rows, host_tokens):
+                row.add(int(token))
+            if all(r.finish_reason for r in rows) or step == sampling.max_new_tokens - 1:
+                break
+            positions = positions + 1
+            with tracing_context(self.m, self.mesh):
+                logits, cache = self._step(self.params, tokens, positions, cache)
+        return [r.result() for r in rows]
+
+
+class _Row:
+    """Stop checks and streaming for one prompt."""
+
+    def __init__(self, sampling: Sampling, decode, on_text, index: int):
+        self.sampling, self.decode, self.on_text, self.index = sampling, decode, on_text, index
+        self.tokens: list[int] = []
+        self.text = "" if decode else None
+        self.finish_reason = ""
+
+    def add(self, token: int):
+        if self.finish_reason:
+            return
+        if token in self.sampling.stop_token_ids:
+            self.finish_reason = "stop_token"
+            return
+        self.tokens.append(token)
+        if self.decode is None:
+            if len(self.tokens) == self.sampling.max_new_tokens:
+                self.finish_reason = "length"
+            return
+        text = self.decode(self.tokens)
+        cut = min((i for i in (text.find(s) for s in self.sampling.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            text, self.finish_reason = text[:cut], "stop_string"
+        elif len(self.tokens) == self.sampling.max_new_tokens:
+            self.finish_reason = "length"
+        # hold back a trailing partial UTF-8 character (and a possible start of a stop string) from the stream
+        ready = text if self.finish_reason else _stable_prefix(text, self.sampling.stop_strings)
+        if self.on_text and len(ready) > len(self.text):
+            self.on_text(self.index, ready[len(self.text):])
+        self.text = ready if not self.finish_reason else text
+
+    def result(self) -> Completion:
+        if self.decode is not None and not self.finish_reason:
+            self.text = self.decode(self.tokens)
+        return Completion(self.tokens, self.text, self.finish_reason or "length")
+
+
+def _stable_prefix(text: str, stops: Sequence[str]) -> str:
+    text = text.rstrip("\ufffd")
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[:len(text) - hold]
+
+
+# ---- placement on a mesh -------------------------------------------------------------------------------------
+
+def inference_mesh(tensor_parallel: int = 1):
+    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel): weights split over tensor, rows over data."""
+    from neox_jax import config as cfg, sharding
+
+    c = cfg.default_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, int(tensor_parallel)
+    return sharding.make_mesh(c)
+
+
+def place_params(m, params, mesh):
+    """Params laid out by the logical rules (replicated over data, split over tensor)."""
+    from neox_jax import sharding
+
+    specs = sharding.param_specs(model_lib.param_shapes(m), mesh, zero_stage=0)
+    return jax.device_put(params, sharding.to_shardings(specs, mesh))
+
+
+def batch_split(mesh) -> int:
+    if mesh is None:
+        return 1
+    from neox_jax import sharding
+
+    return sharding.batch_split(mesh)
+
+
+def put_batch(tree, mesh):
+    """Arrays whose leading dim is the batch split over the data axes; the KV cache (batch on dim 1, heads on
+    dim 3) too. Without a mesh, unchanged."""
+    if mesh is None:
+        return tree
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from neox_jax import sharding
+
+    def spec(path, x):
+        if x.ndim == 0:
+            return NamedSharding(mesh, P())
+        if sharding.path_name(path).split("/")[-1] in ("k", "v"):
+            return NamedSharding(mesh, P(None, sharding.BATCH_AXES, None, "tensor", None))
+        return NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+    return jax.device_put(tree, jax.tree_util.tree_map_with_path(spec, tree))
+
+
+@contextlib.contextmanager
+def tracing_context(m, mesh):
+    """What a step is traced under: the model's logical activation constraints (with a mesh), and full-precision
+    matmuls for float32 models (GPUs otherwise use TF32, which moves log-likelihoods by more than 1e-3)."""
+    with contextlib.ExitStack() as stack:
+        if mesh is not None:
+            from neox_jax import sharding
+
+            stack.enter_context(sharding.activation_rules(mesh, zero_stage=0))
+        if jnp.dtype(m.dtype) == jnp.float32:
+            stack.enter_context(jax.default_matmul_precision("highest"))
+        yield
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+# ---- loading ------------------------------------------------------------------------------------------------
+
+def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+    """(model config, params) from an HF GPTNeoX directory or a neox_jax params dir / training workdir."""
+    if (hf is None) == (checkpoint is None):
+        raise ValueError("give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
+    from neox_jax import convert
+
+    if hf is not None:
+        if not os.path.isfile(os.path.join(hf, "config.json")):
+            raise FileNotFoundError(f"hf={hf}: no config.json there; expected a HF GPTNeoXForCausalLM directory")
+        config, params = convert.load_hf(hf)
+    elif os.path.isfile(os.path.join(checkpoint, "params.safetensors")):
+        config, params = convert.load_params(checkpoint)
+    elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        from neox_jax import checkpoint as ckpt
+
+        if not hasattr(ckpt, "load_params"):
+            raise NotImplementedError(f"checkpoint={checkpoint} is a training workdir, but this build's "
+                                      "neox_jax.checkpoint has no load_params(workdir); export a params dir instead")
+        config, params = ckpt.load_params(checkpoint)
+    else:
+        raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
+                                "or a training workdir (with a checkpoints/ folder)")
+    m = config.model
+    if dtype:
+        m = _with_dtype(m, dtype)
+        params = jax.tree.map(lambda x: x.astype(dtype), params)
+    return m, params
+
+
+def _with_dtype(m, dtype: str):
+    import ml_collections
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    m = ml_collections.ConfigDict(m.to_dict())
+    m.dtype = m.param_dtype = dtype
+    return m
+
+
+def load_tokenizer(hf: str | None = None, path: str | None = None):
+    """`path` if given, else the HF dir's tokenizer.json when it has one, else the bundled 20B tokenizer
+    (a `neox_jax.data.tokenizer` object: encode / decode / vocab_size / eod_id)."""
+    from neox_jax.data import tokenizer as tok_lib
+
+    if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
+        path = os.path.join(hf, "tokenizer.json")
+    if not path:
+        path = next((str(p) for p in DEFAULT_TOKENIZERS if p.is_file()), None)
+    return tok_lib.load_tokenizer(path)
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line)."""
+    import json
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                prompts.append(line.rstrip("\n"))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f'{path}, line {number}: expected an object with a string "prompt" field')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts

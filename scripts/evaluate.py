@@ -1,0 +1,61 @@
+"""Evaluate a GPT-NeoX model with lm-evaluation-harness on the local (offline) tasks (logic in neox_jax/evaluate.py).
+
+    python scripts/evaluate.py --hf DIR --tasks lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag
+    python scripts/evaluate.py --checkpoint PARAMS_DIR --tasks piqa --num_fewshot 5 --limit 100 --output results.json
+
+Task definitions: configs/eval_tasks/*.yaml; data: --data_dir (default $NEOX_JAX_EVAL_DATA or ../shared/data/eval).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from neox_jax import evaluate as E  # noqa: E402
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
+    source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")
+    p.add_argument("--tasks", default=",".join(E.LOCAL_TASKS), help="comma-separated task names")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--limit", type=float, default=None, help="docs per task (a fraction if < 1)")
+    p.add_argument("--output", help="write the harness's results as JSON here")
+    p.add_argument("--data_dir", help="folder holding lambada/ piqa/ arc/ winogrande/ hellaswag/")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_length", type=int, default=None, help="default: the model's max_position_embeddings")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--tokenizer", help="tokenizer file (default: the HF dir's tokenizer.json, else the 20B tokenizer)")
+    p.add_argument("--tensor_parallel", type=int, default=1)
+    p.add_argument("--include_builtin_tasks", action="store_true",
+                   help="also offer lm-eval's own tasks (they may need the network)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for stderrs (0: none)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    try:
+        lm = E.NeoXLM(hf=args.hf, checkpoint=args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
+                      dtype=args.dtype, tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel)
+        results = E.evaluate(lm, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot, limit=limit,
+                             data_dir=args.data_dir, include_builtin=args.include_builtin_tasks, seed=args.seed,
+                             bootstrap_iters=args.bootstrap_iters)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(E.results_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=str)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

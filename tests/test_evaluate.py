@@ -1,0 +1,126 @@
+"""The lm-eval adapter against the harness's own `hf` backend on the same (random) weights and the local tasks."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from neox_jax import evaluate as E  # noqa: E402
+
+TOKENIZER_VOCAB, PADDED = 50277, 50304
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
+PYTHIA_70M = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048)
+
+
+def make_hf_model(path, shared_data, shape, seed=0, max_positions=2048):
+    """A random GPTNeoXForCausalLM + tokenizer files built from the 20B tokenizer JSON, loadable offline."""
+    torch.manual_seed(seed)
+    config = transformers.GPTNeoXConfig(vocab_size=PADDED, max_position_embeddings=max_positions, rotary_pct=0.25,
+                                        hidden_act="gelu", use_parallel_residual=True, bos_token_id=0, eos_token_id=0,
+                                        tie_word_embeddings=False, **shape)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    with torch.no_grad():  # make the LayerNorms matter too
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(shared_data / "tokenizers" / "20B_tokenizer.json"),
+                                               bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                               unk_token="<|endoftext|>", pad_token="<|padding|>")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_hf(tmp_path_factory, shared_data):
+    return make_hf_model(tmp_path_factory.mktemp("hf_small"), shared_data, SMALL)
+
+
+def hf_backend(path, **kw):
+    return HFLM(pretrained=str(path), tokenizer=str(path), device="cpu", dtype="float32", batch_size=8, **kw)
+
+
+def run_both(path, tasks, limit, **lm_kw):
+    ours = E.NeoXLM(hf=str(path), batch_size=8, **lm_kw)
+    theirs = hf_backend(path, **lm_kw)
+    results = []
+    for lm in (ours, theirs):
+        results.append(E.evaluate(lm, tasks, limit=limit, log_samples=True))
+    return results
+
+
+def compare(ours, theirs, tasks, tol=1e-3):
+    for task in tasks:
+        a, b = ours["samples"][task], theirs["samples"][task]
+        assert len(a) == len(b) > 0
+        for da, db in zip(a, b):
+            assert da["arguments"] == db["arguments"], task
+            for ra, rb in zip(da["resps"], db["resps"]):  # one [(logprob, is_greedy)] per request of the doc
+                (lp_a, greedy_a), (lp_b, greedy_b) = ra[0], rb[0]
+                assert abs(lp_a - lp_b) <= tol, (task, da["doc_id"], lp_a, lp_b)
+                assert greedy_a == greedy_b, (task, da["doc_id"])
+        for metric in ("acc,none", "acc_norm,none"):
+            if metric in theirs["results"][task]:
+                assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
+
+
+def test_loglikelihood_matches_hf_backend_on_local_tasks(small_hf):
+    ours, theirs = run_both(small_hf, list(E.LOCAL_TASKS), limit=3)
+    compare(ours, theirs, E.LOCAL_TASKS)
+    assert ours["results"]["lambada_openai"]["perplexity,none"] == pytest.approx(
+        theirs["results"]["lambada_openai"]["perplexity,none"], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_pythia_70m_shape_matches_hf_backend_limit_50(tmp_path, shared_data):
+    path = make_hf_model(tmp_path / "hf70m", shared_data, PYTHIA_70M, seed=1)
+    ours, theirs = run_both(path, list(E.LOCAL_TASKS), limit=50)
+    compare(ours, theirs, E.LOCAL_TASKS)
+
+
+def test_rolling_and_generate_until_match_hf_backend(small_hf, shared_data):
+    texts = [(shared_data / "text" / "tinyshakespeare_input.txt").read_text()[:1500], "Hello world", "a"]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours, theirs = E.NeoXLM(hf=str(small_hf), max_length=64), hf_backend(small_hf, max_length=64)
+    np.testing.assert_allclose(ours.loglikelihood_rolling(requests), theirs.loglikelihood_rolling(requests),
+                               atol=1e-3, rtol=0)
+    gen_kwargs = {"until": ["\n", "."], "max_gen_toks": 12, "do_sample": False}
+    prompts = ["The quick brown fox", "Question: What is 2 + 2?\nAnswer:", "Once upon a time there was a"]
+    ours_out = ours.generate_until([Instance("generate_until", {}, (p, gen_kwargs), i) for i, p in enumerate(prompts)])
+    # HF's generate may pick the embedding's padding ids (>= 50277), which neox_jax never emits; suppress them there.
+    hf_kwargs = dict(gen_kwargs, suppress_tokens=list(range(TOKENIZER_VOCAB, PADDED)))
+    theirs_out = theirs.generate_until([Instance("generate_until", {}, (p, hf_kwargs), i) for i, p in enumerate(prompts)])
+    assert ours_out == theirs_out
+    assert all("\n" not in s and "." not in s for s in ours_out)
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_missing_or_malformed_task_files_name_the_file(small_hf, tmp_path, monkeypatch):
+    monkeypatch.setenv(E.DATA_ENV, str(tmp_path))  # restored after the test; evaluate(data_dir=) sets it too
+    lm = E.NeoXLM(hf=str(small_hf))
+    with pytest.raises(ValueError, match=r"lambada_test\.jsonl not found"):
+        E.evaluate(lm, ["lambada_openai"], limit=1, data_dir=tmp_path)
+    write(tmp_path / "lambada" / "lambada_test.jsonl", '{"text": "a b"}\n{"text": "c d"\n')
+    with pytest.raises(ValueError, match=r"lambada_test\.jsonl, line 2: not valid JSON"):
+        E.evaluate(lm, ["lambada_openai"], limit=1, data_dir=tmp_path)
+    write(tmp_path / "arc" / "arc_easy.jsonl", json.dumps({"query": "Question: q", "choices": ["a"]}) + "\n")
+    with pytest.raises(ValueError, match=r"arc_easy\.jsonl, line 1: missing field\(s\) gold"):
+        E.evaluate(lm, ["arc_easy"], limit=1, data_dir=tmp_path)
+    write(tmp_path / "piqa" / "valid.jsonl", json.dumps({"goal": "g", "sol1": "a", "sol2": "b"}) + "\n")
+    write(tmp_path / "piqa" / "valid-labels.lst", "0\n1\n")
+    with pytest.raises(ValueError, match=r"valid-labels\.lst: expected 1 lines"):
+        E.evaluate(lm, ["piqa"], limit=1, data_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) lambada_opnai"):
+        E.evaluate(lm, ["lambada_opnai"], limit=1, data_dir=tmp_path)

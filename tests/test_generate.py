@@ -1,0 +1,156 @@
+"""KV-cache generation against references: full recomputation of the logits, HF `generate`, single-device runs."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax import config as cfg
+from neox_jax import convert
+from neox_jax import generate as G
+from neox_jax import model as model_lib
+
+VOCAB, PADDED = 500, 512  # ids 500..511 are embedding padding: never to be generated
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    m = cfg.model_defaults()
+    m.update(dict(vocab_size=VOCAB, padded_vocab_size=PADDED, hidden_size=64, num_layers=2, num_heads=4,
+                  max_position_embeddings=128))
+    return m, random_params(m, 0)
+
+
+def random_params(m, seed):
+    return jax.jit(lambda key: model_lib.init_params(m, key))(jax.random.PRNGKey(seed))
+
+
+PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 300]]
+
+
+def test_kv_cache_decode_equals_full_recomputation(tiny):
+    """Left-padded batch: each step's logits equal a fresh forward over that row's whole (unpadded) sequence.
+    (The model is causal, so one forward over the final sequence gives every step's recomputed logits.)"""
+    m, params = tiny
+    length, steps = 16, 6
+    ids, mask = G.left_pad(PROMPTS, length)
+    cache = model_lib.init_cache(m, len(PROMPTS), length + steps)
+    logits, cache, positions = jax.jit(functools.partial(G.prefill, m))(params, ids, mask, cache)
+    step_fn = jax.jit(functools.partial(G.decode_step, m))
+    seqs, step_logits = [list(p) for p in PROMPTS], [logits]
+    for _ in range(steps):
+        tokens = jnp.argmax(logits[:, :VOCAB], axis=-1).astype(jnp.int32)
+        for seq, t in zip(seqs, np.asarray(tokens)):
+            seq.append(int(t))
+        positions = positions + 1
+        logits, cache = step_fn(params, tokens, positions, cache)
+        step_logits.append(logits)
+    right_padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)  # causal: trailing pads change nothing
+    for row, seq in enumerate(seqs):
+        right_padded[row, :len(seq)] = seq
+    full = jax.jit(model_lib.GPTNeoX(m).apply)({"params": params}, right_padded)
+    for row, prompt in enumerate(PROMPTS):
+        for step, logits in enumerate(step_logits[:-1]):
+            np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(full[row, len(prompt) - 1 + step]),
+                                       atol=1e-4, rtol=0, err_msg=f"row {row}, step {step}")
+
+
+def test_greedy_equals_hf_generate(shared_data, name="tiny-gpt-neox-parallel"):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = shared_data / "hf_reference" / name
+    config, params = convert.load_hf(path)
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [[3, 14, 15, 92, 65], [1, 2], [100, 200, 300, 400, 7, 8, 9, 10, 11]]
+    new = 20
+    ours = G.Generator(config.model, params).generate(prompts, G.Sampling(max_new_tokens=new))
+    for prompt, completion in zip(prompts, ours):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        assert completion.tokens == out[0, len(prompt):].tolist()
+
+
+def test_sampling_is_seeded_and_respects_filters(tiny):
+    m, params = tiny
+    gen = G.Generator(m, params)
+    sample = lambda **kw: [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=12, temperature=1.5, **kw))]
+    first = sample(seed=3)
+    assert sample(seed=3) == first
+    assert sample(seed=4) != first
+    assert all(t < VOCAB for row in first + sample(seed=5, top_p=0.5) for t in row)
+    greedy = [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=12))]
+    assert sample(seed=9, top_k=1) == greedy
+    assert sample(seed=9, top_p=1e-6) == greedy
+
+
+def test_pick_tokens_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05, 0.9]]))  # id 4 is padding (vocab_limit 4)
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+    pick = lambda **kw: set(np.asarray(jax.jit(jax.vmap(functools.partial(
+        G.pick_tokens, logits, vocab_limit=4, temperature=1.0, greedy=False, **kw)))(keys))[:, 0].tolist())
+    assert pick(top_k=0, top_p=1.0) == {0, 1, 2, 3}
+    assert pick(top_k=2, top_p=1.0) == {0, 1}
+    assert pick(top_k=0, top_p=0.7) == {0, 1}  # 0.5 alone < 0.7; 0.5 + 0.3 covers it
+    assert pick(top_k=0, top_p=0.81) == {0, 1, 2}
+    assert int(G.pick_tokens(logits, keys[0], vocab_limit=4, temperature=1.0, top_k=0, top_p=1.0, greedy=True)[0]) == 0
+
+
+def test_stop_tokens_stop_strings_and_streaming(tiny):
+    m, params = tiny
+    gen = G.Generator(m, params)
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)
+    free = gen.generate(PROMPTS, G.Sampling(max_new_tokens=10), decode=decode)
+    assert [c.finish_reason for c in free] == ["length", "length"]
+    stop_id = free[0].tokens[3]
+    by_token = gen.generate(PROMPTS[:1], G.Sampling(max_new_tokens=10, stop_token_ids=(stop_id,)))[0]
+    assert by_token.finish_reason == "stop_token"
+    assert by_token.tokens == free[0].tokens[:free[0].tokens.index(stop_id)]
+    stop = free[1].text[4:6]
+    streamed = {}
+    by_string = gen.generate(PROMPTS, G.Sampling(max_new_tokens=10, stop_strings=(stop,)), decode=decode,
+                             on_text=lambda row, text: streamed.__setitem__(row, streamed.get(row, "") + text))
+    assert by_string[1].finish_reason == "stop_string"
+    assert by_string[1].text == free[1].text[:free[1].text.index(stop)]
+    assert [streamed.get(i, "") for i in range(2)] == [c.text for c in by_string]
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        gen.generate(PROMPTS, G.Sampling(max_new_tokens=200))
+    with pytest.raises(ValueError, match="top_p"):
+        G.Sampling(top_p=0.0)
+
+
+def test_sharded_generation_equals_single_device(tiny):
+    m, params = tiny
+    single = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=8))
+    mesh = G.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
+    sharded = G.Generator(m, params, mesh=mesh)
+    assert sharded.params["embed_in"].sharding.spec[0] == "tensor"
+    assert [c.tokens for c in sharded.generate(PROMPTS, G.Sampling(max_new_tokens=8))] == [c.tokens for c in single]
+
+
+@pytest.mark.slow
+def test_generate_script_writes_jsonl(tiny, tmp_path, shared_data, capsys):
+    import scripts.generate as script
+
+    m, params = tiny
+    m = cfg.model_defaults().copy_and_resolve_references()
+    m.update(dict(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128))  # the 20B vocabulary
+    config = cfg.default_config()
+    config.model = m
+    config.train.seq_len = 128
+    convert.save_params(config, random_params(m, 1), tmp_path / "params")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Hello world"}) + "\n" + json.dumps({"prompt": "The cat"}) + "\n")
+    tokenizer = str(shared_data / "tokenizers" / "20B_tokenizer.json")
+    script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(prompts),
+                 "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "5", "--ignore_eod"])
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Hello world", "The cat"]
+    assert all(len(r["tokens"]) == 5 and r["finish_reason"] == "length" for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2"):
+        script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(bad)])
