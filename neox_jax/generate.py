@@ -118,6 +118,24 @@ def pick_tokens(logits, key, *, vocab_limit: int, temperature, top_k: int, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def decode_loop(m, params, logits, positions, cache, key, *, steps: int, vocab_limit: int, temperature, top_k: int,
+                top_p: float, greedy: bool):
+    """All `steps` picks on the device (`lax.fori_loop`): no host round trip per token. Same keys, so the same
+    tokens, as the streaming loop. Returns ids [B, steps]."""
+    pick = functools.partial(pick_tokens, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k, top_p=top_p,
+                             greedy=greedy)
+
+    def body(i, carry):
+        logits, positions, cache, out = carry
+        tokens = pick(logits, jax.random.fold_in(key, i))
+        logits, cache = decode_step(m, params, tokens, positions + 1, cache)
+        return logits, positions + 1, cache, out.at[:, i].set(tokens)
+
+    out = jnp.zeros((logits.shape[0], steps), jnp.int32)
+    logits, _, _, out = jax.lax.fori_loop(0, steps - 1, body, (logits, positions, cache, out))
+    return out.at[:, steps - 1].set(pick(logits, jax.random.fold_in(key, steps - 1)))
+
+
 class Generator:
     """Holds the jitted prefill/step for one model; `generate` runs the loop."""
 
@@ -130,6 +148,8 @@ class Generator:
         self._prefill = jax.jit(functools.partial(prefill, m), donate_argnums=(3,))
         self._step = jax.jit(functools.partial(decode_step, m), donate_argnums=(3,))
         self._pick = jax.jit(pick_tokens, static_argnames=("vocab_limit", "top_k", "top_p", "greedy"))
+        self._loop = jax.jit(functools.partial(decode_loop, m), donate_argnums=(3,),
+                             static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
 
     def rows(self, batch_size: int) -> int:
         """`batch_size` rounded up to a multiple of the data-parallel split."""
@@ -171,6 +191,15 @@ class Generator:
         pick = functools.partial(self._pick, vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
                                  top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
         rows = [_Row(sampling, decode, on_text, i) for i in range(n)]
+        if on_text is None and not sampling.stop_strings:  # nothing to do per token on the host: loop on device
+            with tracing_context(self.m, self.mesh):
+                out = self._loop(self.params, logits, positions, cache, root, steps=sampling.max_new_tokens,
+                                 vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
+                                 top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
+            for row, tokens in zip(rows, np.asarray(out)):
+                for token in tokens:
+                    row.add(int(token))
+            return [r.result() for r in rows]
         for step in range(sampling.max_new_tokens):
             tokens = pick(logits, jax.random.fold_in(root, step))
             host_tokens = np.asarray(tokens)

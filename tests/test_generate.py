@@ -87,6 +87,17 @@ def test_sampling_is_seeded_and_respects_filters(tiny):
     assert sample(seed=9, top_p=1e-6) == greedy
 
 
+def test_device_loop_equals_streaming_loop(tiny):
+    """Without streaming or stop strings the picks run in one on-device loop; tokens must not change."""
+    m, params = tiny
+    gen = G.Generator(m, params)
+    for sampling in (G.Sampling(max_new_tokens=10), G.Sampling(max_new_tokens=10, temperature=1.2, top_k=20, seed=1)):
+        on_device = [c.tokens for c in gen.generate(PROMPTS, sampling)]
+        streamed = [c.tokens for c in gen.generate(PROMPTS, sampling, on_text=lambda row, text: None,
+                                                   decode=lambda ids: " ".join(map(str, ids)))]
+        assert on_device == streamed
+
+
 def test_pick_tokens_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05, 0.9]]))  # id 4 is padding (vocab_limit 4)
     keys = jax.random.split(jax.random.PRNGKey(0), 400)

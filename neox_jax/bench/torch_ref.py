@@ -37,7 +37,10 @@ def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int =
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM._from_config(hf_config(m), attn_implementation="sdpa").to(device)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
+    params = list(model.parameters())
+    if compile:
+        model = torch.compile(model)
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01,
                             fused=cuda)
     ids = torch.randint(0, m.vocab_size, (batch, seq_len), device=device)
 
@@ -45,13 +48,11 @@ def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int =
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    if compile:
-        step = torch.compile(step)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warmup):
         step()
@@ -63,7 +64,7 @@ def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int =
         loss = step()
     sync()
     dt = (time.perf_counter() - t0) / steps
-    out = {"step_time": dt, "tokens_per_s": batch * seq_len / dt, "loss": float(loss)}
+    out = {"step_time": dt, "tokens_per_s": batch * seq_len / dt, "loss": loss.item()}
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt

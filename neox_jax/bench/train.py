@@ -82,6 +82,7 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
             return r
 
         rows.append(row("neox_jax", jax_train_throughput(config, steps, warmup)))
+        _progress(rows[-1])
         if compare_hf:
             from neox_jax.bench import torch_ref
 
@@ -93,8 +94,17 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
                                                                                warmup, compile=True, bf16=bf16)))
             for r in group:
                 r["vs_hf_eager"] = r["tokens_per_s"] / group[1]["tokens_per_s"]
+            for r in group[1:]:
+                _progress(r)
             rows.extend(group[1:])
     return rows
+
+
+def _progress(row: dict) -> None:
+    """Each row as soon as it is measured, so a run cut short still reports what it finished."""
+    import json
+
+    print("row " + json.dumps(row), flush=True)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -1,0 +1,94 @@
+"""Generation throughput: prefill and KV-cache decode tokens/s against the memory-bandwidth roofline.
+
+Decode of one token per row must read every weight and the filled part of the cache once per step, so
+steps/s <= bandwidth / (param bytes + cache bytes). We report the measured fraction of that bound.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neox_jax import config as cfg
+from neox_jax import generate as gen_lib
+from neox_jax import model as model_lib
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - t0
+
+
+def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, bandwidth_gbs: float | None) -> dict:
+    params = jax.jit(lambda k: jax.tree.map(lambda p: p.astype(m.dtype), model_lib.init_params(m, k)))(
+        jax.random.PRNGKey(0))
+    gen = gen_lib.Generator(m, params)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, m.vocab_size, (batch, prompt_len)), jnp.int32)
+    mask = jnp.ones((batch, prompt_len), bool)
+    max_len = prompt_len + new_tokens
+    key = jax.random.PRNGKey(0)
+
+    def prefill():
+        return gen._prefill(params, ids, mask, model_lib.init_cache(m, batch, max_len))
+
+    def full():
+        logits, cache, positions = gen._prefill(params, ids, mask, model_lib.init_cache(m, batch, max_len))
+        return gen._loop(params, logits, positions, cache, key, steps=new_tokens, vocab_limit=m.vocab_size,
+                         temperature=1.0, top_k=0, top_p=1.0, greedy=True)
+
+    _timed(prefill), _timed(full)  # compile
+    prefill_s = min(_timed(prefill)[1] for _ in range(3))
+    total_s = min(_timed(full)[1] for _ in range(3))
+    decode_s = max(total_s - prefill_s, 1e-9)
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    # mean filled cache over the decode: k and v, every layer, prompt + half the new tokens
+    kv_bytes = 2 * m.num_layers * batch * (prompt_len + new_tokens / 2) * m.hidden_size * jnp.dtype(m.dtype).itemsize
+    out = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "prefill_tokens_per_s": batch * prompt_len / prefill_s,
+           "decode_tokens_per_s": batch * new_tokens / decode_s, "decode_steps_per_s": new_tokens / decode_s,
+           "bytes_per_step_gb": (param_bytes + kv_bytes) / 1e9}
+    if bandwidth_gbs:
+        roofline = bandwidth_gbs * 1e9 / (param_bytes + kv_bytes)
+        out["roofline_steps_per_s"] = roofline
+        out["fraction_of_roofline"] = out["decode_steps_per_s"] / roofline
+    return out
+
+
+def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len: int = 128, new_tokens: int = 256,
+        dtype: str = "bfloat16", compare_hf: bool = False) -> list[dict]:
+    from neox_jax.bench import device
+    from neox_jax.cli import load_config
+
+    m = cfg.resolve_model(load_config(config_spec, {"model.dtype": dtype}))
+    bandwidth = device.memory_bandwidth_gbs()
+    rows = []
+    for b in batches:
+        r = {"impl": "neox_jax", "config": config_spec, "dtype": dtype, "device": jax.devices()[0].device_kind,
+             "bandwidth_gbs": bandwidth, **jax_generate_throughput(m, b, prompt_len, new_tokens, bandwidth)}
+        rows.append(r)
+        if compare_hf:
+            from neox_jax.bench import torch_ref
+
+            hf = torch_ref.generate_throughput(m, b, prompt_len, new_tokens, dtype)
+            rows.append({"impl": "hf_generate", "config": config_spec, "dtype": dtype, "batch": b,
+                         "prompt_len": prompt_len, "new_tokens": new_tokens, "device": r["device"], **hf,
+                         "fraction_of_roofline": hf["decode_steps_per_s"] / r["roofline_steps_per_s"]
+                         if r.get("roofline_steps_per_s") else None})
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = f"{'impl':<12} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        frac = r.get("fraction_of_roofline")
+        roof = r.get("roofline_steps_per_s")
+        lines.append(f"{r['impl']:<12} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
+                     f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_steps_per_s']:>9,.1f} "
+                     f"{'-' if roof is None else f'{roof:,.0f}':>9} {'-' if frac is None else f'{frac:.1%}':>6}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Benchmarks; each prints a table and, with --json FILE, writes the rows.
+
+  python scripts/benchmark.py train --preset cpu-small --compare-hf     # vs HF torch on the same shape
+  python scripts/benchmark.py train --preset gpu-anchor --compare-hf --torch-compile
+  python scripts/benchmark.py train --config configs/pythia.py:160m --set train.batch_size=8
+  python scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --compare-hf
+  python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s
+"""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _overrides(pairs):
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects field=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _write(rows, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+def train(args):
+    from neox_jax import xla_flags
+
+    xla_flags.apply()
+    from neox_jax.bench import train as bench
+
+    if not args.preset and not args.config:
+        raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
+    rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set), steps=args.steps,
+                     warmup=args.warmup, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
+    print(bench.format_rows(rows))
+    _write(rows, args.json)
+
+
+def generate(args):
+    from neox_jax import xla_flags
+
+    xla_flags.apply()
+    from neox_jax.bench import generate as bench
+
+    rows = bench.run(args.config, batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
+                     new_tokens=args.new_tokens, dtype=args.dtype, compare_hf=args.compare_hf)
+    print(bench.format_rows(rows))
+    _write(rows, args.json)
+
+
+def data(args):
+    from neox_jax.data import bench
+
+    results = bench.run(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches,
+                        num_tokens=args.num_tokens, workers=args.workers, preprocess_input=args.input or None,
+                        skip_preprocess=args.skip_preprocess)
+    print(json.dumps(results, indent=1))
+    _write(results, args.json)
+
+
+def main(argv=None):
+    from neox_jax.bench.train import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train-step tokens/s, MFU and memory (optionally vs HF torch)")
+    t.add_argument("--preset", choices=[*PRESETS, "gpu-anchor"], help="a named shape (gpu-anchor: 410m and 1.4b)")
+    t.add_argument("--config", help="config spec, e.g. configs/pythia.py:160m (instead of --preset)")
+    t.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--compare-hf", action="store_true", help="also time HF transformers (PyTorch) on the same shape")
+    t.add_argument("--torch-compile", action="store_true", help="with --compare-hf: also time torch.compile")
+    t.add_argument("--json", help="write the rows here")
+    t.set_defaults(func=train)
+
+    g = sub.add_parser("generate", help="prefill / decode tokens/s against the bandwidth roofline")
+    g.add_argument("--config", default="configs/pythia.py:1.4b")
+    g.add_argument("--batches", default="1,32")
+    g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--new-tokens", type=int, default=256)
+    g.add_argument("--dtype", default="bfloat16")
+    g.add_argument("--compare-hf", action="store_true")
+    g.add_argument("--json")
+    g.set_defaults(func=generate)
+
+    d = sub.add_parser("data", help="data loader and preprocessing throughput")
+    d.add_argument("--seq-len", type=int, default=2048)
+    d.add_argument("--batch-size", type=int, default=8)
+    d.add_argument("--batches", type=int, default=500)
+    d.add_argument("--num-tokens", type=int, default=20_000_000, help="size of the synthetic loader dataset")
+    d.add_argument("--workers", type=int, default=2, help="preprocessing worker processes")
+    d.add_argument("--input", default="", help="preprocessing input (default: the bundled Pile sample)")
+    d.add_argument("--skip-preprocess", action="store_true")
+    d.add_argument("--json")
+    d.set_defaults(func=data)
+    args = p.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
