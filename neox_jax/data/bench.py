@@ -1,0 +1,88 @@
+"""Data benchmarks: training-loader throughput on one core and preprocessing throughput.
+
+`run()` returns a dict; `scripts/benchmark.py data` prints it. The loader is measured on a synthetic
+token file large enough (default 20 M tokens) that per-window costs look like a real corpus's, pinned to
+one CPU core where the OS allows; preprocessing on the bundled Pile sample with worker processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+
+from neox_jax.data import default_paths, indexed
+
+
+@contextlib.contextmanager
+def _one_core():
+    if not hasattr(os, "sched_getaffinity"):
+        yield None
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(before)})
+    try:
+        yield min(before)
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def synthetic_dataset(prefix: str, num_tokens: int, vocab: int = 50277, doc_len: int = 2000, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    with indexed.IndexedWriter(prefix, indexed.token_dtype(vocab)) as w:
+        for start in range(0, num_tokens, doc_len):
+            w.add(rng.integers(1, vocab, min(doc_len, num_tokens - start)))
+    return prefix
+
+
+def loader_throughput(prefix: str, seq_len: int, batch_size: int, batches: int, seed: int = 0) -> dict:
+    from neox_jax.data.dataset import TrainIterator
+
+    with _one_core() as core:
+        it = TrainIterator([prefix], [1.0], seq_len=seq_len, global_batch=batch_size, seed=seed, read_threads=1)
+        next(it)  # start-up (threads, first reads) is not throughput
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            next(it)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        it.close()
+    tokens = batches * batch_size * (seq_len + 1)
+    return {"loader_tokens_per_s": tokens / seconds, "loader_tokens_per_cpu_s": tokens / cpu,
+            "loader_batches_per_s": batches / seconds, "loader_seq_len": seq_len, "loader_batch_size": batch_size,
+            "loader_core": core}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished (joined) children, e.g. preprocessing workers."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def preprocess_throughput(inputs: str, workers: int, tokenizer: str | None = None) -> dict:
+    from neox_jax.data.preprocess import preprocess
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start, cpu = time.perf_counter(), _cpu_seconds()
+        s = preprocess(inputs, os.path.join(tmp, "bench"), tokenizer, workers=workers, progress=False)
+        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu  # worker start-up included
+    # on a machine shared with other jobs, workers x MB per CPU-second is what free cores would give
+    return {"preprocess_mb_per_s": s.text_bytes / 1e6 / seconds,
+            "preprocess_mb_per_cpu_s": s.text_bytes / 1e6 / cpu, "preprocess_docs_per_s": s.docs / seconds,
+            "preprocess_tokens_per_s": s.tokens / seconds, "preprocess_workers": workers,
+            "preprocess_mb": s.text_bytes / 1e6}
+
+
+def run(seq_len: int = 2048, batch_size: int = 8, batches: int = 500, num_tokens: int = 20_000_000,
+        workers: int = 2, preprocess_input: str | None = None, skip_preprocess: bool = False) -> dict:
+    """Loader tokens/s (goal >= 20 M on one core) and preprocessing MB/s of text (goal >= 5 on 2 workers)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = synthetic_dataset(os.path.join(tmp, "synthetic"), num_tokens)
+        results.update(loader_throughput(prefix, seq_len, batch_size, batches))
+    if not skip_preprocess:
+        results.update(preprocess_throughput(preprocess_input or default_paths()["train"], workers))
+    return results

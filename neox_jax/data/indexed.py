@@ -1,0 +1,190 @@
+"""Megatron / GPT-NeoX indexed token files: `PREFIX.bin` (tokens) + `PREFIX.idx` (index).
+
+The `.idx` layout (little endian), byte-compatible with GPT-NeoX's `MMapIndexedDataset`:
+  9 bytes magic b"MMIDIDX\\x00\\x00", uint64 version (1), uint8 dtype code,
+  uint64 number of sequences N, uint64 length of doc_idx D,
+  int32 sizes[N] (tokens per sequence), int64 pointers[N] (byte offset of each sequence in .bin),
+  int64 doc_idx[D] (sequence index where each document starts, plus a final N).
+We write one sequence per document, so doc_idx is 0..N. The `.bin` is the sequences back to back.
+
+Writes are atomic: both files go to unique temporary names next to the target and are renamed when
+complete, `.bin` first and `.idx` last, so an existing `.idx` means a whole pair.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+# Megatron's dtype codes; only integer token types make sense here.
+DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
+CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
+_HEADER = struct.Struct("<9sQBQQ")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class IndexedFormatError(ValueError):
+    """A .bin/.idx pair that is missing, truncated or not in the MMIDIDX format."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """GPT-NeoX's choice: uint16 when every id fits with room to spare, else int32."""
+    return np.dtype(np.uint16 if vocab_size < 65500 else np.int32)
+
+
+def strip_suffix(path: str) -> str:
+    """Accept PREFIX, PREFIX.bin or PREFIX.idx for a dataset."""
+    for ext in (".bin", ".idx"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def exists(prefix: str) -> bool:
+    return os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")
+
+
+class IndexedDataset:
+    """Read-only view of a .bin/.idx pair through numpy memory maps.
+
+    `tokens` is the whole token stream (documents back to back), `sizes`/`pointers`/`doc_idx` the index.
+    Pickles by path so it can be sent to grain worker processes without copying data.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = strip_suffix(os.fspath(prefix))
+        self._open()
+
+    def _open(self):
+        idx_path, bin_path = self.prefix + ".idx", self.prefix + ".bin"
+        for p in (idx_path, bin_path):
+            if not os.path.isfile(p):
+                raise IndexedFormatError(
+                    f"{p}: not found (expected a GPT-NeoX .bin/.idx pair with prefix {self.prefix})")
+        with open(idx_path, "rb") as f:
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size or head[:9] != MAGIC:
+            raise IndexedFormatError(f"{idx_path}: not an MMIDIDX index (expected header {MAGIC!r}, got {head[:9]!r})")
+        _, version, code, n, d = _HEADER.unpack(head)
+        if version != VERSION:
+            raise IndexedFormatError(f"{idx_path}: index version {version}, expected {VERSION}")
+        if code not in DTYPE_CODES:
+            raise IndexedFormatError(f"{idx_path}: dtype code {code} is not an integer token type "
+                                     f"(expected one of {sorted(DTYPE_CODES)})")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        want = _HEADER.size + 4 * n + 8 * n + 8 * d
+        if os.path.getsize(idx_path) < want:
+            raise IndexedFormatError(f"{idx_path}: truncated ({os.path.getsize(idx_path)} bytes, "
+                                     f"header says {n} sequences and {d} doc_idx entries = {want} bytes)")
+        index = np.memmap(idx_path, dtype=np.uint8, mode="r")
+        self.sizes = np.frombuffer(index, np.int32, n, _HEADER.size)
+        self.pointers = np.frombuffer(index, np.int64, n, _HEADER.size + 4 * n)
+        self.doc_idx = np.frombuffer(index, np.int64, d, _HEADER.size + 12 * n)
+        self.num_tokens = int(self.sizes.sum(dtype=np.int64))
+        bin_bytes = os.path.getsize(bin_path)
+        if bin_bytes < self.num_tokens * self.dtype.itemsize:
+            raise IndexedFormatError(f"{bin_path}: truncated ({bin_bytes} bytes; the index needs "
+                                     f"{self.num_tokens * self.dtype.itemsize})")
+        expected = np.zeros(n, np.int64)
+        np.cumsum(self.sizes[:-1], dtype=np.int64, out=expected[1:])
+        if not np.array_equal(self.pointers, expected * self.dtype.itemsize):
+            raise IndexedFormatError(f"{idx_path}: sequences are not stored back to back in the .bin")
+        # a plain ndarray view of the map: slicing np.memmap objects costs a Python hook per slice
+        self.tokens = (np.asarray(np.memmap(bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,)))
+                       if self.num_tokens else np.zeros(0, self.dtype))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        start = int(self.pointers[i]) // self.dtype.itemsize
+        return self.tokens[start:start + int(self.sizes[i])]
+
+    def __getstate__(self):
+        return self.prefix
+
+    def __setstate__(self, prefix):
+        self.prefix = prefix
+        self._open()
+
+    def __repr__(self):
+        return f"IndexedDataset({self.prefix!r}, docs={len(self)}, tokens={self.num_tokens}, dtype={self.dtype})"
+
+
+class IndexedWriter:
+    """Context manager writing one .bin/.idx pair atomically.
+
+        with IndexedWriter(prefix, np.uint16) as w:
+            w.add(ids)          # one document
+    On an exception nothing is left behind; on success both files appear under their final names.
+    """
+
+    def __init__(self, prefix: str, dtype):
+        self.prefix = strip_suffix(os.fspath(prefix))
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"token dtype {self.dtype} has no MMIDIDX code (use uint16 or int32)")
+        self.sizes: list[int] = []
+        self.num_tokens = 0
+
+    def __enter__(self):
+        folder = os.path.dirname(os.path.abspath(self.prefix))
+        os.makedirs(folder, exist_ok=True)
+        base = os.path.basename(self.prefix)
+        fd, self._tmp_bin = tempfile.mkstemp(prefix=base + ".bin.", suffix=".tmp", dir=folder)
+        self._bin = os.fdopen(fd, "wb")
+        fd, self._tmp_idx = tempfile.mkstemp(prefix=base + ".idx.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        return self
+
+    def add(self, ids) -> None:
+        arr = np.asarray(ids)
+        if arr.size and (arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"{self.prefix}: token id {int(arr.max())} does not fit {self.dtype}")
+        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
+        self.sizes.append(arr.size)
+        self.num_tokens += arr.size
+
+    def add_many(self, flat_ids: np.ndarray, lengths) -> None:
+        """Several documents at once: their ids concatenated, and the length of each."""
+        self._bin.write(np.asarray(flat_ids).astype(self.dtype, copy=False).tobytes())
+        self.sizes.extend(int(x) for x in lengths)
+        self.num_tokens += int(np.sum(lengths))
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._bin.close()
+            if exc_type is None:
+                self._write_index()
+                for p in (self._tmp_bin, self._tmp_idx):
+                    os.chmod(p, 0o666 & ~_umask())  # mkstemp makes 0600 files; give outputs the usual mode
+                os.replace(self._tmp_bin, self.prefix + ".bin")
+                os.replace(self._tmp_idx, self.prefix + ".idx")
+        finally:
+            for p in (self._tmp_bin, self._tmp_idx):
+                if os.path.exists(p):
+                    os.remove(p)
+        return False
+
+    def _write_index(self):
+        n = len(self.sizes)
+        sizes = np.asarray(self.sizes, dtype=np.int64)
+        if n and sizes.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"{self.prefix}: a document has {sizes.max()} tokens, more than an int32 size holds")
+        pointers = np.zeros(n, np.int64)
+        np.cumsum(sizes[:-1], out=pointers[1:])
+        with open(self._tmp_idx, "wb") as f:
+            f.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], n, n + 1))
+            f.write(sizes.astype(np.int32).tobytes())
+            f.write((pointers * self.dtype.itemsize).tobytes())
+            f.write(np.arange(n + 1, dtype=np.int64).tobytes())

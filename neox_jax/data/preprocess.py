@@ -1,0 +1,396 @@
+"""Pile-format text -> GPT-NeoX `.bin`/`.idx` token files.
+
+Input: `.jsonl`, `.jsonl.zst`, `.jsonl.gz` with one `{"text": ..., "meta": {"pile_set_name": ...}}` a line,
+or a plain `.txt` file (the whole file is one document). The main process reads and checks documents,
+worker processes tokenize batches of them with the tokenizer's batched encoder, and the results are
+written in input order, an end-of-document id after each document. Outputs are written atomically.
+
+Bad input (a malformed JSON line, invalid UTF-8, no "text" string, an empty document, a truncated
+compressed stream) stops with the file and line number, or with `skip_bad=True` is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import glob
+import gzip
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import time
+import zlib
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+from neox_jax.data import indexed
+
+BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
+TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".txt")
+PREPROCESS_VERSION = 1  # part of the cache key: bump when the output for the same input changes
+_CHUNK_BYTES = 1 << 20
+_CHUNK_DOCS = 512
+
+
+class DataError(ValueError):
+    """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
+
+    def __init__(self, path: str, line: int, kind: str, detail: str):
+        super().__init__(f"{path}:{line}: {detail}")
+        self.path, self.line, self.kind = path, line, kind
+
+
+class Document(NamedTuple):
+    text: str
+    component: str  # meta.pile_set_name, "unknown" when absent
+    path: str
+    line: int
+
+
+def is_text_input(path: str) -> bool:
+    return path.endswith(TEXT_SUFFIXES)
+
+
+def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
+    """Comma-separated strings and/or lists of files or globs -> the files, in order (globs sorted)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files = []
+    for item in items:
+        for part in os.fspath(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if glob.has_magic(part):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise FileNotFoundError(f"input glob {part!r} matches no files")
+                files.extend(found)
+            elif os.path.isfile(part):
+                files.append(part)
+            else:
+                raise FileNotFoundError(f"input file {part} not found")
+    if not files:
+        raise ValueError("no input files given")
+    return files
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+def _zstd_chunks(f) -> Iterator[bytes]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame = dctx.decompressobj(), False
+    while True:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        while data:
+            in_frame = True
+            try:
+                yield obj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _Corrupt(f"corrupt zstd data ({e})") from None
+            data = b""
+            if obj.eof:  # a frame ended; the rest of the input starts the next one
+                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise _Corrupt("truncated zstd stream (the file ends inside a compressed frame)")
+
+
+def _gzip_chunks(f) -> Iterator[bytes]:
+    with gzip.GzipFile(fileobj=f) as g:
+        while True:
+            try:
+                data = g.read(1 << 20)
+            except EOFError:
+                raise _Corrupt("truncated gzip stream (the file ends inside compressed data)") from None
+            except (OSError, zlib.error) as e:
+                raise _Corrupt(f"corrupt gzip data ({e})") from None
+            if not data:
+                return
+            yield data
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) for each line; a damaged stream raises DataError(kind='truncated') at the
+    line it cuts, before that partial line is handed out."""
+    with open(path, "rb") as f:
+        if path.endswith(".zst"):
+            chunks = _zstd_chunks(f)
+        elif path.endswith(".gz"):
+            chunks = _gzip_chunks(f)
+        else:
+            chunks = iter(lambda: f.read(1 << 20), b"")
+        pending, line_no = [], 0  # pieces of the line still open (one document may span many chunks)
+        try:
+            for chunk in chunks:
+                first, *lines = chunk.split(b"\n")
+                pending.append(first)
+                if lines:
+                    lines[-1:], tail = [], lines[-1]
+                    for line in [b"".join(pending), *lines]:
+                        line_no += 1
+                        yield line_no, line
+                    pending = [tail]
+        except _Corrupt as e:
+            raise DataError(path, line_no + 1, "truncated", str(e)) from None
+        if any(pending):
+            yield line_no + 1, b"".join(pending)
+
+
+def _parse_line(path: str, line_no: int, raw: bytes) -> Document:
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line_no, "invalid_utf8",
+                        f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line_no, "malformed_json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise DataError(path, line_no, "missing_text", 'no "text" string field (expected {"text": ..., "meta": {...}})')
+    if not text.strip():
+        raise DataError(path, line_no, "empty_document", 'empty document ("text" has no non-space characters)')
+    meta = obj.get("meta")
+    component = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    return Document(text, str(component) if component else "unknown", path, line_no)
+
+
+def _text_file_document(path: str) -> Document:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, line, "invalid_utf8", f"invalid UTF-8 ({e.reason})") from None
+    if not text.strip():
+        raise DataError(path, 1, "empty_document", "empty document (the file has no non-space characters)")
+    return Document(text, os.path.basename(path), path, 1)
+
+
+def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
+                   bad_counts: collections.Counter | None = None) -> Iterator[Document]:
+    """Every good document of the inputs in order. With skip_bad, bad ones are counted in bad_counts by
+    kind (a damaged stream ends that file) instead of raising DataError."""
+    bad_counts = collections.Counter() if bad_counts is None else bad_counts
+    for path in expand_inputs(inputs):
+        try:
+            if path.endswith(".txt"):
+                yield _text_file_document(path)
+                continue
+            for line_no, raw in _raw_lines(path):
+                if not raw.strip():
+                    continue
+                try:
+                    yield _parse_line(path, line_no, raw)
+                except DataError as e:
+                    if not skip_bad:
+                        raise
+                    bad_counts[e.kind] += 1
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad_counts[e.kind] += 1
+
+
+# ---- tokenizing ------------------------------------------------------------------------------------------
+
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_path: str):
+    global _worker_tokenizer
+    # One core per worker process: tokenizers' own thread pool would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
+
+
+def _encode(texts: Sequence[str], append_eod: bool, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
+    tok = tokenizer or _worker_tokenizer
+    ids = tok.encode_batch(texts)
+    if append_eod:
+        ids = [x + [tok.eod_id] for x in ids]
+    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+    return flat, lengths
+
+
+def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
+    chunk, size = [], 0
+    for d in docs:
+        chunk.append(d)
+        size += len(d.text)
+        if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_DOCS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def component_slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "unknown"
+
+
+@dataclasses.dataclass
+class Summary:
+    outputs: dict  # component (or "all") -> prefix
+    docs: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+    seconds: float = 0.0
+    duplicates_dropped: int = 0
+    bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    per_component: dict = dataclasses.field(default_factory=dict)  # name -> [docs, tokens]
+
+    def format(self) -> str:
+        mb_s = self.text_bytes / 1e6 / max(self.seconds, 1e-9)
+        lines = [f"{self.docs} documents, {self.tokens} tokens, {self.text_bytes / 1e6:.1f} MB of text in "
+                 f"{self.seconds:.1f} s ({self.docs / max(self.seconds, 1e-9):.0f} docs/s, {mb_s:.2f} MB/s)"]
+        for name, (docs, toks) in sorted(self.per_component.items()):
+            lines.append(f"  {name}: {docs} documents, {toks} tokens")
+        if self.duplicates_dropped:
+            lines.append(f"dropped {self.duplicates_dropped} exact duplicate documents")
+        if self.bad:
+            lines.append("skipped bad input: " + ", ".join(f"{k}={self.bad[k]}" for k in BAD_KINDS if self.bad[k]))
+        lines += [f"wrote {p}.bin / {p}.idx" for p in self.outputs.values()]
+        return "\n".join(lines)
+
+
+def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: str | None = None, *,
+               workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
+               split_by_component: bool = False, dedup: bool = False, progress: bool = True) -> Summary:
+    """Tokenize Pile-format inputs into `output_prefix.{bin,idx}` (or one `output_prefix_<component>` pair
+    per pile_set_name). Nothing is written under the final names unless every input was read."""
+    from tqdm import tqdm
+
+    from neox_jax.data.dedup import text_key
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    dtype = indexed.token_dtype(tokenizer.vocab_size)
+    summary = Summary(outputs={})
+    seen: set[bytes] = set()
+
+    def kept(docs):
+        for d in docs:
+            if dedup:
+                key = text_key(d.text)
+                if key in seen:
+                    summary.duplicates_dropped += 1
+                    continue
+                seen.add(key)
+            yield d
+
+    writers: dict[str, indexed.IndexedWriter] = {}
+    start = time.perf_counter()
+    # The stack closes every writer with the exception, if any (KeyboardInterrupt included), so a failed
+    # run discards all partial outputs.
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=0.5,
+                                       disable=not progress or None))
+        pool = None
+        if workers > 1:
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(tokenizer.path,))
+            stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
+
+        def writer_for(component: str) -> indexed.IndexedWriter:
+            key = component if split_by_component else "all"
+            if key not in writers:
+                prefix = f"{output_prefix}_{component_slug(component)}" if split_by_component else output_prefix
+                writers[key] = stack.enter_context(indexed.IndexedWriter(prefix, dtype))
+                summary.outputs[key] = writers[key].prefix
+            return writers[key]
+
+        def write(chunk, flat, lengths):
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for i, d in enumerate(chunk):
+                writer_for(d.component).add_many(flat[offsets[i]:offsets[i + 1]], lengths[i:i + 1])
+                stats = summary.per_component.setdefault(d.component, [0, 0])
+                stats[0] += 1
+                stats[1] += int(lengths[i])
+            nbytes = sum(len(d.text.encode("utf-8")) for d in chunk)
+            summary.docs += len(chunk)
+            summary.tokens += int(lengths.sum())
+            summary.text_bytes += nbytes
+            bar.update(nbytes)
+            bar.set_postfix_str(f"{summary.docs / (time.perf_counter() - start):.0f} docs/s", refresh=False)
+
+        in_flight = collections.deque()  # ordered: results are written in input order
+        for chunk in _chunks(kept(iter_documents(inputs, skip_bad, summary.bad))):
+            texts = [d.text for d in chunk]
+            if pool is None:
+                write(chunk, *_encode(texts, append_eod, tokenizer))
+                continue
+            in_flight.append((chunk, pool.submit(_encode, texts, append_eod)))
+            while len(in_flight) > 2 * workers:
+                c, fut = in_flight.popleft()
+                write(c, *fut.result())
+        while in_flight:
+            c, fut = in_flight.popleft()
+            write(c, *fut.result())
+        if not writers:
+            writer_for("unknown")  # no documents: still produce a valid, empty pair
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+# ---- cached on-the-fly preprocessing ---------------------------------------------------------------------
+
+def default_cache_dir() -> str:
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neox_jax")
+
+
+def _file_digest(path: str, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+def cache_key(files: Sequence[str], tokenizer_path: str, append_eod: bool = True) -> str:
+    """Hash of the input files' and tokenizer's contents and the preprocessing version."""
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"v{PREPROCESS_VERSION} eod={append_eod} n={len(files)}".encode())
+    for p in list(files) + [tokenizer_path]:
+        _file_digest(p, h)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = None,
+                    cache_dir: str | None = None, workers: int = 1, progress: bool = True) -> str:
+    """Preprocess Pile-format inputs into `cache_dir` on first use; returns the `.bin/.idx` prefix.
+
+    The cache entry is named by a hash of the inputs and the tokenizer, so changing either makes a new
+    one; concurrent callers (several processes on one host) each write atomically and the last rename wins
+    with identical content. The default `workers=1` tokenizes in this process (the HF tokenizer's batched
+    encoder still uses every core): worker processes are spawned, which re-imports the caller's main
+    module, so only scripts with an `if __name__ == "__main__":` guard may ask for more.
+    """
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    files = expand_inputs(inputs)
+    tokenizer_path = load_tokenizer(tokenizer_path).path
+    cache_dir = cache_dir or default_cache_dir()
+    stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(files[0])) or "data"
+    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer_path)}")
+    if not indexed.exists(prefix):
+        preprocess(files, prefix, tokenizer_path, workers=workers, progress=progress)
+    return prefix

@@ -1,0 +1,183 @@
+"""TrainState and the sharded train / eval steps.
+
+`train_step(state, batch) -> (state, metrics)` is a pure function of pytrees; `make_train_step` compiles it
+once with explicit in/out shardings (from the logical rules and the ZeRO stage) and donates the state.
+The step accumulates fp32 gradients over `train.micro_batches` with `lax.scan`, scales the loss when fp16
+dynamic loss scaling is on, and skips the update (params and optimizer state unchanged) whenever the loss
+or the gradients are not finite.
+
+Batch format: {"tokens": int32 [global_batch, seq_len + 1]}, split over ("data", "fsdp") on its first axis;
+inputs are tokens[:, :-1], targets tokens[:, 1:], loss the mean next-token cross-entropy in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from neox_jax import model as model_lib
+from neox_jax import optim
+from neox_jax import sharding
+from neox_jax.config import ConfigError, resolve_model
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # i32: train steps taken, skipped ones included
+    params: Any  # fp32 master parameters
+    opt_state: Any
+    loss_scale: optim.LossScale
+    skipped_steps: jax.Array  # i32: steps whose update was skipped (non-finite loss or gradients)
+    nonfinite_in_a_row: jax.Array  # i32: consecutive skipped steps, 0 after a good one
+
+
+def model_config(config, mesh):
+    """The model config for this mesh: vocabulary padded for the actual tensor-parallel size."""
+    return resolve_model(sharding.with_mesh_sizes(config, mesh))
+
+
+def check_batch(config, mesh) -> None:
+    t, n = config.train, sharding.batch_split(mesh)
+    if (t.batch_size // t.micro_batches) % n:
+        raise ConfigError(
+            f"config field train.batch_size: {t.batch_size} sequences in {t.micro_batches} micro-batches give "
+            f"{t.batch_size // t.micro_batches} per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over every position, in fp32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
+
+
+def _init_state(m, optimizer, precision, rng) -> TrainState:
+    params = model_lib.init_params(m, rng)
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+                      loss_scale=optim.init_loss_scale(precision), skipped_steps=zero, nonfinite_in_a_row=zero)
+
+
+def state_placement(config, mesh) -> tuple[TrainState, sharding.Placement]:
+    """A TrainState of PartitionSpecs (what the rules and ZeRO stage say) and the full placement."""
+    m = model_config(config, mesh)
+    place = sharding.placement(model_lib.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage)
+    scalar = P()
+    specs = TrainState(step=scalar, params=place.params, opt_state=place.opt_state,
+                       loss_scale=optim.LossScale(scalar, scalar, scalar), skipped_steps=scalar,
+                       nonfinite_in_a_row=scalar)
+    return specs, place
+
+
+def state_shardings(config, mesh) -> TrainState:
+    return sharding.to_shardings(state_placement(config, mesh)[0], mesh)
+
+
+def state_shapes(config, mesh) -> TrainState:
+    """ShapeDtypeStructs of the train state with their shardings (for AOT compilation; nothing allocated)."""
+    m = model_config(config, mesh)
+    shapes = jax.eval_shape(functools.partial(_init_state, m, optim.make_optimizer(config), config.precision),
+                            jax.random.PRNGKey(0))
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
+                        state_shardings(config, mesh))
+
+
+def init_train_state(config, mesh, rng) -> TrainState:
+    """The initial state created directly in its sharded layout (no host-side full copy)."""
+    init = functools.partial(_init_state, model_config(config, mesh), optim.make_optimizer(config), config.precision)
+    return jax.jit(init, out_shardings=state_shardings(config, mesh))(rng)
+
+
+def _micro_batches(tokens, count: int, mesh):
+    """[B, S+1] -> [count, B/count, S+1] taking every count-th row, so each device keeps its own rows."""
+    b = tokens.shape[0]
+    micro = tokens.reshape(b // count, count, tokens.shape[1]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+
+
+def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, grad_shardings):
+    """One optimizer step over the whole global batch. Pure; see make_train_step for the compiled form."""
+    precision = config.precision
+    count = config.train.micro_batches
+    with sharding.activation_rules(mesh, config.zero_stage):
+        micro = _micro_batches(batch["tokens"], count, mesh)
+        scale = state.loss_scale.scale
+
+        def scaled_loss(params, tokens):
+            loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+            return loss * scale, loss
+
+        def accumulate(carry, tokens):
+            grad_sum, loss_sum = carry
+            (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state.params, tokens)
+            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+            return (jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum + loss), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+        (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+
+    grads = jax.tree.map(lambda g: g / (count * scale), grad_sum)
+    loss = loss_sum / count
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    skipped = jnp.logical_not(finite).astype(jnp.int32)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        loss_scale=optim.update_loss_scale(state.loss_scale, finite, precision),
+        skipped_steps=state.skipped_steps + skipped,
+        nonfinite_in_a_row=jnp.where(finite, 0, state.nonfinite_in_a_row + 1),
+    )
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        # the optimizer's own count: applied updates so far
+        "lr": optim.lr_schedule(config)(state.step - state.skipped_steps),
+        "loss_scale": scale,
+        "skipped": skipped,
+        "skipped_steps": new_state.skipped_steps,
+        "nonfinite_in_a_row": new_state.nonfinite_in_a_row,
+    }
+    return new_state, metrics
+
+
+def make_train_step(config, mesh):
+    """jit(train_step) with the state's shardings in and out, the batch split over data x fsdp, the state donated."""
+    check_batch(config, mesh)
+    specs, place = state_placement(config, mesh)
+    state_sh = sharding.to_shardings(specs, mesh)
+    step = functools.partial(train_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)),
+                             optimizer=optim.make_optimizer(config), grad_shardings=sharding.to_shardings(place.grads, mesh))
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(step, in_shardings=(state_sh, {"tokens": sharding.batch_sharding(mesh)}),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
+
+
+def eval_step(params, batch, *, config, mesh, net):
+    with sharding.activation_rules(mesh, config.zero_stage):
+        tokens = batch["tokens"]
+        loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+    return {"loss": loss, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.int32)}
+
+
+def make_eval_step(config, mesh):
+    """jit(eval_step): (params, batch) -> {"loss": mean cross-entropy, "tokens": count}."""
+    step = functools.partial(eval_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)))
+    return jax.jit(step, in_shardings=(state_shardings(config, mesh).params, {"tokens": sharding.batch_sharding(mesh)}),
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def compile_train_step(config, mesh):
+    """AOT-compile the train step from shapes only (no weights allocated); `.memory_analysis()` on the result."""
+    t = config.train
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
+    return make_train_step(config, mesh).lower(state_shapes(config, mesh), {"tokens": tokens}).compile()

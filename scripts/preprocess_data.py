@@ -1,0 +1,57 @@
+#!/usr/bin/env python
+"""Tokenize Pile-format text into GPT-NeoX .bin/.idx files.
+
+  python scripts/preprocess_data.py ../shared/data/pile_sample/train.jsonl.zst
+  python scripts/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix data/pile --workers 8
+"""
+
+import argparse
+import os
+import re
+import sys
+
+from neox_jax.data.preprocess import DataError, preprocess
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", help="input files or globs (same as --input)")
+    p.add_argument("--input", default="", help="comma-separated files or globs: .jsonl, .jsonl.zst, .jsonl.gz, .txt")
+    p.add_argument("--output-prefix", default="",
+                   help="writes PREFIX.bin and PREFIX.idx (default: the first input's name without extensions)")
+    p.add_argument("--tokenizer", default="", help="HF tokenizers .json or sentencepiece .model (default: bundled 20B)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="end-of-document token after each document (default on)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad lines instead of stopping")
+    p.add_argument("--split-by-component", action="store_true",
+                   help="one PREFIX_<pile_set_name> output per component")
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (normalized text)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.all_inputs = list(args.inputs) + ([args.input] if args.input else [])
+    if not args.all_inputs:
+        p.error("no input: give files as arguments or with --input")
+    if args.workers < 1:
+        p.error(f"--workers must be >= 1, got {args.workers}")
+    if not args.output_prefix:
+        first = os.path.basename(args.all_inputs[0].split(",")[0])
+        args.output_prefix = re.sub(r"(\.[A-Za-z0-9]+)+$", "", first).replace("*", "") or "data"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        summary = preprocess(args.all_inputs, args.output_prefix, args.tokenizer or None, workers=args.workers,
+                             append_eod=args.append_eod, skip_bad=args.skip_bad,
+                             split_by_component=args.split_by_component, dedup=args.dedup,
+                             progress=not args.no_progress)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        hint = " (--skip-bad skips and counts bad lines)" if isinstance(e, DataError) else ""
+        sys.exit(f"error: {e}{hint}")
+    print(summary.format())
+
+
+if __name__ == "__main__":
+    main()

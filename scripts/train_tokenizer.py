@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Train a sentencepiece BPE tokenizer on Pile-format text (EOD = id 0, padding = 1, byte fallback).
+
+  python scripts/train_tokenizer.py ../shared/data/pile_sample/train.jsonl.zst --vocab-size 8000 \
+      --output-prefix runs/tok/pile8k      # writes runs/tok/pile8k.model and .vocab
+"""
+
+import argparse
+import sys
+
+from neox_jax.data.preprocess import DataError
+from neox_jax.data.tokenizer import train_sentencepiece
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="Pile-format files or globs")
+    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--output-prefix", required=True)
+    p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
+    p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
+    p.add_argument("--skip-bad", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        path = train_sentencepiece(args.inputs, args.output_prefix, args.vocab_size, model_type=args.model_type,
+                                   max_docs=args.max_docs, skip_bad=args.skip_bad)
+    except (DataError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

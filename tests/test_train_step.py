@@ -1,0 +1,152 @@
+"""The sharded train step: every layout reproduces the 1-device run, arrays sit where the rules say, the step
+compiles once, and non-finite steps are skipped with DeepSpeed's loss-scale bookkeeping."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax import sharding, train
+from neox_jax.config import default_config
+
+STEPS = 3
+LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage)
+    "data8": (8, 1, 1, 0),
+    "fsdp8_zero3": (1, 8, 1, 3),
+    "data2_tensor4": (2, 1, 4, 0),
+    "data4_tensor2_zero1": (4, 1, 2, 1),
+    "fsdp2_tensor4_zero3": (1, 2, 4, 3),
+}
+
+
+def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0):
+    """configs/tiny.py's architecture shrunk for speed (heads and mlp still divide tensor=4)."""
+    c = default_config()
+    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64))
+    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
+    c.zero_stage = zero_stage
+    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
+    c.train.update(dict(steps=10, batch_size=16, micro_batches=2, seq_len=16))
+    return c
+
+
+def batches(n, vocab=500, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, (16, 17), dtype=np.int32) for _ in range(n)]
+
+
+def run(config, mesh, state, steps=STEPS):
+    step = train.make_train_step(config, mesh)
+    losses = []
+    for tokens in batches(steps):
+        state, metrics = step(state, sharding.global_batch({"tokens": tokens}, mesh))
+        losses.append(float(metrics["loss"]))
+    return step, state, losses
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Initial state, losses and final params of the same steps on a 1x1x1 mesh over one device."""
+    config = tiny_config()
+    mesh = sharding.make_mesh(config, jax.devices()[:1])
+    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+    initial = jax.device_get(state)
+    _, state, losses = run(config, mesh, state)
+    return initial, comparable(jax.device_get(state.params)), losses
+
+
+def comparable(params):
+    """Drop the key bias: softmax is shift-invariant, so its gradient is exactly zero in theory and rounding
+    noise in practice, which Adam turns into lr-sized steps of arbitrary sign on any layout."""
+    qkv_bias = params["layers"]["attention"]["query_key_value"]["bias"]  # [layers, heads, q|k|v, head_dim]
+    params["layers"]["attention"]["query_key_value"]["bias"] = np.delete(np.asarray(qkv_bias), 1, axis=2)
+    return params
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_device(layout, reference):
+    data, fsdp, tensor, zero = LAYOUTS[layout]
+    config = tiny_config(data, fsdp, tensor, zero)
+    mesh = sharding.make_mesh(config)
+    initial, ref_params, ref_losses = reference
+    if zero == 3:  # created sharded: same values as on one device
+        state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+        for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(initial)):
+            np.testing.assert_array_equal(a, b)
+    else:
+        state = jax.device_put(initial, train.state_shardings(config, mesh))
+    if layout == "data2_tensor4":
+        evaluate = train.make_eval_step(config, mesh)
+        metrics = evaluate(state.params, sharding.global_batch({"tokens": batches(1)[0]}, mesh))
+        assert float(metrics["loss"]) == pytest.approx(ref_losses[0], rel=1e-5)
+        assert int(metrics["tokens"]) == 16 * 16
+    step, state, losses = run(config, mesh, state)
+
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+    params = comparable(jax.device_get(state.params))
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
+        assert rel_err(got, want) <= 1e-5, sharding.path_name(path)
+
+    # No recompilation: one compiled executable after STEPS calls.
+    assert step._cache_size() == 1
+
+    # Every array's actual sharding is what the rules + ZeRO stage say.
+    expected = train.state_shardings(config, mesh)
+    for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+
+    # And what that means, written out independently of the rules table: per-device shard shapes.
+    qkv = state.params["layers"]["attention"]["query_key_value"]["kernel"]  # [layers, embed, heads, 3, head_dim]
+    mu = state.opt_state[1][0].mu["layers"]["attention"]["query_key_value"]["kernel"]
+    embed_split = fsdp if zero == 3 else 1
+    assert qkv.addressable_shards[0].data.shape == (2, 64 // embed_split, 4 // tensor, 3, 16)
+    moment_split = tensor * {0: 1, 1: data * fsdp, 3: fsdp}[zero]  # ZeRO-1: moments split, params not
+    assert mu.addressable_shards[0].data.size * moment_split == mu.size
+
+
+def test_overflow_skips_step_and_drives_loss_scale():
+    """Dynamic loss scaling (hysteresis 2, window 2): an injected inf parameter makes every gradient non-finite."""
+    config = tiny_config(data=2)
+    config.model.dtype = "bfloat16"  # fp32 master params, half-precision compute
+    config.precision.update(dict(loss_scale="dynamic", initial_scale_power=12, loss_scale_window=2, hysteresis=2))
+    mesh = sharding.make_mesh(config, jax.devices()[:2])
+    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+    step = train.make_train_step(config, mesh)
+    tokens = batches(6)
+
+    good_bias = state.params["final_layer_norm"]["bias"]
+    bad_bias = jax.device_put(good_bias.at[0].set(jnp.inf), good_bias.sharding)
+    state = state.replace(params={**state.params, "final_layer_norm": {**state.params["final_layer_norm"], "bias": bad_bias}})
+    before = jax.device_get((state.params, state.opt_state))
+    seen = []
+    for t in tokens[:3]:
+        state, m = step(state, sharding.global_batch({"tokens": t}, mesh))
+        seen.append((float(m["loss_scale"]), int(m["skipped"]), int(m["nonfinite_in_a_row"])))
+    # overflow 1: hysteresis absorbs it; overflow 2: scale halves; overflow 3: halves again
+    assert seen == [(4096.0, 1, 1), (4096.0, 1, 2), (2048.0, 1, 3)]
+    assert float(state.loss_scale.scale) == 1024.0 and int(state.skipped_steps) == 3
+    after = jax.device_get((state.params, state.opt_state))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+    # Repair the parameter: good steps reset the streak and, after `window` of them, double the scale.
+    state = state.replace(params={**state.params, "final_layer_norm": {**state.params["final_layer_norm"],
+                                                                        "bias": jax.device_put(good_bias, good_bias.sharding)}})
+    scales, lrs = [], []
+    for t in tokens[3:]:
+        state, m = step(state, sharding.global_batch({"tokens": t}, mesh))
+        assert int(m["skipped"]) == 0 and int(m["nonfinite_in_a_row"]) == 0 and np.isfinite(float(m["loss"]))
+        scales.append(float(m["loss_scale"]))
+        lrs.append(float(m["lr"]))
+    assert scales == [1024.0, 1024.0, 2048.0] and float(state.loss_scale.scale) == 2048.0
+    assert int(state.skipped_steps) == 3 and int(state.step) == 6
+    # Skipped steps do not advance the schedule: the third good step is optimizer step 2 (1 into the cosine).
+    peak, floor = 1e-3, 1e-4
+    assert lrs[2] == pytest.approx(floor + (peak - floor) / 2 * (np.cos(np.pi * 1 / 9) + 1), rel=1e-5)
+    assert step._cache_size() == 1
