@@ -192,6 +192,7 @@ def layer_stack(m):
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
         length=m.num_layers,
+        unroll=min(m.scan_unroll, m.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(m, name="layers")
 

@@ -28,9 +28,10 @@ def matmul_tflops(n: int | None = None, dtype=jnp.bfloat16, iters: int = 10) -> 
     return 2 * n**3 / dt / 1e12
 
 
-def memory_bandwidth_gbs(n_bytes: int | None = None, iters: int = 10) -> float:
-    """GB/s of a device-to-device copy, counting bytes read plus bytes written."""
-    n_bytes = n_bytes or (2 * 2**30 if jax.default_backend() != "cpu" else 2**27)
-    x = jnp.ones((n_bytes // 4,), jnp.float32)
-    dt = _time(jax.jit(lambda v: v + 1.0), x, iters=iters)
-    return 2 * n_bytes / dt / 1e9
+def memory_bandwidth_gbs(n_bytes: int | None = None, iters: int = 20) -> float:
+    """GB/s of reading a large array (a sum over it): the rate that bounds decoding, which reads every weight
+    once per step."""
+    n_bytes = n_bytes or (4 * 2**30 if jax.default_backend() != "cpu" else 2**28)
+    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
+    dt = _time(jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32)), x, iters=iters)
+    return n_bytes / dt / 1e9

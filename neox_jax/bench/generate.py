@@ -6,6 +6,7 @@ steps/s <= bandwidth / (param bytes + cache bytes). We report the measured fract
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
@@ -60,7 +61,8 @@ def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, ban
 
 
 def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len: int = 128, new_tokens: int = 256,
-        dtype: str = "bfloat16", compare_hf: bool = False) -> list[dict]:
+        dtype: str = "bfloat16", compare_hf: bool = False, unrolls=(1,)) -> list[dict]:
+    """One row per (batch, layer-scan unroll), plus HF generate rows; `unrolls` may hold "all" (= num_layers)."""
     from neox_jax.bench import device
     from neox_jax.cli import load_config
 
@@ -68,13 +70,22 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
     bandwidth = device.memory_bandwidth_gbs()
     rows = []
     for b in batches:
-        r = {"impl": "neox_jax", "config": config_spec, "dtype": dtype, "device": jax.devices()[0].device_kind,
-             "bandwidth_gbs": bandwidth, **jax_generate_throughput(m, b, prompt_len, new_tokens, bandwidth)}
-        rows.append(r)
+        for unroll in unrolls:
+            mu = m.copy_and_resolve_references()
+            mu.scan_unroll = m.num_layers if unroll == "all" else int(unroll)
+            r = {"impl": "neox_jax" + (f"_u{mu.scan_unroll}" if mu.scan_unroll > 1 else ""), "config": config_spec,
+                 "dtype": dtype, "device": jax.devices()[0].device_kind, "bandwidth_gbs": bandwidth,
+                 **jax_generate_throughput(mu, b, prompt_len, new_tokens, bandwidth)}
+            rows.append(r)
+            print("row " + json.dumps(r), flush=True)
         if compare_hf:
             from neox_jax.bench import torch_ref
 
-            hf = torch_ref.generate_throughput(m, b, prompt_len, new_tokens, dtype)
+            hf = torch_ref.run_isolated("generate", m, batch=b, prompt_len=prompt_len, new_tokens=new_tokens,
+                                        dtype=dtype)
+            if "error" in hf:
+                print(hf["error"], flush=True)
+                continue
             rows.append({"impl": "hf_generate", "config": config_spec, "dtype": dtype, "batch": b,
                          "prompt_len": prompt_len, "new_tokens": new_tokens, "device": r["device"], **hf,
                          "fraction_of_roofline": hf["decode_steps_per_s"] / r["roofline_steps_per_s"]
@@ -83,12 +94,12 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'impl':<12} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
+    head = f"{'impl':<14} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         frac = r.get("fraction_of_roofline")
         roof = r.get("roofline_steps_per_s")
-        lines.append(f"{r['impl']:<12} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
+        lines.append(f"{r['impl']:<14} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
                      f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_steps_per_s']:>9,.1f} "
                      f"{'-' if roof is None else f'{roof:,.0f}':>9} {'-' if frac is None else f'{frac:.1%}':>6}")
     return "\n".join(lines)

@@ -101,3 +101,31 @@ def generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, dtype: 
     del model
     return {"prefill_tokens_per_s": batch * prompt_len / prefill, "decode_tokens_per_s": batch * new_tokens / decode,
             "decode_steps_per_s": new_tokens / decode}
+
+
+def run_isolated(kind: str, m, **kwargs) -> dict:
+    """Run `train_throughput` / `generate_throughput` in a fresh Python process, so PyTorch gets the device
+    memory that this process's JAX allocator holds (and the timing is not shared with JAX's threads)."""
+    import json
+    import subprocess
+    import sys
+
+    request = json.dumps({"kind": kind, "model": m.to_dict(), "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-m", "neox_jax.bench.torch_ref", request], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("result ")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        return {"error": f"HF torch {kind} failed (exit {proc.returncode}): " + " | ".join(tail)}
+    return json.loads(lines[-1][len("result "):])
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    import ml_collections
+
+    req = json.loads(sys.argv[1])
+    model_cfg = ml_collections.ConfigDict(req["model"])
+    fn = {"train": train_throughput, "generate": generate_throughput}[req["kind"]]
+    print("result " + json.dumps(fn(model_cfg, **req["kwargs"])), flush=True)

@@ -87,15 +87,18 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
             from neox_jax.bench import torch_ref
 
             bf16 = backend == "gpu" and m.dtype == "bfloat16"
-            group = [rows[-1], row("hf_torch_eager", torch_ref.train_throughput(m, t.batch_size, t.seq_len, steps,
-                                                                               warmup, bf16=bf16))]
-            if torch_compile:
-                group.append(row("hf_torch_compile", torch_ref.train_throughput(m, t.batch_size, t.seq_len, steps,
-                                                                               warmup, compile=True, bf16=bf16)))
+            group = [rows[-1]]
+            for impl, compiled in (("hf_torch_eager", False), ("hf_torch_compile", True))[:2 if torch_compile else 1]:
+                res = torch_ref.run_isolated("train", m, batch=t.batch_size, seq_len=t.seq_len, steps=steps,
+                                             warmup=warmup, compile=compiled, bf16=bf16)
+                if "error" in res:
+                    print(res["error"], flush=True)
+                    continue
+                group.append(row(impl, res))
+                _progress(group[-1])
+            eager = [r for r in group if r["impl"] == "hf_torch_eager"]
             for r in group:
-                r["vs_hf_eager"] = r["tokens_per_s"] / group[1]["tokens_per_s"]
-            for r in group[1:]:
-                _progress(r)
+                r["vs_hf_eager"] = r["tokens_per_s"] / eager[0]["tokens_per_s"] if eager else None
             rows.extend(group[1:])
     return rows
 
@@ -116,5 +119,5 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(f"{r['name']:<10} {r['impl']:<17} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
                      f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {pct(r['mfu_measured_peak']):>9} "
                      f"{pct(r['mfu_datasheet_peak']):>10} {r.get('peak_mem_gb', float('nan')):>7.1f} "
-                     f"{r.get('vs_hf_eager', float('nan')):>6.2f}")
+                     f"{r.get('vs_hf_eager') or float('nan'):>6.2f}")
     return "\n".join(lines)
