@@ -73,9 +73,15 @@ def default_workdir(config_spec: str) -> str:
 
 
 def summary(last: dict, workdir: str) -> str:
+    """The run's last line: step, losses (with the unigram baseline beside the validation loss), throughput."""
     parts = [f"done: step {last.get('step')}"]
-    for key in ("loss", "val_loss", "tokens_per_s"):
-        if last.get(key) is not None:
-            parts.append(f"{key} {last[key]:.4f}" if key != "tokens_per_s" else f"{key} {last[key]:,.0f}")
+    if last.get("loss") is not None:
+        parts.append(f"loss {last['loss']:.4f}")
+    if last.get("val_loss") is not None:
+        parts.append(f"val_loss {last['val_loss']:.4f}")
+    if last.get("unigram_val_loss") is not None:
+        parts.append(f"unigram baseline {last['unigram_val_loss']:.4f}")
+    if last.get("tokens_per_s") is not None:
+        parts.append(f"tokens_per_s {last['tokens_per_s']:,.0f}")
     parts.append(f"workdir {workdir}")
     return " | ".join(parts)

@@ -20,7 +20,7 @@ INITS = ("small_init", "normal")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh only when mesh.stage > 1
 
 
 class ConfigError(ValueError):
@@ -50,6 +50,7 @@ def model_defaults() -> ml_collections.ConfigDict:
             dtype="float32",  # compute dtype; "bfloat16" for mixed precision with fp32 master params
             attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere
             remat_policy="none",
+            scan_unroll=1,  # layers per iteration of the layer scan; = num_layers removes the loop (fast decode)
         )
     )
 
@@ -58,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field a run understands. `configs/*.py` start from this and change what they need."""
     c = ml_collections.ConfigDict()
     c.model = model_defaults()
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # stage > 1: pipeline parallelism (layers split evenly into stages; train.micro_batches flow through them)
+    c.mesh = ml_collections.ConfigDict(dict(stage=1, data=-1, fsdp=1, tensor=1))
     c.zero_stage = 1
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -98,6 +100,7 @@ def default_config() -> ml_collections.ConfigDict:
             max_nonfinite_in_a_row=5,
             profile_steps="",  # "10,12": JAX profiler trace from step 10 to 12
             peak_tflops=0.0,  # 0: look up the device in metrics.PEAK_TFLOPS
+            wandb_project="",  # "": no Weights & Biases logging; else the wandb project (needs wandb installed)
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -168,6 +171,8 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
     _require(m.padded_vocab_size == 0 or m.padded_vocab_size >= m.vocab_size, prefix + "padded_vocab_size",
              f"{m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}")
     _require(m.intermediate_size >= 0, prefix + "intermediate_size", "must be >= 0 (0 means 4 x hidden_size)")
+    _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, prefix + "scan_unroll",
+             f"must be a positive integer, got {m.scan_unroll!r}")
     _require(m.layernorm_eps > 0, prefix + "layernorm_eps", f"must be positive, got {m.layernorm_eps}")
     for field, allowed in (("hidden_act", ACTIVATIONS), ("init", INITS), ("param_dtype", DTYPES), ("dtype", DTYPES),
                            ("attention_impl", ATTENTION_IMPLS), ("remat_policy", REMAT_POLICIES)):
@@ -190,11 +195,22 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              f"{t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
     _require(t.seq_len <= c.model.max_position_embeddings, "train.seq_len",
              f"{t.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
+    if c.mesh.stage > 1:
+        check_pipeline(c, c.mesh.stage)
     _require(c.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
     _require(0 <= c.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _require(c.precision.loss_scale in ("none", "dynamic"), "precision.loss_scale",
              f"{c.precision.loss_scale!r} is not one of none, dynamic")
     return c
+
+
+def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
+    """Layers split evenly into `stages`, and the micro-batches fill the pipeline in whole rounds."""
+    _require(c.model.num_layers % stages == 0, "mesh.stage",
+             f"model.num_layers={c.model.num_layers} cannot be split evenly into {stages} pipeline stages")
+    _require(c.train.micro_batches % stages == 0, "train.micro_batches",
+             f"{c.train.micro_batches} micro-batches do not fill a {stages}-stage pipeline; use a multiple of "
+             f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
 
 
 # ---- derived sizes -------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@
 FLOPs conventions (both count a forward + backward pass, no recomputation):
   * "palm" (the default, used for MFU everywhere in this project): 6 N + 12 L H S per token, N = all parameters.
   * "neox": GPT-NeoX's own formula, 24 f B S L H^2 (1 + S/(6H) + V/(16 L H)) per step with f = 3, divided by B S.
+
+The unigram baseline is the loss of a model that ignores context: the cross-entropy of held-out tokens under the
+training split's token frequencies. A language model is learning something once its validation loss is below it.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ import json
 import math
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
+
+import numpy as np
 
 from neox_jax import config as cfg
 
 # Dense bf16 peak TFLOP/s by device kind (datasheets); substring match on jax's device_kind, first hit wins.
 PEAK_TFLOPS = (
     ("H200", 989.0),
+    ("H100 PCIe", 756.0),  # before the SXM entry: first hit wins
     ("H100", 989.0),
     ("A100", 312.0),
     ("TPU v5p", 459.0),
@@ -58,15 +64,46 @@ def mfu(tokens_per_second: float, flops_token: float, n_devices: int, peak_tflop
     return tokens_per_second * flops_token / (n_devices * peak_tflops * 1e12)
 
 
-class Writers:
-    """Console + metrics.jsonl + TensorBoard for one run; a no-op on processes other than 0."""
+def unigram_cross_entropy(train_tokens: Sequence[np.ndarray], eval_tokens: np.ndarray, vocab_size: int,
+                          weights: Sequence[float] | None = None, alpha: float = 1.0) -> float:
+    """Cross-entropy (nats/token) of `eval_tokens` under the unigram distribution of the training token arrays
+    (mixed by `weights`, like the training mixture), with add-`alpha` smoothing over `vocab_size` ids so that a
+    token unseen in training costs a finite amount."""
+    weights = [1.0] * len(train_tokens) if weights is None else list(weights)
+    probs = np.zeros(vocab_size, np.float64)
+    for tokens, w in zip(train_tokens, weights):
+        counts = np.bincount(np.asarray(tokens, np.int64), minlength=vocab_size)[:vocab_size] + alpha
+        probs += w * counts / counts.sum()
+    probs /= probs.sum()
+    return float(-np.log(probs[np.asarray(eval_tokens, np.int64)]).mean())
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+
+def open_wandb(project: str, workdir: str, config: dict):
+    """A wandb run for `train.wandb_project`, resumed across restarts of the same workdir (id from its name)."""
+    try:
+        import wandb
+    except ImportError:
+        raise cfg.ConfigError(f"config field train.wandb_project={project!r} asks for Weights & Biases logging, "
+                              "but the wandb package is not installed (pip install wandb, or leave the field "
+                              "empty)") from None
+    run_id = "neox-" + "".join(c if c.isalnum() else "-" for c in os.path.abspath(workdir)).strip("-")[-56:]
+    return wandb.init(project=project, dir=workdir, config=config, id=run_id, resume="allow",
+                      name=os.path.basename(os.path.abspath(workdir)))
+
+
+class Writers:
+    """Console + metrics.jsonl + TensorBoard (+ Weights & Biases when `wandb_project` is set) for one run;
+    a no-op on processes other than 0."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True, wandb_project: str = "",
+                 run_config: dict | None = None):
         self.workdir, self.enabled = workdir, enabled
-        self._jsonl = self._tb = None
+        self._jsonl = self._tb = self._wandb = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        if wandb_project:
+            self._wandb = open_wandb(wandb_project, workdir, run_config or {})
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # optional at import time: benchmarks don't need it
@@ -82,12 +119,16 @@ class Writers:
             for k, v in clean.items():
                 if math.isfinite(v):
                     self._tb.add_scalar(f"{prefix}/{k}", v, int(step))
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in clean.items()}, step=int(step))
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def format_line(step: int, total: int, metrics: Mapping[str, float]) -> str:

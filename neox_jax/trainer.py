@@ -7,6 +7,7 @@ state, the RNG and the pipeline position, so a run stopped at any step continues
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -73,11 +74,31 @@ def evaluate(eval_step, params, val_batches, mesh) -> float:
     return total / max(count, 1)
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
-    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics.
+def unigram_baseline(train_it, val_batches, vocab_size: int, max_tokens: int = 20_000_000) -> float:
+    """Validation loss of the context-free unigram model fitted on the training data (the first `max_tokens` of
+    each training dataset, mixed by its weight), on exactly the targets the validation loss is measured on."""
+    from neox_jax.data import IndexedDataset
 
-    `stop_after` ends the run (with a checkpoint) after that many steps of this invocation: tests use it to
-    stand in for a preemption.
+    train = [IndexedDataset(p).tokens[:max_tokens] for p in train_it.prefixes]
+    targets = np.concatenate([np.asarray(b["tokens"])[:, 1:].ravel() for b in val_batches])
+    return metrics_lib.unigram_cross_entropy(train, targets, vocab_size, weights=train_it.weights)
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics (plus
+    "step" and, with a validation set, "unigram_val_loss").
+
+    `stop_after` ends the run after that many steps of this invocation exactly as a preemption signal would
+    (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
     """
     from neox_jax.data import make_train_iterator, make_val_batches
 
@@ -89,80 +110,91 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     is_main = jax.process_index() == 0
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)
+    say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
 
-    train_it = make_train_iterator(config)
-    val_batches = make_val_batches(config) if t.eval_every else None
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
-    rng = jax.random.PRNGKey(t.seed)
-    if checkpointer.latest_step() is not None:
-        abstract = {"train": train_lib.state_shapes(config, mesh),
-                    "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))}
-        restored, data_state, _ = checkpointer.restore(abstract)
-        state, rng = restored["train"], restored["rng"]
-        train_it.set_state(data_state)
+    last: dict = {}
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers
+        writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
+                                      run_config=config.to_dict())
+        cleanup.callback(writers.close)
+        train_it = make_train_iterator(config)
+        cleanup.callback(train_it.close)
+        val_batches = make_val_batches(config) if t.eval_every else None
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
+        cleanup.callback(checkpointer.close)
+        stop = StopFlag()
+        cleanup.callback(stop.install())
+        if val_batches is not None and is_main:
+            last["unigram_val_loss"] = unigram_baseline(train_it, val_batches, model.vocab_size)
+            say(f"unigram baseline: val_loss {last['unigram_val_loss']:.4f} (context-free token frequencies "
+                "of the training data)")
+        # a global (replicated) key: orbax cannot save one process's single-device array in a multi-process run
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
+        if checkpointer.latest_step() is not None:
+            abstract = {"train": train_lib.state_shapes(config, mesh),
+                        "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
+            restored, data_state, _ = checkpointer.restore(abstract)
+            state, rng = restored["train"], restored["rng"]
+            train_it.set_state(data_state)
+            say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
+        else:
+            state = train_lib.init_train_state(config, mesh, rng)
+        step_fn = train_lib.make_train_step(config, mesh)
+        eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
         if is_main:
-            print(f"resumed from {checkpointer.directory} at step {int(state.step)}", flush=True)
-    else:
-        state = train_lib.init_train_state(config, mesh, rng)
-    step_fn = train_lib.make_train_step(config, mesh)
-    eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
+            with open(f"{workdir}/config.json", "w") as f:
+                f.write(config.to_json(indent=1))
+        flops_token = metrics_lib.flops_per_token(model, t.seq_len, tensor_parallel=config.mesh.tensor)
+        peak = metrics_lib.device_peak_tflops(override=t.peak_tflops)
 
-    writers = metrics_lib.Writers(workdir, enabled=is_main)
-    if is_main:
-        with open(f"{workdir}/config.json", "w") as f:
-            f.write(config.to_json(indent=1))
-    flops_token = metrics_lib.flops_per_token(model, t.seq_len)
-    peak = metrics_lib.device_peak_tflops(override=t.peak_tflops)
-    stop = StopFlag()
-    restore_signals = stop.install()
+        def save(step: int):
+            checkpointer.save(step, {"train": state, "rng": rng}, train_it.get_state(), json.loads(config.to_json()),
+                              force=True)
 
-    def save(step: int, force: bool = False):
-        checkpointer.save(step, {"train": state, "rng": rng}, train_it.get_state(), json.loads(config.to_json()),
-                          force=force)
-
-    step = int(state.step)
-    start_step, last = step, {}
-    window = {"loss": [], "t0": time.perf_counter(), "steps": 0}
-    pending = None  # metrics of the previous step, read while the current one runs
-    try:
+        step = start_step = int(state.step)
+        if step >= t.steps:
+            say(f"nothing to do: {workdir} is already at step {step} (train.steps={t.steps}); "
+                "raise --config.train.steps to train further")
+        window = {"loss": [], "t0": time.perf_counter(), "steps": 0}
+        pending = None  # metrics of the previous step, read while the current one runs
+        tracing = False
         while step < t.steps:
             if profile and step == profile[0]:
                 jax.profiler.start_trace(f"{workdir}/profile")
+                tracing = True
             batch = sharding.global_batch(next(train_it), mesh)
             state, step_metrics = step_fn(state, batch)
             step += 1
             if pending is not None:
                 last = _consume(pending, window, t, writers, flops_token, peak, last)
             pending = (step, step_metrics)
-            if profile and step == profile[1]:
+            if tracing and step == profile[1]:
                 jax.block_until_ready(step_metrics)
                 jax.profiler.stop_trace()
+                tracing = False
+                say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
             if eval_fn is not None and step % t.eval_every == 0:
                 val_loss = evaluate(eval_fn, state.params, val_batches, mesh)
                 writers.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}, prefix="val")
                 last["val_loss"] = val_loss
-                if is_main:
-                    print(f"step {step:>6}/{t.steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}",
-                          flush=True)
-            preempted = stop.signal is not None or (stop_after is not None and step - start_step >= stop_after)
+                say(f"step {step:>6}/{t.steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
+            preempted = _any_process(stop.signal is not None) or (
+                stop_after is not None and step - start_step >= stop_after)
             if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-                save(step, force=True)
+                save(step)
             if preempted:
-                if is_main:
-                    why = f"signal {signal.Signals(stop.signal).name}" if stop.signal else f"stop_after={stop_after}"
-                    print(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}", flush=True)
+                why = f"signal {signal.Signals(stop.signal).name}" if stop.signal else f"stop_after={stop_after}"
+                say(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}")
                 break
         if pending is not None:
             last = _consume(pending, window, t, writers, flops_token, peak, last, force_log=True)
-    finally:
-        restore_signals()
-        checkpointer.close()
-        writers.close()
-        train_it.close()
+        if tracing:
+            jax.profiler.stop_trace()
     if is_main:
         plot = metrics_lib.plot_run(workdir)
         if plot:
-            print(f"plot: {plot}", flush=True)
+            say(f"plot: {plot}")
     last["step"] = step
     return last
 

@@ -6,6 +6,8 @@
         --config.mesh.tensor=2 --workdir runs/x
 
 Any config field can be overridden with --config.path.to.field=value. A --workdir holding a checkpoint resumes.
+Exit status: 0 done or preempted (SIGTERM/SIGINT: the step finishes and a checkpoint is saved), 2 bad flag or
+config, 1 checkpoint mismatch or too many non-finite steps in a row.
 """
 
 import os
@@ -20,23 +22,42 @@ from neox_jax import cli  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 if __name__ == "__main__":
-    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG, own_flags=("workdir",))
+    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG,
+                               own_flags=("workdir", "coordinator_address", "num_processes", "process_id"))
 _CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots); default runs/<config>.")
+# multi-process runs without a cluster launcher that JAX detects (SLURM, Open MPI): see README "Running on a cluster"
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from neox_jax import distributed, trainer
+    from neox_jax.checkpoint import CheckpointMismatchError
+    from neox_jax.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
-    distributed.initialize()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedError as e:
+        print(f"FATAL: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     config = _CONFIG.value
     workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
     logging.info("workdir %s", workdir)
-    last = trainer.train(config, workdir)
+    try:
+        last = trainer.train(config, workdir)
+    except (ConfigError, CheckpointMismatchError, trainer.NonFiniteError) as e:
+        print(f"FATAL: {e}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+    except Exception as e:  # noqa: BLE001 - a lost peer must not wait in the runtime's shutdown barrier
+        if distributed.is_peer_failure(e):
+            distributed.abort_peer_failure(e, workdir)
+        raise
     print(cli.summary(last, workdir), flush=True)
 
 

@@ -81,25 +81,27 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
             r["peak_tflops_measured"] = peak_measured
             return r
 
-        rows.append(row("neox_jax", jax_train_throughput(config, steps, warmup)))
-        _progress(rows[-1])
+        # HF first, each in its own process: once this process's JAX allocator has grown it keeps the memory
+        hf_rows = []
         if compare_hf:
             from neox_jax.bench import torch_ref
 
             bf16 = backend == "gpu" and m.dtype == "bfloat16"
-            group = [rows[-1]]
             for impl, compiled in (("hf_torch_eager", False), ("hf_torch_compile", True))[:2 if torch_compile else 1]:
                 res = torch_ref.run_isolated("train", m, batch=t.batch_size, seq_len=t.seq_len, steps=steps,
                                              warmup=warmup, compile=compiled, bf16=bf16)
                 if "error" in res:
                     print(res["error"], flush=True)
                     continue
-                group.append(row(impl, res))
-                _progress(group[-1])
-            eager = [r for r in group if r["impl"] == "hf_torch_eager"]
-            for r in group:
-                r["vs_hf_eager"] = r["tokens_per_s"] / eager[0]["tokens_per_s"] if eager else None
-            rows.extend(group[1:])
+                hf_rows.append(row(impl, res))
+                _progress(hf_rows[-1])
+        ours = row("neox_jax", jax_train_throughput(config, steps, warmup))
+        group = [ours, *hf_rows]
+        eager = [r for r in hf_rows if r["impl"] == "hf_torch_eager"]
+        for r in group:
+            r["vs_hf_eager"] = r["tokens_per_s"] / eager[0]["tokens_per_s"] if eager else None
+        _progress(ours)
+        rows.extend(group)
     return rows
 
 

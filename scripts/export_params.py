@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Export the parameters of a training workdir's checkpoint as a params dir (config.json + params.safetensors).
+
+    python scripts/export_params.py --workdir runs/tiny --out runs/tiny_params            # latest checkpoint
+    python scripts/export_params.py --workdir runs/tiny --step 400 --out runs/tiny_400
+
+The params dir is what scripts/evaluate.py and scripts/generate.py take with --checkpoint, and what
+scripts/convert_hf.py --params_dir turns into a HF GPTNeoXForCausalLM directory. Only the parameters are read
+from the checkpoint (no optimizer state); the run config comes from the checkpoint itself.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_jax import checkpoint, convert  # noqa: E402
+from neox_jax.config import ConfigError  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
+    p.add_argument("--out", required=True, help="params dir to write")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    args = p.parse_args(argv)
+    try:
+        config, params = checkpoint.load_params(args.workdir, args.step)
+        convert.save_params(config, params, args.out)
+    except (FileNotFoundError, ConfigError, convert.ConversionError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out}\n{convert.describe(config, params)}")
+
+
+if __name__ == "__main__":
+    main()
