@@ -182,7 +182,9 @@ REMAT_POLICIES = {
 }
 
 
-def layer_stack(m):
+def layer_stack(m, length=None):
+    """The scanned blocks: `length` layers (default all of them) with params stacked on a leading axis."""
+    length = m.num_layers if length is None else length
     block = Block
     if m.remat_policy != "none":
         block = nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[m.remat_policy])
@@ -191,10 +193,27 @@ def layer_stack(m):
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-        length=m.num_layers,
-        unroll=min(m.scan_unroll, m.num_layers),
+        length=length,
+        unroll=min(m.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(m, name="layers")
+
+
+class LayerStack(nn.Module):
+    """`length` consecutive blocks alone, for a pipeline stage: params {"layers": [length, ...]} (a contiguous
+    slice of GPTNeoX's stacked `layers`), x [B, T, H] at positions 0..T-1 -> x after those blocks."""
+
+    config: Any
+    length: int
+
+    @nn.compact
+    def __call__(self, x):
+        m = self.config
+        b, t = x.shape[:2]
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rotary_tables(positions, cfg.rotary_dims(m), m.rotary_emb_base)
+        (x, _), _ = layer_stack(m, self.length)((x, None), cos, sin, None)
+        return x
 
 
 class GPTNeoX(nn.Module):
@@ -240,6 +259,15 @@ class GPTNeoX(nn.Module):
 
     def logits(self, x):
         return jnp.einsum("bth,hv->btv", x, self.embed_out.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def embed(self, input_ids):
+        """Token embeddings [B, T, H] in the compute dtype: what the first pipeline stage receives."""
+        x = jnp.take(self.embed_in, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        return nn.with_logical_constraint(x, ACT_AXES)
+
+    def head(self, x):
+        """Final LayerNorm then fp32 logits of the block stack's output: what follows the last pipeline stage."""
+        return self.logits(self.final_layer_norm(x))
 
     def __call__(self, input_ids, positions=None, cache=None, input_mask=None):
         x, new_cache = self.hidden(input_ids, positions, cache, input_mask)

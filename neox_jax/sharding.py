@@ -1,6 +1,7 @@
 """One device mesh, one table of logical axis rules, ZeRO as shardings of the optimizer state.
 
-Mesh axes are ("data", "fsdp", "tensor"). Every parameter and the block-boundary activations carry logical
+Mesh axes are ("data", "fsdp", "tensor"), led by "stage" when mesh.stage > 1 (pipeline parallelism: the
+stacked `layers` dim of every block parameter splits over it; see neox_jax/pipeline.py). Every parameter and the block-boundary activations carry logical
 axis names; `logical_rules(zero_stage)` maps them to mesh axes, Megatron-style for tensor parallelism
 (qkv / h->4h column-parallel over heads / mlp, attention dense / 4h->h row-parallel, vocab-parallel
 embedding and head). ZeRO is a placement decision:
@@ -29,13 +30,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from neox_jax.config import MESH_AXES, ConfigError
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (and ZeRO-1 optimizer state)
+STAGE_AXIS = "stage"  # pipeline stages; in the mesh only when there are at least two
 # Sets the mesh for sharding constraints while tracing (jax.set_mesh is refused inside jit); newer JAX also
 # exports it at top level.
 _use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None) or getattr(jax, "use_abstract_mesh")
 
 
-def logical_rules(zero_stage: int) -> tuple:
-    """Logical axis -> mesh axis. Order matters: an activation's batch claims fsdp before embed can."""
+def logical_rules(zero_stage: int, pipelined: bool = False) -> tuple:
+    """Logical axis -> mesh axis. Order matters: an activation's batch claims fsdp before embed can.
+    Pipelined, each stage holds a contiguous block of layers: the stacked `layers` dim splits over `stage`."""
     return (
         ("batch", BATCH_AXES),
         ("vocab", "tensor"),
@@ -43,7 +46,7 @@ def logical_rules(zero_stage: int) -> tuple:
         ("mlp", "tensor"),
         ("embed", "fsdp" if zero_stage == 3 else None),
         ("kv", None),
-        ("layers", None),
+        ("layers", STAGE_AXIS if pipelined else None),
         ("length", None),
     )
 
@@ -52,8 +55,8 @@ def logical_rules(zero_stage: int) -> tuple:
 
 def mesh_shape(config, num_devices: int) -> dict[str, int]:
     """Resolve mesh.* (one axis may be -1: it takes what the others leave) against a device count."""
-    sizes = {a: int(config.mesh[a]) for a in MESH_AXES}
-    given = f"mesh.data={sizes['data']}, mesh.fsdp={sizes['fsdp']}, mesh.tensor={sizes['tensor']}"
+    sizes = {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
+    given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a != STAGE_AXIS or v != 1)
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:
@@ -68,25 +71,40 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The ("data", "fsdp", "tensor") mesh over `devices` (default: all), with Auto axes for GSPMD."""
+    """The ([stage,] data, fsdp, tensor) mesh over `devices` (default: all), with Auto axes for GSPMD.
+    `stage` is left out at size 1, so a run without pipelining has exactly the unpipelined mesh."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(config, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axes = tuple(a for a in MESH_AXES if a != STAGE_AXIS or sizes[a] > 1)
+    return jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+
+
+def num_stages(mesh: Mesh) -> int:
+    return int(mesh.shape.get(STAGE_AXIS, 1))
+
+
+def bubble_fraction(stages: int, micro_batches: int) -> float:
+    """GPipe's idle share: M micro-batches cross S stages in M + S - 1 ticks, S - 1 of them partly idle."""
+    return (stages - 1) / (micro_batches + stages - 1)
 
 
 def with_mesh_sizes(config, mesh: Mesh):
     """A copy of config whose mesh.* hold the actual sizes (so -1 never leaks into derived sizes)."""
     c = config.copy_and_resolve_references()
     for axis in MESH_AXES:
-        c.mesh[axis] = int(mesh.shape[axis])
+        c.mesh[axis] = int(mesh.shape.get(axis, 1))
     return c
+
+
+def mesh_rules(mesh: Mesh, zero_stage: int) -> tuple:
+    """The logical rules for this mesh (pipelined when it has a stage axis)."""
+    return logical_rules(zero_stage, pipelined=num_stages(mesh) > 1)
 
 
 @contextlib.contextmanager
 def activation_rules(mesh: Mesh, zero_stage: int):
     """Make the model's `nn.with_logical_constraint` calls take effect while tracing a step (usable inside jit)."""
-    with _use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(logical_rules(zero_stage)):
+    with _use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules(mesh, zero_stage)):
         yield
 
 
@@ -129,7 +147,7 @@ def _axis_size(mesh: Mesh, axes) -> int:
 
 def param_specs(boxed_params, mesh: Mesh, zero_stage: int):
     """PartitionSpec per param from the rules; a dim the mesh axes do not divide is a ConfigError."""
-    rules = logical_rules(zero_stage)
+    rules = mesh_rules(mesh, zero_stage)
 
     def spec(path, boxed):
         names, shape = tuple(boxed.names), boxed.value.shape
@@ -213,8 +231,9 @@ def _entry(name, shape, dtype, spec, mesh, logical=None) -> dict:
     return entry
 
 
-def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int) -> dict:
-    """Per-array placement and per-device bytes of params, grads (fp32, like params) and optimizer state."""
+def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int, micro_batches: int | None = None) -> dict:
+    """Per-array placement and per-device bytes of params, grads (fp32, like params) and optimizer state;
+    with a stage axis also the pipeline: layers per stage and, given `micro_batches`, the bubble fraction."""
     place = placement(boxed_params, optimizer, mesh, zero_stage)
     flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
     specs = jax.tree.leaves(place.params, is_leaf=lambda x: isinstance(x, P))
@@ -234,9 +253,17 @@ def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int) -> dict:
     totals["total: params + optimizer + grads (no activations)"] = sum(totals.values())
     notes = [f"ZeRO-1: no dim of {n} divisible by data x fsdp = {batch_split(mesh)}; its moments stay replicated"
              for n in place.replicated_moments]
-    return {"mesh": {a: int(mesh.shape[a]) for a in MESH_AXES}, "zero_stage": zero_stage,
-            "param_count": sum(math.prod(e["shape"]) for e in params),
-            "params": params, "optimizer": opt, "per_device_bytes": totals, "notes": notes}
+    report = {"mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names}, "zero_stage": zero_stage,
+              "param_count": sum(math.prod(e["shape"]) for e in params),
+              "params": params, "optimizer": opt, "per_device_bytes": totals, "notes": notes}
+    stages = num_stages(mesh)
+    if stages > 1:
+        layers = next(e["shape"][0] for e in params if e["logical"][0] == "layers")
+        report["pipeline"] = {"schedule": "gpipe", "stages": stages, "layers_per_stage": layers // stages}
+        if micro_batches:
+            report["pipeline"].update(micro_batches=micro_batches,
+                                      bubble_fraction=bubble_fraction(stages, micro_batches))
+    return report
 
 
 def add_compiled_memory(report: dict, stats, note: str | None = None) -> dict:
@@ -272,7 +299,7 @@ def compare_reports(a: dict, b: dict) -> dict:
 
 
 def _layout_name(r: dict) -> str:
-    return ",".join(f"{a}={r['mesh'][a]}" for a in MESH_AXES) + f" zero{r['zero_stage']}"
+    return ",".join(f"{a}={n}" for a, n in r["mesh"].items()) + f" zero{r['zero_stage']}"
 
 
 def _gb(n) -> str:
@@ -294,6 +321,11 @@ def format_report(report: dict) -> str:
     lines += ["", "per-device memory", "-" * 63]
     for k, v in report["per_device_bytes"].items():
         lines.append(f"{k:<50} {_gb(v):>12}")
+    if "pipeline" in report:
+        p = report["pipeline"]
+        lines += ["", f"pipeline ({p['schedule']}): {p['stages']} stages x {p['layers_per_stage']} layers"
+                  + (f", {p['micro_batches']} micro-batches, bubble {p['bubble_fraction']:.1%} of the step"
+                     if "micro_batches" in p else "")]
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -6,6 +6,10 @@ The step accumulates fp32 gradients over `train.micro_batches` with `lax.scan`, 
 dynamic loss scaling is on, and skips the update (params and optimizer state unchanged) whenever the loss
 or the gradients are not finite.
 
+With a `stage` mesh axis the micro-batches instead flow through a GPipe pipeline (neox_jax.pipeline) inside
+one gradient computation: `train.micro_batches` is then the number of micro-batches in flight, a multiple of
+the stage count, and the loss and gradients are the same sums as the accumulation computes.
+
 Batch format: {"tokens": int32 [global_batch, seq_len + 1]}, split over ("data", "fsdp") on its first axis;
 inputs are tokens[:, :-1], targets tokens[:, 1:], loss the mean next-token cross-entropy in fp32.
 """
@@ -23,8 +27,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import model as model_lib
 from neox_jax import optim
+from neox_jax import pipeline
 from neox_jax import sharding
-from neox_jax.config import ConfigError, resolve_model
+from neox_jax.config import ConfigError, check_pipeline, resolve_model
 
 
 @flax.struct.dataclass
@@ -43,6 +48,8 @@ def model_config(config, mesh):
 
 
 def check_batch(config, mesh) -> None:
+    if sharding.num_stages(mesh) > 1:
+        check_pipeline(config, sharding.num_stages(mesh))
     t, n = config.train, sharding.batch_split(mesh)
     if (t.batch_size // t.micro_batches) % n:
         raise ConfigError(
@@ -99,6 +106,35 @@ def _micro_batches(tokens, count: int, mesh):
     return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
 
 
+def _accumulated_grad_sum(params, micro, scale, net, grad_shardings):
+    """Sums over micro-batches, one after another, of (scaled-loss gradients, loss)."""
+    def scaled_loss(params, tokens):
+        loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+        return loss * scale, loss
+
+    def accumulate(carry, tokens):
+        grad_sum, loss_sum = carry
+        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, tokens)
+        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        return (jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum + loss), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+    (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+    return grad_sum, loss_sum
+
+
+def _pipelined_grad_sum(params, micro, scale, mesh, net, grad_shardings):
+    """The same sums with the micro-batches in flight together through the pipeline stages."""
+    def scaled_loss_sum(params):
+        loss_sum = pipeline.loss_sum(net, params, micro, mesh, cross_entropy)
+        return loss_sum * scale, loss_sum
+
+    (_, loss_sum), grad_sum = jax.value_and_grad(scaled_loss_sum, has_aux=True)(params)
+    grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
+    return jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum
+
+
 def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, grad_shardings):
     """One optimizer step over the whole global batch. Pure; see make_train_step for the compiled form."""
     precision = config.precision
@@ -106,20 +142,10 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
     with sharding.activation_rules(mesh, config.zero_stage):
         micro = _micro_batches(batch["tokens"], count, mesh)
         scale = state.loss_scale.scale
-
-        def scaled_loss(params, tokens):
-            loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
-            return loss * scale, loss
-
-        def accumulate(carry, tokens):
-            grad_sum, loss_sum = carry
-            (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(state.params, tokens)
-            grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-            return (jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum + loss), None
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
-        (grad_sum, loss_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+        if sharding.num_stages(mesh) > 1:
+            grad_sum, loss_sum = _pipelined_grad_sum(state.params, micro, scale, mesh, net, grad_shardings)
+        else:
+            grad_sum, loss_sum = _accumulated_grad_sum(state.params, micro, scale, net, grad_shardings)
 
     grads = jax.tree.map(lambda g: g / (count * scale), grad_sum)
     loss = loss_sum / count
@@ -165,12 +191,19 @@ def make_train_step(config, mesh):
 def eval_step(params, batch, *, config, mesh, net):
     with sharding.activation_rules(mesh, config.zero_stage):
         tokens = batch["tokens"]
-        loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+        if sharding.num_stages(mesh) > 1:
+            count = config.train.micro_batches
+            micro = _micro_batches(tokens, count, mesh)
+            loss = pipeline.loss_sum(net, params, micro, mesh, cross_entropy) / count
+        else:
+            loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
     return {"loss": loss, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.int32)}
 
 
 def make_eval_step(config, mesh):
     """jit(eval_step): (params, batch) -> {"loss": mean cross-entropy, "tokens": count}."""
+    if sharding.num_stages(mesh) > 1:  # the eval batch is cut into train.micro_batches for the pipeline
+        check_pipeline(config, sharding.num_stages(mesh))
     step = functools.partial(eval_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)))
     return jax.jit(step, in_shardings=(state_shardings(config, mesh).params, {"tokens": sharding.batch_sharding(mesh)}),
                    out_shardings=NamedSharding(mesh, P()))

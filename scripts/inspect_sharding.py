@@ -4,21 +4,26 @@
     python scripts/inspect_sharding.py --config configs/pythia.py:410m --mesh data=4,tensor=2 --zero_stage 1 \\
         --compare fsdp=8,zero_stage=3 --format json
     python scripts/inspect_sharding.py --config configs/tiny.py --mesh data=8 --config.train.micro_batches=2
+    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh stage=4,tensor=2,data=12 --zero_stage 1 \
+        --micro_batches 32
 
 Runs on a CPU with simulated devices (one per mesh position); shapes come from `jax.eval_shape` and the
 memory table from XLA's analysis of the AOT-compiled train step. `--compile_layers N` compiles N-layer and
 2N-layer variants and extrapolates the compiled temp linearly in the layer count (exact for a scanned
-stack); params, grads and optimizer bytes are always exact. The logic lives in neox_jax/sharding.py.
+stack; with a stage axis the count per stage); params, grads and optimizer bytes are always exact. With
+`stage=S` the train step is the GPipe pipeline over `train.micro_batches` and the report adds its bubble. The logic lives in neox_jax/sharding.py.
 """
 
+import math
 import os
 import sys
 
-MESH_KEYS = ("data", "fsdp", "tensor", "zero_stage")
+MESH_AXES = ("stage", "data", "fsdp", "tensor")
+MESH_KEYS = (*MESH_AXES, "zero_stage")
 
 
 def parse_layout(spec: str) -> dict:
-    """"data=12,tensor=2[,zero_stage=1]" -> {"data": 12, "tensor": 2, "zero_stage": 1}."""
+    """"stage=4,data=12,tensor=2[,zero_stage=1]" -> {"stage": 4, "data": 12, "tensor": 2, "zero_stage": 1}."""
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
@@ -40,7 +45,7 @@ def _flag_value(argv, name):
 
 def _devices_needed(argv) -> int:
     sizes = [parse_layout(_flag_value(argv, f) or "") for f in ("mesh", "compare")]
-    return max(s.get("data", 1) * s.get("fsdp", 1) * s.get("tensor", 1) for s in sizes)
+    return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
 
 if __name__ == "__main__":
@@ -58,7 +63,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file, optionally path.py:arg")
-_MESH = flags.DEFINE_string("mesh", None, "layout, e.g. data=12,tensor=2 (axes data/fsdp/tensor, default 1)")
+_MESH = flags.DEFINE_string("mesh", None, "layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
 _ZERO = flags.DEFINE_integer("zero_stage", None, "ZeRO stage 0/1/3 (default: the config's)")
 _REMAT = flags.DEFINE_string("remat", None, "model.remat_policy (none/full/dots/...)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "train.batch_size (global)")
@@ -72,7 +77,8 @@ _COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 0,
 
 def layout_config(base, layout: dict):
     c = base.copy_and_resolve_references()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (layout.get(a, 1) for a in ("data", "fsdp", "tensor"))
+    for axis in MESH_AXES:
+        c.mesh[axis] = layout.get(axis, 1)
     if "zero_stage" in layout:
         c.zero_stage = layout["zero_stage"]
     return c
@@ -84,10 +90,11 @@ def inspect(config, layout: dict) -> dict:
     from neox_jax import config as cfg, model, optim, sharding, train
 
     config = cfg.validate(layout_config(config, layout))
-    devices = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
+    devices = math.prod(config.mesh[a] for a in MESH_AXES)
     mesh = sharding.make_mesh(config, jax.devices()[:devices])
     m = train.model_config(config, mesh)
-    report = sharding.layout_report(model.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage)
+    report = sharding.layout_report(model.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage,
+                                    micro_batches=config.train.micro_batches)
     if not _COMPILE.value:
         return report
     start = time.time()
@@ -97,13 +104,16 @@ def inspect(config, layout: dict) -> dict:
         config.model.dtype = "bfloat16"
         report["notes"].append("fp16 compute compiled as bf16 (same bytes): XLA:CPU lacks fp16 dots with fp32 accumulation")
     n = _COMPILE_LAYERS.value
-    if n and 2 * n < config.model.num_layers:
+    stages = config.mesh.stage
+    if n and 2 * n * stages < config.model.num_layers:
         # Every compiled size is a + b * layers for a scanned stack: fit a, b from two compiles.
-        small, double = (train.compile_train_step(_with_layers(config, k), mesh).memory_analysis() for k in (n, 2 * n))
+        small, double = (train.compile_train_step(_with_layers(config, k * stages), mesh).memory_analysis()
+                         for k in (n, 2 * n))
+        extra = config.model.num_layers // stages - n  # layers per stage beyond the small compile
         stats = types.SimpleNamespace(**{
-            f: int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * (config.model.num_layers - n))
+            f: int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * extra)
             for f in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")})
-        note = (f"compiled sizes extrapolated linearly from {n}- and {2 * n}-layer compiles "
+        note = (f"compiled sizes extrapolated linearly from {n}- and {2 * n}-layer(-per-stage) compiles "
                 f"(temp {small.temp_size_in_bytes / 1e9:.3f} / {double.temp_size_in_bytes / 1e9:.3f} GB)")
         report = sharding.add_compiled_memory(report, stats, note=note)
     else:
