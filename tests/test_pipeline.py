@@ -9,7 +9,8 @@ import pytest
 from neox_jax import model, optim, pipeline, sharding, train
 from neox_jax.config import ConfigError, default_config, validate
 
-STEPS = 3
+from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+
 MICRO = 4
 LAYOUTS = {  # name: (stage, data, tensor, zero_stage)
     "stage4_data2": (4, 2, 1, 0),
@@ -27,32 +28,6 @@ def tiny_config(stage=1, data=1, tensor=1, zero_stage=0, remat="none"):
     c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
     c.train.update(dict(steps=10, batch_size=16, micro_batches=MICRO, seq_len=16))
     return c
-
-
-def batches(n, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 500, (16, 17), dtype=np.int32) for _ in range(n)]
-
-
-def comparable(params):
-    """Drop the key bias (its true gradient is zero; rounding noise becomes lr-sized Adam steps of any sign)."""
-    qkv_bias = params["layers"]["attention"]["query_key_value"]["bias"]
-    params["layers"]["attention"]["query_key_value"]["bias"] = np.delete(np.asarray(qkv_bias), 1, axis=2)
-    return params
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
-
-
-def run(config, mesh, state):
-    step = train.make_train_step(config, mesh)
-    losses = []
-    for tokens in batches(STEPS):
-        state, metrics = step(state, sharding.global_batch({"tokens": tokens}, mesh))
-        losses.append(float(metrics["loss"]))
-    return step, state, losses
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 from neox_jax import sharding, train
 from neox_jax.config import default_config
 
-STEPS = 3
+from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+
 LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage)
     "data8": (8, 1, 1, 0),
     "fsdp8_zero3": (1, 8, 1, 3),
@@ -30,20 +31,6 @@ def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0):
     return c
 
 
-def batches(n, vocab=500, seed=0):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, (16, 17), dtype=np.int32) for _ in range(n)]
-
-
-def run(config, mesh, state, steps=STEPS):
-    step = train.make_train_step(config, mesh)
-    losses = []
-    for tokens in batches(steps):
-        state, metrics = step(state, sharding.global_batch({"tokens": tokens}, mesh))
-        losses.append(float(metrics["loss"]))
-    return step, state, losses
-
-
 @pytest.fixture(scope="module")
 def reference():
     """Initial state, losses and final params of the same steps on a 1x1x1 mesh over one device."""
@@ -53,19 +40,6 @@ def reference():
     initial = jax.device_get(state)
     _, state, losses = run(config, mesh, state)
     return initial, comparable(jax.device_get(state.params)), losses
-
-
-def comparable(params):
-    """Drop the key bias: softmax is shift-invariant, so its gradient is exactly zero in theory and rounding
-    noise in practice, which Adam turns into lr-sized steps of arbitrary sign on any layout."""
-    qkv_bias = params["layers"]["attention"]["query_key_value"]["bias"]  # [layers, heads, q|k|v, head_dim]
-    params["layers"]["attention"]["query_key_value"]["bias"] = np.delete(np.asarray(qkv_bias), 1, axis=2)
-    return params
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
