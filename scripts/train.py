@@ -37,6 +37,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from neox_jax import distributed, trainer
     from neox_jax.checkpoint import CheckpointMismatchError
+    import jax
+
     from neox_jax.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
@@ -58,7 +60,8 @@ def main(argv):
         if distributed.is_peer_failure(e):
             distributed.abort_peer_failure(e, workdir)
         raise
-    print(cli.summary(last, workdir), flush=True)
+    if jax.process_index() == 0:
+        print(cli.summary(last, workdir), flush=True)
 
 
 if __name__ == "__main__":

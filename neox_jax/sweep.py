@@ -1,0 +1,259 @@
+"""Config sweeps: a sweep file names a base config and a list of override sets; each set becomes one
+`scripts/train.py` run in its own workdir, named after its overrides.
+
+A sweep file (configs/sweeps/*.py) defines `get_sweep()` returning a `Sweep`; `grid()` builds the cross product
+of value lists and plain lists of dicts add hand-picked runs. The runs can be printed, executed one after
+another, or written out as a SLURM job array; `summarize()` gathers every run's final metrics into one table.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import itertools
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Any, Sequence
+
+from neox_jax import cli
+from neox_jax import config as cfg
+from neox_jax import metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_SCRIPT = "scripts/train.py"
+
+
+class SweepError(ValueError):
+    """A sweep file or its overrides are malformed: the message names the file and the run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    config: str  # base config as `path[:arg]`, relative to the repository root or absolute
+    runs: Sequence[dict]  # one {"dotted.field": value} override set per run
+    fixed: dict = dataclasses.field(default_factory=dict)  # overrides shared by every run
+    name: str = ""  # default: the sweep file's name
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    workdir: str
+    overrides: dict  # fixed + this run's overrides, in command-line order
+
+    def argv(self, config: str, python: str = "python", script: str = TRAIN_SCRIPT) -> list[str]:
+        return [python, script, "--config", config, *(f"--config.{k}={_flag_value(v)}" for k, v in
+                                                      self.overrides.items()), "--workdir", self.workdir]
+
+
+def grid(axes: dict[str, Sequence]) -> list[dict]:
+    """Every combination of the value lists, the first field varying slowest:
+    grid({"optimizer.lr": [1e-4, 3e-4], "train.batch_size": [8, 16]}) -> 4 override sets."""
+    for key, values in axes.items():
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") or not len(values):
+            raise SweepError(f"grid field {key!r}: expected a non-empty list of values, got {values!r}")
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def load(path: str) -> Sweep:
+    """Import a sweep file and check every run's overrides against its base config (one error naming the run)."""
+    if not os.path.isfile(path):
+        raise SweepError(f"sweep file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_neox_sweep_{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_sweep"):
+        raise SweepError(f"sweep file {path}: defines no get_sweep() (expected one returning neox_jax.sweep.Sweep)")
+    sweep = module.get_sweep()
+    if not isinstance(sweep, Sweep):
+        raise SweepError(f"sweep file {path}: get_sweep() returned {type(sweep).__name__}, expected a Sweep")
+    if not sweep.runs:
+        raise SweepError(f"sweep file {path}: Sweep.runs is empty")
+    sweep = dataclasses.replace(sweep, name=sweep.name or os.path.splitext(os.path.basename(path))[0])
+    config = resolve_config(sweep.config, path)
+    for i, overrides in enumerate(sweep.runs):
+        if not isinstance(overrides, dict) or not overrides:
+            raise SweepError(f"sweep file {path}: run {i} is {overrides!r}, expected a non-empty dict of overrides")
+        try:
+            cfg.validate(cli.load_config(config, {**sweep.fixed, **overrides}))
+        except (cfg.ConfigError, TypeError, ValueError) as e:
+            raise SweepError(f"sweep file {path}: run {i} {overrides}: {e}") from None
+    return sweep
+
+
+def resolve_config(spec: str, where: str = "") -> str:
+    """`path[:arg]` with a relative path taken from the repository root when it does not exist here."""
+    path, sep, arg = spec.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(ROOT, path)
+    if not os.path.exists(path):
+        raise SweepError(f"{where or 'sweep'}: config {spec!r} not found")
+    return path + sep + arg
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _name_value(value: Any) -> str:
+    text = format(value, "g") if isinstance(value, float) else _flag_value(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def run_name(overrides: dict, short: dict[str, str]) -> str:
+    return ",".join(f"{short[k]}={_name_value(v)}" for k, v in overrides.items())
+
+
+def plan(sweep: Sweep, runs_dir: str) -> list[Run]:
+    """The runs of `sweep`, each in `runs_dir/<sweep name>/<its overrides>` (e.g. lr=0.0003,batch_size=256)."""
+    keys = list(dict.fromkeys(k for o in sweep.runs for k in o))
+    leaf = [k.rsplit(".", 1)[-1] for k in keys]
+    short = {k: (s if leaf.count(s) == 1 else k) for k, s in zip(keys, leaf)}  # full name only when ambiguous
+    runs, seen = [], {}
+    for i, overrides in enumerate(sweep.runs):
+        name = run_name(overrides, short)
+        if name in seen:
+            raise SweepError(f"sweep {sweep.name}: runs {seen[name]} and {i} have the same overrides ({name})")
+        seen[name] = i
+        runs.append(Run(name, os.path.join(runs_dir, sweep.name, name), {**sweep.fixed, **overrides}))
+    return runs
+
+
+def commands(sweep: Sweep, runs: list[Run]) -> list[str]:
+    """Shell commands, run from the repository root."""
+    return [shlex.join(r.argv(sweep.config)) for r in runs]
+
+
+def run_local(sweep: Sweep, runs: list[Run], log=print) -> dict[str, int]:
+    """Run one after another (this Python, any working directory); returns exit status per run name.
+    A failed run does not stop the others; a finished run's workdir resumes (and returns at once)."""
+    config = resolve_config(sweep.config)
+    status = {}
+    for i, r in enumerate(runs):
+        log(f"[{i + 1}/{len(runs)}] {r.name}")
+        os.makedirs(r.workdir, exist_ok=True)
+        with open(os.path.join(r.workdir, "sweep_run.log"), "w") as out:
+            status[r.name] = subprocess.call(r.argv(config, sys.executable, os.path.join(ROOT, TRAIN_SCRIPT)),
+                                             stdout=out, stderr=subprocess.STDOUT)
+        if status[r.name]:
+            log(f"  failed with exit status {status[r.name]}: see {r.workdir}/sweep_run.log")
+    return status
+
+
+SLURM_HEADER = """#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --array=0-{last}%{parallel}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node={tasks_per_node}
+#SBATCH --gpus-per-node={gpus_per_node}
+#SBATCH --output={log_dir}/%A_%a.out
+# One array task per sweep run; each task is a whole (possibly multi-node) training run whose processes find
+# each other through SLURM's environment (see scripts/slurm/train.sbatch). Submit from the repository root
+# with the environment activated:  sbatch {path}
+set -euo pipefail
+"""
+
+
+def slurm_array(sweep: Sweep, runs: list[Run], path: str, *, nodes: int = 1, tasks_per_node: int = 8,
+                gpus_per_node: int = 8, parallel: int = 4) -> str:
+    """Write a SLURM job-array script running one sweep run per array task; returns its path."""
+    log_dir = os.path.join(os.path.dirname(runs[0].workdir), "slurm")
+    lines = [SLURM_HEADER.format(name=f"sweep-{sweep.name}", last=len(runs) - 1, parallel=parallel, nodes=nodes,
+                                 tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node, log_dir=log_dir,
+                                 path=path), f"mkdir -p {shlex.quote(log_dir)}", "RUNS=("]
+    lines += [f"  {shlex.quote(c)}" for c in commands(sweep, runs)]
+    lines += [")", 'echo "sweep run $SLURM_ARRAY_TASK_ID: ${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+              'srun bash -c "${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    return path
+
+
+# ---- summaries --------------------------------------------------------------------------------------------
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def summarize(runs_dir: str) -> tuple[list[str], list[dict]]:
+    """(columns, one row per run) for every workdir under `runs_dir` holding a metrics.jsonl: the config
+    fields that differ between the runs, then the final train loss, the last validation loss and the step."""
+    import json
+
+    workdirs = sorted(d for d, _, files in os.walk(runs_dir) if "metrics.jsonl" in files)
+    if not workdirs:
+        raise SweepError(f"{runs_dir}: no run folders with a metrics.jsonl below it")
+    rows, configs = [], []
+    for d in workdirs:
+        metrics = metrics_lib.read_jsonl(os.path.join(d, "metrics.jsonl"))
+        train = [m for m in metrics if m.get("split") == "train" and m.get("loss") is not None]
+        val = [m for m in metrics if m.get("split") == "val" and m.get("loss") is not None]
+        config_path = os.path.join(d, "config.json")
+        configs.append(_flat(json.load(open(config_path))) if os.path.exists(config_path) else {})
+        rows.append({"run": os.path.relpath(d, runs_dir),
+                     "step": train[-1]["step"] if train else None,
+                     "train_loss": train[-1]["loss"] if train else None,
+                     "val_loss": val[-1]["loss"] if val else None,
+                     "tokens_per_s": next((m["tokens_per_s"] for m in reversed(train) if m.get("tokens_per_s")),
+                                          None)})
+    keys = sorted({k for c in configs for k in c})
+    varying = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1
+               and not k.startswith("data.") and k != "model.name"]
+    for row, c in zip(rows, configs):
+        row.update({k: c.get(k) for k in varying})
+    return ["run", *varying, "step", "train_loss", "val_loss", "tokens_per_s"], rows
+
+
+def format_table(columns: list[str], rows: list[dict]) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def write_summary(runs_dir: str, columns: list[str], rows: list[dict]) -> tuple[str, str]:
+    """summary.csv and summary.png (each run's train-loss curve, validation points) in `runs_dir`."""
+    csv_path = os.path.join(runs_dir, "summary.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: r.get(c) for c in columns} for r in rows)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        metrics = metrics_lib.read_jsonl(os.path.join(runs_dir, r["run"], "metrics.jsonl"))
+        train = [m for m in metrics if m.get("split") == "train" and m.get("loss") is not None]
+        line, = ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=r["run"])
+        val = [m for m in metrics if m.get("split") == "val" and m.get("loss") is not None]
+        if val:
+            ax.plot([m["step"] for m in val], [m["loss"] for m in val], "o", color=line.get_color())
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=f"sweep {os.path.basename(os.path.abspath(runs_dir))}"
+           " (lines: train, dots: validation)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png_path = os.path.join(runs_dir, "summary.png")
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return csv_path, png_path
