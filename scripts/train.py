@@ -35,10 +35,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from neox_jax import distributed, trainer
-    from neox_jax.checkpoint import CheckpointMismatchError
     import jax
 
+    from neox_jax import distributed, trainer
+    from neox_jax.checkpoint import CheckpointMismatchError
     from neox_jax.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
