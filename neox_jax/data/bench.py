@@ -2,7 +2,7 @@
 
 `run()` returns a dict; `scripts/benchmark.py data` prints it. The loader is measured on a synthetic
 token file large enough (default 20 M tokens) that per-window costs look like a real corpus's, pinned to
-one CPU core where the OS allows; preprocessing on the bundled Pile sample with worker processes.
+one CPU core where the OS allows; preprocessing on the bundled Pile sample with `workers` encoders.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def loader_throughput(prefix: str, seq_len: int, batch_size: int, batches: int, 
 
 
 def _cpu_seconds() -> float:
-    """CPU time of this process and its finished (joined) children, e.g. preprocessing workers."""
+    """CPU time of this process (encoder threads included) and its finished (joined) children."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 

@@ -1,9 +1,10 @@
 """Pile-format text -> GPT-NeoX `.bin`/`.idx` token files.
 
 Input: `.jsonl`, `.jsonl.zst`, `.jsonl.gz` with one `{"text": ..., "meta": {"pile_set_name": ...}}` a line,
-or a plain `.txt` file (the whole file is one document). The main process reads and checks documents,
-worker processes tokenize batches of them with the tokenizer's batched encoder, and the results are
-written in input order, an end-of-document id after each document. Outputs are written atomically.
+or a plain `.txt` file (the whole file is one document). The main thread reads and checks documents,
+encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
+tokenizer's batched encoder, and the results are written in input order, an end-of-document id after
+each document. Outputs are written atomically.
 
 Bad input (a malformed JSON line, invalid UTF-8, no "text" string, an empty document, a truncated
 compressed stream) stops with the file and line number, or with `skip_bad=True` is skipped and counted.
@@ -15,6 +16,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import glob
 import gzip
 import hashlib
@@ -36,6 +38,7 @@ TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".js
 PREPROCESS_VERSION = 1  # part of the cache key: bump when the output for the same input changes
 _CHUNK_BYTES = 1 << 20
 _CHUNK_DOCS = 512
+_MAX_THREADS = 8
 
 
 class DataError(ValueError):
@@ -224,11 +227,33 @@ def _init_worker(tokenizer_path: str):
 def _encode(texts: Sequence[str], append_eod: bool, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
     tok = tokenizer or _worker_tokenizer
     ids = tok.encode_batch(texts)
-    if append_eod:
-        ids = [x + [tok.eod_id] for x in ids]
-    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), np.int64, int(lengths.sum()))
+    if append_eod:  # one vectorized insert instead of a new list per document
+        flat = np.insert(flat, np.cumsum(lengths), tok.eod_id)
+        lengths += 1
     return flat, lengths
+
+
+def _tokenizer_pool(workers: int, tokenizer, append_eod: bool):
+    """(executor, function of a list of texts -> (flat ids, lengths)) for `workers` parallel encoders.
+
+    Up to _MAX_THREADS workers are threads of this process: HF tokenizers' batched encoder releases the
+    GIL (and fans out over its own thread pool), so threads run in parallel without the start-up
+    (~0.3 CPU-s each) and pickling of worker processes, and share one warm BPE cache. Past that the GIL-held part
+    (ids -> numpy, about 1/30 of the work) would cap throughput, so more workers are processes.
+    """
+    if workers <= _MAX_THREADS:
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+        return pool, lambda texts: _encode(texts, append_eod, tokenizer)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker, initargs=(tokenizer.path,))
+    return pool, functools.partial(_worker_encode, append_eod)
+
+
+def _worker_encode(append_eod: bool, texts: Sequence[str]):
+    return _encode(texts, append_eod)
 
 
 def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
@@ -304,12 +329,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     with contextlib.ExitStack() as stack:
         bar = stack.enter_context(tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=0.5,
                                        disable=not progress or None))
-        pool = None
-        if workers > 1:
-            pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker, initargs=(tokenizer.path,))
-            stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
+        pool, encode = _tokenizer_pool(workers, tokenizer, append_eod)
+        stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
 
         def writer_for(component: str) -> indexed.IndexedWriter:
             key = component if split_by_component else "all"
@@ -335,11 +356,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
 
         in_flight = collections.deque()  # ordered: results are written in input order
         for chunk in _chunks(kept(iter_documents(inputs, skip_bad, summary.bad))):
-            texts = [d.text for d in chunk]
-            if pool is None:
-                write(chunk, *_encode(texts, append_eod, tokenizer))
-                continue
-            in_flight.append((chunk, pool.submit(_encode, texts, append_eod)))
+            in_flight.append((chunk, pool.submit(encode, [d.text for d in chunk])))
             while len(in_flight) > 2 * workers:
                 c, fut = in_flight.popleft()
                 write(c, *fut.result())
@@ -380,9 +397,9 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = No
 
     The cache entry is named by a hash of the inputs and the tokenizer, so changing either makes a new
     one; concurrent callers (several processes on one host) each write atomically and the last rename wins
-    with identical content. The default `workers=1` tokenizes in this process (the HF tokenizer's batched
-    encoder still uses every core): worker processes are spawned, which re-imports the caller's main
-    module, so only scripts with an `if __name__ == "__main__":` guard may ask for more.
+    with identical content. Up to _MAX_THREADS workers tokenize in threads of this process (the HF
+    tokenizer's batched encoder also uses every core itself); more are spawned processes, which re-import
+    the caller's main module, so only scripts with an `if __name__ == "__main__":` guard may ask for that.
     """
     from neox_jax.data.tokenizer import load_tokenizer
 
