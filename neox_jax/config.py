@@ -89,6 +89,7 @@ def default_config() -> ml_collections.ConfigDict:
             steps=1000,
             batch_size=8,  # global batch, sequences per optimizer step
             micro_batches=1,  # gradient accumulation steps inside one train step
+            loss_chunks=1,  # >1: logits and loss computed one sequence slice at a time (saves head memory)
             seq_len=128,
             seed=0,
             log_every=10,
@@ -193,6 +194,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive integer, got {t[f]!r}")
     _require(t.batch_size % t.micro_batches == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
+    _require(isinstance(t.loss_chunks, int) and t.loss_chunks >= 1 and t.seq_len % t.loss_chunks == 0,
+             "train.loss_chunks", f"must be a positive divisor of train.seq_len={t.seq_len}, got {t.loss_chunks!r}")
     _require(t.seq_len <= c.model.max_position_embeddings, "train.seq_len",
              f"{t.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
     if c.mesh.stage > 1:

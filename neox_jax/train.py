@@ -62,6 +62,28 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets).mean()
 
 
+def next_token_loss(net, params, tokens, loss_chunks: int = 1) -> jax.Array:
+    """Mean next-token cross-entropy of tokens [B, S+1]. With `loss_chunks` > 1 the fp32 logits exist for one
+    slice of the sequence at a time and are recomputed in the backward pass, so neither the [B, S, vocab]
+    logits nor their gradient are ever held for the whole batch (the head dominates memory at small models)."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if loss_chunks <= 1:
+        return cross_entropy(net.apply({"params": params}, inputs), targets)
+    hidden, _ = net.apply({"params": params}, inputs, method="hidden")
+    b, s, h = hidden.shape
+    hidden = hidden.reshape(b, loss_chunks, s // loss_chunks, h).swapaxes(0, 1)
+    targets = targets.reshape(b, loss_chunks, s // loss_chunks).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_sum(x, y):
+        logits = net.apply({"params": params}, x, method="logits")
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+
+    total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_sum(*xy), None), jnp.zeros((), jnp.float32),
+                            (hidden, targets))
+    return total / (b * s)
+
+
 def _init_state(m, optimizer, precision, rng) -> TrainState:
     params = model_lib.init_params(m, rng)
     zero = jnp.zeros((), jnp.int32)
@@ -106,10 +128,10 @@ def _micro_batches(tokens, count: int, mesh):
     return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
 
 
-def _accumulated_grad_sum(params, micro, scale, net, grad_shardings):
+def _accumulated_grad_sum(params, micro, scale, net, grad_shardings, loss_chunks=1):
     """Sums over micro-batches, one after another, of (scaled-loss gradients, loss)."""
     def scaled_loss(params, tokens):
-        loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+        loss = next_token_loss(net, params, tokens, loss_chunks)
         return loss * scale, loss
 
     def accumulate(carry, tokens):
@@ -145,7 +167,8 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
         if sharding.num_stages(mesh) > 1:
             grad_sum, loss_sum = _pipelined_grad_sum(state.params, micro, scale, mesh, net, grad_shardings)
         else:
-            grad_sum, loss_sum = _accumulated_grad_sum(state.params, micro, scale, net, grad_shardings)
+            grad_sum, loss_sum = _accumulated_grad_sum(state.params, micro, scale, net, grad_shardings,
+                                                       config.train.loss_chunks)
 
     grads = jax.tree.map(lambda g: g / (count * scale), grad_sum)
     loss = loss_sum / count
@@ -196,7 +219,7 @@ def eval_step(params, batch, *, config, mesh, net):
             micro = _micro_batches(tokens, count, mesh)
             loss = pipeline.loss_sum(net, params, micro, mesh, cross_entropy) / count
         else:
-            loss = cross_entropy(net.apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+            loss = next_token_loss(net, params, tokens, config.train.loss_chunks)
     return {"loss": loss, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.int32)}
 
 

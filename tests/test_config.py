@@ -52,6 +52,7 @@ def test_unknown_pythia_size():
         ("train.micro_batches", 3, "train.batch_size: 16 is not divisible by train.micro_batches=3"),
         ("train.seq_len", 4096, "train.seq_len: 4096 exceeds model.max_position_embeddings"),
         ("zero_stage", 2, "zero_stage: must be 0, 1 or 3"),
+        ("train.loss_chunks", 3, "train.loss_chunks: must be a positive divisor of train.seq_len=32"),
         ("mesh.tensor", 0, "mesh.tensor: must be -1 or a positive integer"),
     ],
 )

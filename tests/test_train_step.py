@@ -11,8 +11,9 @@ from neox_jax.config import default_config
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
 
-LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage)
+LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks])
     "data8": (8, 1, 1, 0),
+    "data2_tensor4_zero1_loss_chunks4": (2, 1, 4, 1, 4),
     "fsdp8_zero3": (1, 8, 1, 3),
     "data2_tensor4": (2, 1, 4, 0),
     "data4_tensor2_zero1": (4, 1, 2, 1),
@@ -44,8 +45,9 @@ def reference():
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_device(layout, reference):
-    data, fsdp, tensor, zero = LAYOUTS[layout]
+    data, fsdp, tensor, zero, *chunks = LAYOUTS[layout]
     config = tiny_config(data, fsdp, tensor, zero)
+    config.train.loss_chunks = chunks[0] if chunks else 1  # the chunked loss must give the same steps
     mesh = sharding.make_mesh(config)
     initial, ref_params, ref_losses = reference
     if zero == 3:  # created sharded: same values as on one device
@@ -54,7 +56,7 @@ def test_layout_matches_single_device(layout, reference):
             np.testing.assert_array_equal(a, b)
     else:
         state = jax.device_put(initial, train.state_shardings(config, mesh))
-    if layout == "data2_tensor4":
+    if layout in ("data2_tensor4", "data2_tensor4_zero1_loss_chunks4"):
         evaluate = train.make_eval_step(config, mesh)
         metrics = evaluate(state.params, sharding.global_batch({"tokens": batches(1)[0]}, mesh))
         assert float(metrics["loss"]) == pytest.approx(ref_losses[0], rel=1e-5)
