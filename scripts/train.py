@@ -35,6 +35,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from neox_jax import xla_flags
+
+    xla_flags.apply()  # GPU-only flags; must precede JAX's backend start-up
     import jax
 
     from neox_jax import distributed, trainer
