@@ -23,5 +23,6 @@ def get_config(arg=None):
     c.optimizer.weight_decay = 0.01
     c.train.steps = 150_000
     c.train.batch_size = 1536
+    c.train.micro_batches = 32  # 4 sequences per GPU x data 12 x 32 accumulation steps (20B.yml)
     c.train.seq_len = 2048
     return c
