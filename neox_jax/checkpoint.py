@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from neox_jax import config as cfg
+
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
@@ -129,22 +131,6 @@ def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
                 "new --workdir)")
 
 
-def stored_config(stored: dict, where: str):
-    """A config saved in a checkpoint, over the current defaults (fields added since it was written get their
-    defaults), validated; a field this version does not know is an error naming `where`."""
-    import ml_collections
-
-    from neox_jax import config as cfg
-
-    try:
-        cfg.check_keys(ml_collections.ConfigDict(stored))
-        config = cfg.default_config()
-        config.update(stored)
-        return cfg.validate(config)
-    except (cfg.ConfigError, TypeError) as e:
-        raise cfg.ConfigError(f"{where}: {e}") from e
-
-
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     """(run config, params as host numpy arrays) of a training workdir's latest (or `step`) checkpoint.
 
@@ -156,7 +142,7 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     ckpt = Checkpointer(workdir, async_save=False, create=False)
     try:
         step = ckpt._step(step)
-        config = stored_config(ckpt.restore_config(step), f"{ckpt.directory}/{step}/config")
+        config = cfg.from_saved(ckpt.restore_config(step), f"{ckpt.directory}/{step}/config")
         params_meta = ckpt.stored_metadata(step)["train"]["params"]
         as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta,
                                 is_leaf=lambda m: hasattr(m, "shape"))

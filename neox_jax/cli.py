@@ -10,14 +10,20 @@ import sys
 from neox_jax import config as cfg
 
 
+def import_file(path: str, prefix: str):
+    """Import a Python file (a config or sweep file) by path, as a module named after it."""
+    module_spec = importlib.util.spec_from_file_location(f"{prefix}{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str, overrides: dict | None = None):
     """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
-    module_spec = importlib.util.spec_from_file_location(f"_neox_config_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = import_file(path, "_neox_config_")
     c = module.get_config(arg) if arg else module.get_config()
     return cfg.merge(c, overrides or {})
 

@@ -216,6 +216,18 @@ def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
              f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
 
 
+def from_saved(stored: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:
+    """A run config saved as JSON (checkpoint, params dir), over the current defaults so fields added since it
+    was written get their defaults; validated. Any problem is one ConfigError prefixed with `where`."""
+    try:
+        check_keys(ml_collections.ConfigDict(stored))
+        config = default_config()
+        config.update(stored)
+        return validate(config)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 # ---- derived sizes -------------------------------------------------------------------------------------
 
 def head_dim(m) -> int:

@@ -442,14 +442,10 @@ def save_params(config, params, directory) -> pathlib.Path:
 
 def load_config(file) -> ml_collections.ConfigDict:
     """A run config saved as JSON, over the current defaults, validated."""
-    loaded = ml_collections.ConfigDict(_read_json(pathlib.Path(file)))
     try:
-        C.check_keys(loaded)
-        config = C.default_config()
-        config.update(loaded)
-        return C.validate(config)
-    except (C.ConfigError, TypeError) as e:
-        raise ConversionError(f"{file}: {e}") from e
+        return C.from_saved(_read_json(pathlib.Path(file)), str(file))
+    except C.ConfigError as e:
+        raise ConversionError(str(e)) from e
 
 
 def load_params(directory) -> tuple[ml_collections.ConfigDict, dict]:

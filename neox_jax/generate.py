@@ -188,14 +188,14 @@ class Generator:
         with tracing_context(self.m, self.mesh):
             logits, cache, positions = self._prefill(self.params, ids, mask, cache)
         root = jax.random.PRNGKey(sampling.seed)
-        pick = functools.partial(self._pick, vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
-                                 top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
+        options = dict(vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
+                       top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
+        pick = functools.partial(self._pick, **options)
         rows = [_Row(sampling, decode, on_text, i) for i in range(n)]
         if on_text is None and not sampling.stop_strings:  # nothing to do per token on the host: loop on device
             with tracing_context(self.m, self.mesh):
                 out = self._loop(self.params, logits, positions, cache, root, steps=sampling.max_new_tokens,
-                                 vocab_limit=self.vocab_limit, temperature=max(sampling.temperature, 1e-6),
-                                 top_k=sampling.top_k, top_p=sampling.top_p, greedy=greedy)
+                                 **options)
             for row, tokens in zip(rows, np.asarray(out)):
                 for token in tokens:
                     row.add(int(token))

@@ -209,6 +209,11 @@ def layer_stack(m, length=None):
     )(m, name="layers")
 
 
+def default_positions(b: int, t: int, start=0) -> Array:
+    """Rotary positions start..start+T-1 for every row."""
+    return jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+
+
 class LayerStack(nn.Module):
     """`length` consecutive blocks alone, for a pipeline stage: params {"layers": [length, ...]} (a contiguous
     slice of GPTNeoX's stacked `layers`), x [B, T, H] at positions 0..T-1 -> x after those blocks."""
@@ -220,8 +225,7 @@ class LayerStack(nn.Module):
     def __call__(self, x):
         m = self.config
         b, t = x.shape[:2]
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        cos, sin = rotary_tables(positions, cfg.rotary_dims(m), m.rotary_emb_base)
+        cos, sin = rotary_tables(default_positions(b, t), cfg.rotary_dims(m), m.rotary_emb_base)
         (x, _), _ = layer_stack(m, self.length)((x, None), cos, sin, None)
         return x
 
@@ -249,10 +253,8 @@ class GPTNeoX(nn.Module):
         m = self.config
         b, t = input_ids.shape
         if positions is None:
-            start = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
-        x = jnp.take(self.embed_in, input_ids, axis=0).astype(jnp.dtype(m.dtype))
-        x = nn.with_logical_constraint(x, ACT_AXES)
+            positions = default_positions(b, t, 0 if cache is None else cache["index"])
+        x = self.embed(input_ids)
         self.sow("intermediates", "embeddings", x)
         cos, sin = rotary_tables(positions, cfg.rotary_dims(m), m.rotary_emb_base)
         kv = cache_meta = None

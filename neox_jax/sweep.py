@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import itertools
 import os
 import re
@@ -63,9 +62,7 @@ def load(path: str) -> Sweep:
     """Import a sweep file and check every run's overrides against its base config (one error naming the run)."""
     if not os.path.isfile(path):
         raise SweepError(f"sweep file {path} not found")
-    spec = importlib.util.spec_from_file_location(f"_neox_sweep_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = cli.import_file(path, "_neox_sweep_")
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"sweep file {path}: defines no get_sweep() (expected one returning neox_jax.sweep.Sweep)")
     sweep = module.get_sweep()
