@@ -134,10 +134,18 @@ def _accumulated_grad_sum(params, micro, scale, net, grad_shardings, loss_chunks
         loss = next_token_loss(net, params, tokens, loss_chunks)
         return loss * scale, loss
 
+    def grads_and_loss(tokens):
+        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, tokens)
+        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss
+
+    if micro.shape[0] == 1:  # nothing to accumulate: no zeroed fp32 buffer to add into
+        grads, loss = grads_and_loss(micro[0])
+        return jax.lax.with_sharding_constraint(grads, grad_shardings), loss
+
     def accumulate(carry, tokens):
         grad_sum, loss_sum = carry
-        (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, tokens)
-        grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
+        grads, loss = grads_and_loss(tokens)
+        grad_sum = jax.tree.map(jnp.add, grad_sum, grads)
         return (jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum + loss), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)

@@ -44,7 +44,7 @@ def train(args):
     if not args.preset and not args.config:
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
     rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set), steps=args.steps,
-                     warmup=args.warmup, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
+                     warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
     print(bench.format_rows(rows))
     _write(rows, args.json)
 
@@ -84,6 +84,7 @@ def main(argv=None):
     t.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=2)
+    t.add_argument("--windows", type=int, default=3, help="time this many runs of --steps steps; report the best")
     t.add_argument("--compare-hf", action="store_true", help="also time HF transformers (PyTorch) on the same shape")
     t.add_argument("--torch-compile", action="store_true", help="with --compare-hf: also time torch.compile")
     t.add_argument("--json", help="write the rows here")

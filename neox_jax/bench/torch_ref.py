@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from neox_jax import config as cfg
+from neox_jax.bench import timing
 
 
 def hf_config(m, tensor_parallel: int = 1):
@@ -25,9 +26,10 @@ def hf_config(m, tensor_parallel: int = 1):
     )
 
 
-def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int = 3, compile: bool = False,
-                     bf16: bool | None = None, lr: float = 1e-4) -> dict:
-    """Tokens/s and step time of an HF torch train step (forward, backward, clip, AdamW)."""
+def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int = 3, windows: int = 3,
+                     compile: bool = False, bf16: bool | None = None, lr: float = 1e-4) -> dict:
+    """Tokens/s and step time (timed as neox_jax's: best window) of an HF torch train step (forward, backward,
+    clip, AdamW)."""
     import torch
     from transformers import GPTNeoXForCausalLM
 
@@ -59,12 +61,8 @@ def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int =
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    sync()
-    dt = (time.perf_counter() - t0) / steps
-    out = {"step_time": dt, "tokens_per_s": batch * seq_len / dt, "loss": loss.item()}
+    dt = timing.best_window(step, lambda loss: sync(), steps, windows)
+    out = {"step_time": dt, "tokens_per_s": batch * seq_len / dt}
     if cuda:
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt

@@ -10,6 +10,7 @@ import numpy as np
 from neox_jax import config as cfg
 from neox_jax.cli import load_config
 from neox_jax import metrics, sharding
+from neox_jax.bench import timing
 from neox_jax import train as train_lib
 
 # name: (config spec, overrides). seq_len / batch_size / dtype are the benchmark's shape.
@@ -24,8 +25,9 @@ PRESETS = {
 GPU_ANCHOR = ("gpu-410m", "gpu-1.4b")
 
 
-def jax_train_throughput(config, steps: int = 10, warmup: int = 2) -> dict:
-    """Tokens/s, step time, MFU and peak memory of the compiled neox_jax train step on random tokens."""
+def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int = 3) -> dict:
+    """Tokens/s, step time (best of `windows` runs of `steps` steps) and peak memory of the compiled neox_jax
+    train step on random tokens."""
     config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}) if jax.device_count() == 1 else config
     mesh = sharding.make_mesh(config)
     t = config.train
@@ -39,22 +41,24 @@ def jax_train_throughput(config, steps: int = 10, warmup: int = 2) -> dict:
         state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, batch)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / steps
-    out = {"step_time": dt, "tokens_per_s": t.batch_size * t.seq_len / dt, "loss": float(m["loss"]),
-           "warmup_s": compile_s}
+    holder = {"state": state}
+    del state
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics
+
+    dt = timing.best_window(one_step, jax.block_until_ready, steps, windows)
+    out = {"step_time": dt, "tokens_per_s": t.batch_size * t.seq_len / dt, "warmup_s": compile_s}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["peak_mem_gb"] = stats["peak_bytes_in_use"] / 2**30
-    del state
+    del holder
     return out
 
 
 def run(preset: str | None = None, config_spec: str | None = None, overrides: dict | None = None,
-        steps: int = 10, warmup: int = 2, compare_hf: bool = False, torch_compile: bool = False,
+        steps: int = 10, warmup: int = 2, windows: int = 3, compare_hf: bool = False, torch_compile: bool = False,
         measure_peak: bool = True) -> list[dict]:
     """Benchmark one preset, the GPU anchor pair (preset="gpu-anchor"), or a config spec; rows for a table."""
     names = GPU_ANCHOR if preset == "gpu-anchor" else ([preset] if preset else [])
@@ -89,13 +93,13 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
             bf16 = backend == "gpu" and m.dtype == "bfloat16"
             for impl, compiled in (("hf_torch_eager", False), ("hf_torch_compile", True))[:2 if torch_compile else 1]:
                 res = torch_ref.run_isolated("train", m, batch=t.batch_size, seq_len=t.seq_len, steps=steps,
-                                             warmup=warmup, compile=compiled, bf16=bf16)
+                                             warmup=warmup, windows=windows, compile=compiled, bf16=bf16)
                 if "error" in res:
                     print(res["error"], flush=True)
                     continue
                 hf_rows.append(row(impl, res))
                 _progress(hf_rows[-1])
-        ours = row("neox_jax", jax_train_throughput(config, steps, warmup))
+        ours = row("neox_jax", jax_train_throughput(config, steps, warmup, windows))
         group = [ours, *hf_rows]
         eager = [r for r in hf_rows if r["impl"] == "hf_torch_eager"]
         for r in group:
