@@ -230,6 +230,11 @@ class LayerStack(nn.Module):
         return x
 
 
+def head_logits(x: Array, embed_out: Array) -> Array:
+    """fp32 logits [..., V] of hidden states x [..., H] (in the compute dtype) through embed_out [H, V]."""
+    return _flat_dot(x, embed_out.astype(x.dtype), 1, preferred_element_type=jnp.float32)
+
+
 class GPTNeoX(nn.Module):
     """`GPTNeoX(model_config).apply({"params": p}, ids)` -> fp32 logits [B, T, padded_vocab].
 
@@ -270,7 +275,7 @@ class GPTNeoX(nn.Module):
         return x, {"k": kv["k"], "v": kv["v"], "mask": cache_meta[1], "index": cache["index"] + t}
 
     def logits(self, x):
-        return _flat_dot(x, self.embed_out.astype(x.dtype), 1, preferred_element_type=jnp.float32)
+        return head_logits(x, self.embed_out)
 
     def embed(self, input_ids):
         """Token embeddings [B, T, H] in the compute dtype: what the first pipeline stage receives."""

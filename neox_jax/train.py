@@ -63,25 +63,63 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def next_token_loss(net, params, tokens, loss_chunks: int = 1) -> jax.Array:
-    """Mean next-token cross-entropy of tokens [B, S+1]. With `loss_chunks` > 1 the fp32 logits exist for one
-    slice of the sequence at a time and are recomputed in the backward pass, so neither the [B, S, vocab]
-    logits nor their gradient are ever held for the whole batch (the head dominates memory at small models)."""
+    """Mean next-token cross-entropy of tokens [B, S+1]. With `loss_chunks` > 1 the output head and the loss run
+    one 1/loss_chunks slice of the sequence at a time (see `chunked_head_loss`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     if loss_chunks <= 1:
         return cross_entropy(net.apply({"params": params}, inputs), targets)
     hidden, _ = net.apply({"params": params}, inputs, method="hidden")
+    return chunked_head_loss(hidden, params["embed_out"], targets, loss_chunks)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def chunked_head_loss(hidden, embed_out, targets, chunks: int):
+    """Mean cross-entropy of the logits `hidden @ embed_out` [B, S, V] against targets [B, S], computed one
+    sequence slice [B, S/chunks, V] at a time, so the fp32 logits never exist for the whole batch.
+
+    Differentiated, each slice's logit gradient (softmax - onehot) is turned into the hidden and embed_out
+    gradients in the same pass as its loss: no second pass over (or recomputation of) the logits, and the
+    per-slice hidden gradients plus one fp32 embed_out gradient are all the backward pass keeps."""
+    return _head_loss_pass(hidden, embed_out, targets, chunks, with_grads=False)[0]
+
+
+def _head_loss_pass(hidden, embed_out, targets, chunks, with_grads):
     b, s, h = hidden.shape
-    hidden = hidden.reshape(b, loss_chunks, s // loss_chunks, h).swapaxes(0, 1)
-    targets = targets.reshape(b, loss_chunks, s // loss_chunks).swapaxes(0, 1)
+    n = b * s
+    xs = hidden.reshape(b, chunks, s // chunks, h).swapaxes(0, 1)
+    ys = targets.reshape(b, chunks, s // chunks).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def chunk_sum(x, y):
-        logits = net.apply({"params": params}, x, method="logits")
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
+    def chunk(carry, xy):
+        total, dw = carry
+        x, y = xy
+        logits, vjp = jax.vjp(model_lib.head_logits, x, embed_out)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        label = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+        total = total + jnp.sum(lse - label)
+        if not with_grads:
+            return (total, dw), None
+        dlogits = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype)) / n
+        dx, dw_chunk = vjp(dlogits)
+        return (total, dw + dw_chunk.astype(jnp.float32)), dx
 
-    total, _ = jax.lax.scan(lambda acc, xy: (acc + chunk_sum(*xy), None), jnp.zeros((), jnp.float32),
-                            (hidden, targets))
-    return total / (b * s)
+    dw0 = jnp.zeros(embed_out.shape if with_grads else (), jnp.float32)
+    (total, dw), dxs = jax.lax.scan(chunk, (jnp.zeros((), jnp.float32), dw0), (xs, ys))
+    if not with_grads:
+        return total / n, None
+    return total / n, (dxs.swapaxes(0, 1).reshape(hidden.shape), dw.astype(embed_out.dtype))
+
+
+def _chunked_head_loss_fwd(hidden, embed_out, targets, chunks):
+    loss, grads = _head_loss_pass(hidden, embed_out, targets, chunks, with_grads=True)
+    return loss, grads
+
+
+def _chunked_head_loss_bwd(chunks, grads, g):
+    dx, dw = grads
+    return dx * g.astype(dx.dtype), dw * g, None
+
+
+chunked_head_loss.defvjp(_chunked_head_loss_fwd, _chunked_head_loss_bwd)
 
 
 def _init_state(m, optimizer, precision, rng) -> TrainState:

@@ -11,8 +11,9 @@ from neox_jax.config import default_config
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
 
-LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks])
+LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks[, micro_batches]])
     "data8": (8, 1, 1, 0),
+    "data8_one_micro_batch": (8, 1, 1, 0, 1, 1),
     "data2_tensor4_zero1_loss_chunks4": (2, 1, 4, 1, 4),
     "fsdp8_zero3": (1, 8, 1, 3),
     "data2_tensor4": (2, 1, 4, 0),
@@ -45,9 +46,10 @@ def reference():
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_device(layout, reference):
-    data, fsdp, tensor, zero, *chunks = LAYOUTS[layout]
+    data, fsdp, tensor, zero, chunks, micro = (*LAYOUTS[layout], 1, 2)[:6]
     config = tiny_config(data, fsdp, tensor, zero)
-    config.train.loss_chunks = chunks[0] if chunks else 1  # the chunked loss must give the same steps
+    config.train.loss_chunks = chunks  # the chunked loss must give the same steps
+    config.train.micro_batches = micro  # and so must one micro-batch instead of the reference's two
     mesh = sharding.make_mesh(config)
     initial, ref_params, ref_losses = reference
     if zero == 3:  # created sharded: same values as on one device
@@ -84,6 +86,35 @@ def test_layout_matches_single_device(layout, reference):
     assert qkv.addressable_shards[0].data.shape == (2, 64 // embed_split, 4 // tensor, 3, 16)
     moment_split = tensor * {0: 1, 1: data * fsdp, 3: fsdp}[zero]  # ZeRO-1: moments split, params not
     assert mu.addressable_shards[0].data.size * moment_split == mu.size
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunked_head_loss_matches_full_logits(dtype):
+    """The sliced head + loss (gradient formed in the forward pass) against autodiff of the whole-batch
+    logits and optax's cross-entropy, for the loss, a scaled loss's gradients, and without differentiation."""
+    import optax
+
+    from neox_jax import model
+
+    kx, kw, ky = jax.random.split(jax.random.PRNGKey(0), 3)
+    hidden = jax.random.normal(kx, (4, 32, 16)).astype(dtype)
+    embed_out = jax.random.normal(kw, (16, 96)) * 0.5
+    targets = jax.random.randint(ky, (4, 32), 0, 96)
+
+    def full(h, w):
+        return optax.softmax_cross_entropy_with_integer_labels(model.head_logits(h, w), targets).mean()
+
+    want, want_grads = jax.value_and_grad(lambda h, w: 8.0 * full(h, w), argnums=(0, 1))(hidden, embed_out)
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    for chunks in (2, 8):
+        assert float(jax.jit(train.chunked_head_loss, static_argnums=3)(hidden, embed_out, targets, chunks)) == \
+            pytest.approx(float(want) / 8, rel=tol)
+        got, grads = jax.jit(jax.value_and_grad(lambda h, w: 8.0 * train.chunked_head_loss(h, w, targets, chunks),
+                                                argnums=(0, 1)))(hidden, embed_out)
+        assert float(got) == pytest.approx(float(want), rel=tol)
+        for g, w in zip(grads, want_grads):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= 10 * tol
 
 
 def test_overflow_skips_step_and_drives_loss_scale():
