@@ -41,7 +41,7 @@ def score_tokens(m, params, ids, targets, weights):
     """Sum of log p(target) over positions with weight 1, and whether each of those targets is the argmax.
 
     ids / targets / weights [B, T] -> (logprob [B], greedy [B])."""
-    logits = model_lib.GPTNeoX(m).apply({"params": params}, ids)
+    logits = model_lib.for_params(m, params).apply({"params": params}, ids)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     is_argmax = jnp.argmax(logits, axis=-1) == targets

@@ -240,16 +240,20 @@ class GPTNeoX(nn.Module):
 
     With `cache=` (from `init_cache`) it returns `(logits, new_cache)`: the KV-cache decode path.
     `method="hidden"` returns the final hidden state instead of logits (for a chunked loss).
+    `stacked=False` runs the same layers from per-layer parameters (`unstack_layers`) and per-layer caches
+    (`init_cache(..., stacked=False)`) in an unrolled loop: each weight and cache is then its own buffer, which a
+    decode step reads where it lies instead of slicing it out of the stacked array.
     """
 
     config: Any
+    stacked: bool = True
 
     def setup(self):
         m = self.config
         v, h = cfg.padded_vocab(m), m.hidden_size
         pdt = jnp.dtype(m.param_dtype)
         self.embed_in = _param(self, "embed_in", _std(m, False), (v, h), ("vocab", "embed"), pdt)
-        self.layers = layer_stack(m)
+        self.layers = layer_stack(m) if self.stacked else [Block(m) for _ in range(m.num_layers)]
         self.final_layer_norm = layer_norm(m, "final_layer_norm")
         self.embed_out = _param(self, "embed_out", _std(m, False), (h, v), ("embed", "vocab"), pdt)
 
@@ -268,11 +272,26 @@ class GPTNeoX(nn.Module):
             key_mask = jax.lax.dynamic_update_slice(cache["mask"], valid, (0, cache["index"]))
             cache_meta = (cache["index"], key_mask)
             kv = {"k": cache["k"], "v": cache["v"], "layer": jnp.zeros((), jnp.int32)}
-        (x, kv), _ = self.layers((x, kv), cos, sin, cache_meta)
+        if self.stacked:
+            (x, kv), _ = self.layers((x, kv), cos, sin, cache_meta)
+        else:
+            x, kv = self._layer_loop(x, kv, cos, sin, cache_meta)
         x = self.final_layer_norm(x)
         if cache is None:
             return x, None
         return x, {"k": kv["k"], "v": kv["v"], "mask": cache_meta[1], "index": cache["index"] + t}
+
+    def _layer_loop(self, x, kv, cos, sin, cache_meta):
+        """The unstacked layers one after another; layer i reads and writes cache entry i (a [1, B, S, n, d]
+        buffer of its own, so the attention code is the stacked path's with layer index 0)."""
+        ks, vs = [], []
+        for i, block in enumerate(self.layers):
+            layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i], "layer": 0}
+            (x, layer_kv), _ = block((x, layer_kv), cos, sin, cache_meta)
+            if kv is not None:
+                ks.append(layer_kv["k"])
+                vs.append(layer_kv["v"])
+        return x, (None if kv is None else {"k": tuple(ks), "v": tuple(vs)})
 
     def logits(self, x):
         return head_logits(x, self.embed_out)
@@ -292,13 +311,32 @@ class GPTNeoX(nn.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def init_cache(m, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache: k/v [L, B, S, n, d], key-slot mask [B, S], fill index (slots are shared by the batch;
-    ragged prompts are left-padded and their pads masked out)."""
+def init_cache(m, batch: int, max_len: int, dtype=None, stacked: bool = True) -> dict:
+    """An empty KV cache: k/v [L, B, S, n, d] (with stacked=False: a tuple of L [1, B, S, n, d] buffers), key-slot
+    mask [B, S], fill index (slots are shared by the batch; ragged prompts are left-padded and their pads masked
+    out)."""
     dtype = jnp.dtype(dtype or m.dtype)
     shape = (m.num_layers, batch, max_len, m.num_heads, cfg.head_dim(m))
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+    if stacked:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    else:
+        k, v = (tuple(jnp.zeros((1, *shape[1:]), dtype) for _ in range(m.num_layers)) for _ in range(2))
+    return {"k": k, "v": v, "mask": jnp.zeros((batch, max_len), bool), "index": jnp.zeros((), jnp.int32)}
+
+
+def unstack_layers(params) -> dict:
+    """Stacked params ({"layers": leaves [L, ...]}) -> per-layer ones ({"layers_0": ..., "layers_{L-1}": ...})
+    for `GPTNeoX(m, stacked=False)`. Copies the layer weights (a transient second copy while the stacked one
+    is still referenced)."""
+    layers = params["layers"]
+    count = jax.tree.leaves(layers)[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], layers) for i in range(count)}}
+
+
+def for_params(m, params) -> GPTNeoX:
+    """The module that applies these params: stacked layers (the training layout) or per-layer ones."""
+    return GPTNeoX(m, stacked="layers" in params)
 
 
 def param_shapes(m, seq_len: int = 8):

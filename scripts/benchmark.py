@@ -57,7 +57,7 @@ def generate(args):
 
     rows = bench.run(args.config, batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
                      new_tokens=args.new_tokens, dtype=args.dtype, compare_hf=args.compare_hf,
-                     unrolls=[u if u == "all" else int(u) for u in args.unroll.split(",")])
+                     layer_loops=args.layer_loops.split(","))
     print(bench.format_rows(rows))
     _write(rows, args.json)
 
@@ -97,7 +97,8 @@ def main(argv=None):
     g.add_argument("--new-tokens", type=int, default=256)
     g.add_argument("--dtype", default="bfloat16")
     g.add_argument("--compare-hf", action="store_true")
-    g.add_argument("--unroll", default="1", help="layer-scan unroll values to time, e.g. 1,all")
+    g.add_argument("--layer-loops", default="scan,unstacked",
+                   help="how decode walks the layers, any of scan,unrolled,unstacked (one row each)")
     g.add_argument("--json")
     g.set_defaults(func=generate)
 

@@ -52,6 +52,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
     generator = G.Generator(m, params, vocab_limit=tokenizer.vocab_size, mesh=G.inference_mesh(args.tensor_parallel))
+    del params  # the generator keeps its own per-layer copy
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)

@@ -25,7 +25,7 @@ print("cudnn vs xla attention, bf16 logits: max abs diff %.4f (logit scale %.2f)
       % (np.abs(out["cudnn"] - out["xla"]).max(), np.abs(out["xla"]).max()))
 PYEOF
 fi
-timeout 110 $PY scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --unroll 1,all \
+timeout 110 $PY scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --layer-loops scan,unrolled,unstacked \
   --compare-hf --json "$OUT/generate.json" 2>&1 | grep -v -i warn | tee "$OUT/generate.txt"
 for preset in gpu-1.4b gpu-410m; do
   timeout 185 $PY scripts/benchmark.py train --preset $preset --steps 8 --compare-hf --torch-compile \

@@ -31,13 +31,16 @@ def random_params(m, seed):
 PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 300]]
 
 
-def test_kv_cache_decode_equals_full_recomputation(tiny):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_kv_cache_decode_equals_full_recomputation(tiny, stacked):
     """Left-padded batch: each step's logits equal a fresh forward over that row's whole (unpadded) sequence.
-    (The model is causal, so one forward over the final sequence gives every step's recomputed logits.)"""
-    m, params = tiny
+    (The model is causal, so one forward over the final sequence gives every step's recomputed logits.)
+    Decoding from stacked params (the layer scan) and from per-layer params and caches alike."""
+    m, full_params = tiny
+    params = full_params if stacked else model_lib.unstack_layers(full_params)
     length, steps = 16, 6
     ids, mask = G.left_pad(PROMPTS, length)
-    cache = model_lib.init_cache(m, len(PROMPTS), length + steps)
+    cache = model_lib.init_cache(m, len(PROMPTS), length + steps, stacked=stacked)
     logits, cache, positions = jax.jit(functools.partial(G.prefill, m))(params, ids, mask, cache)
     step_fn = jax.jit(functools.partial(G.decode_step, m))
     seqs, step_logits = [list(p) for p in PROMPTS], [logits]
@@ -51,7 +54,7 @@ def test_kv_cache_decode_equals_full_recomputation(tiny):
     right_padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)  # causal: trailing pads change nothing
     for row, seq in enumerate(seqs):
         right_padded[row, :len(seq)] = seq
-    full = jax.jit(model_lib.GPTNeoX(m).apply)({"params": params}, right_padded)
+    full = jax.jit(model_lib.GPTNeoX(m).apply)({"params": full_params}, right_padded)
     for row, prompt in enumerate(PROMPTS):
         for step, logits in enumerate(step_logits[:-1]):
             np.testing.assert_allclose(np.asarray(logits[row]), np.asarray(full[row, len(prompt) - 1 + step]),
@@ -96,6 +99,17 @@ def test_device_loop_equals_streaming_loop(tiny):
         streamed = [c.tokens for c in gen.generate(PROMPTS, sampling, on_text=lambda row, text: None,
                                                    decode=lambda ids: " ".join(map(str, ids)))]
         assert on_device == streamed
+
+
+def test_per_layer_generator_equals_stacked(tiny):
+    """The default generator (its own per-layer weight copy, unrolled layer loop) picks the tokens the layer
+    scan over the stacked training-layout params picks, greedy and sampled."""
+    m, params = tiny
+    stacked, per_layer = G.Generator(m, params, stacked=True), G.Generator(m, params)
+    assert "layers" in stacked.params and "layers_1" in per_layer.params
+    for sampling in (G.Sampling(max_new_tokens=10), G.Sampling(max_new_tokens=10, temperature=0.8, seed=3)):
+        assert [c.tokens for c in per_layer.generate(PROMPTS, sampling)] == \
+            [c.tokens for c in stacked.generate(PROMPTS, sampling)]
 
 
 def test_pick_tokens_filters():

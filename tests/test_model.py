@@ -51,12 +51,16 @@ def test_causal(tiny, parallel):
     assert np.abs(a[:, t:] - b[:, t:]).max(axis=-1).min() > 1e-3  # every later position sees the change
 
 
-def test_kv_cache_decode_equals_full_forward(tiny):
+@pytest.mark.parametrize("stacked", [True, False])
+def test_kv_cache_decode_equals_full_forward(tiny, stacked):
     m, params, ids = tiny
     full = np.asarray(logits_fn(m)(params, ids))
-    step = jax.jit(lambda p, ids, cache: M.GPTNeoX(m).apply({"params": p}, ids, cache=cache))
+    if not stacked:  # per-layer weights and caches, unrolled layer loop: the full forward too
+        params = M.unstack_layers(params)
+        np.testing.assert_allclose(M.for_params(m, params).apply({"params": params}, ids), full, rtol=0, atol=1e-5)
+    step = jax.jit(lambda p, ids, cache: M.for_params(m, p).apply({"params": p}, ids, cache=cache))
     prefill = 5
-    cache = M.init_cache(m, batch=ids.shape[0], max_len=16)
+    cache = M.init_cache(m, batch=ids.shape[0], max_len=16, stacked=stacked)
     logits, cache = step(params, ids[:, :prefill], cache)
     decoded = [logits]
     for t in range(prefill, ids.shape[1]):

@@ -24,10 +24,12 @@ def _timed(fn):
     return out, time.perf_counter() - t0
 
 
-def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, bandwidth_gbs: float | None) -> dict:
+def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, bandwidth_gbs: float | None,
+                            stacked: bool = True) -> dict:
     params = jax.jit(lambda k: jax.tree.map(lambda p: p.astype(m.dtype), model_lib.init_params(m, k)))(
         jax.random.PRNGKey(0))
-    gen = gen_lib.Generator(m, params)
+    gen = gen_lib.Generator(m, params, stacked=stacked)
+    params = gen.params
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, m.vocab_size, (batch, prompt_len)), jnp.int32)
     mask = jnp.ones((batch, prompt_len), bool)
@@ -35,10 +37,10 @@ def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, ban
     key = jax.random.PRNGKey(0)
 
     def prefill():
-        return gen._prefill(params, ids, mask, model_lib.init_cache(m, batch, max_len))
+        return gen._prefill(params, ids, mask, gen.init_cache(batch, max_len))
 
     def full():
-        logits, cache, positions = gen._prefill(params, ids, mask, model_lib.init_cache(m, batch, max_len))
+        logits, cache, positions = gen._prefill(params, ids, mask, gen.init_cache(batch, max_len))
         return gen._loop(params, logits, positions, cache, key, steps=new_tokens, vocab_limit=m.vocab_size,
                          temperature=1.0, top_k=0, top_p=1.0, greedy=True)
 
@@ -60,9 +62,14 @@ def jax_generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, ban
     return out
 
 
+# How the decode step walks the layers: the layer scan; the scan fully unrolled (static slices of the stacked
+# weights); per-layer weight and cache buffers (Generator(stacked=False)).
+LAYER_LOOPS = ("scan", "unrolled", "unstacked")
+
+
 def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len: int = 128, new_tokens: int = 256,
-        dtype: str = "bfloat16", compare_hf: bool = False, unrolls=(1,)) -> list[dict]:
-    """One row per (batch, layer-scan unroll), plus HF generate rows; `unrolls` may hold "all" (= num_layers)."""
+        dtype: str = "bfloat16", compare_hf: bool = False, layer_loops=("scan", "unstacked")) -> list[dict]:
+    """One row per (batch, layer loop), plus HF generate rows."""
     from neox_jax.bench import device
     from neox_jax.cli import load_config
 
@@ -70,12 +77,14 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
     bandwidth = device.memory_bandwidth_gbs()
     rows = []
     for b in batches:
-        for unroll in unrolls:
+        for loop in layer_loops:
+            if loop not in LAYER_LOOPS:
+                raise ValueError(f"layer loop {loop!r}: expected one of {', '.join(LAYER_LOOPS)}")
             mu = m.copy_and_resolve_references()
-            mu.scan_unroll = m.num_layers if unroll == "all" else int(unroll)
-            r = {"impl": "neox_jax" + (f"_u{mu.scan_unroll}" if mu.scan_unroll > 1 else ""), "config": config_spec,
+            mu.scan_unroll = m.num_layers if loop == "unrolled" else 1
+            r = {"impl": "neox_jax" + ("" if loop == "scan" else "_" + loop), "config": config_spec,
                  "dtype": dtype, "device": jax.devices()[0].device_kind, "bandwidth_gbs": bandwidth,
-                 **jax_generate_throughput(mu, b, prompt_len, new_tokens, bandwidth)}
+                 **jax_generate_throughput(mu, b, prompt_len, new_tokens, bandwidth, stacked=loop != "unstacked")}
             rows.append(r)
             print("row " + json.dumps(r), flush=True)
         if compare_hf:
@@ -94,12 +103,12 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'impl':<14} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
+    head = f"{'impl':<18} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         frac = r.get("fraction_of_roofline")
         roof = r.get("roofline_steps_per_s")
-        lines.append(f"{r['impl']:<14} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
+        lines.append(f"{r['impl']:<18} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
                      f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_steps_per_s']:>9,.1f} "
                      f"{'-' if roof is None else f'{roof:,.0f}':>9} {'-' if frac is None else f'{frac:.1%}':>6}")
     return "\n".join(lines)
