@@ -16,6 +16,7 @@ def get_config(arg=None):
     m.num_heads = 4
     m.max_position_embeddings = 256
     m.rotary_pct = 0.25
+    m.scan_unroll = m.num_layers  # no layer loop: 4-5% faster steps on CPU at this size (README, Benchmarks)
     c.optimizer.lr = 3e-3
     c.optimizer.weight_decay = 0.1
     c.optimizer.warmup_steps = 50

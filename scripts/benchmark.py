@@ -4,6 +4,7 @@
   python scripts/benchmark.py train --preset cpu-small --compare-hf     # vs HF torch on the same shape
   python scripts/benchmark.py train --preset gpu-anchor --compare-hf --torch-compile
   python scripts/benchmark.py train --config configs/pythia.py:160m --set train.batch_size=8
+  python scripts/benchmark.py train --preset gpu-410m --variant train.loss_chunks=8 --variant model.remat_policy=dots
   python scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --compare-hf
   python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s
 """
@@ -43,7 +44,9 @@ def train(args):
 
     if not args.preset and not args.config:
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
+    variants = [_overrides(v.split(",")) for v in args.variant or []]
     rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set), steps=args.steps,
+                     variants=variants,
                      warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
     print(bench.format_rows(rows))
     _write(rows, args.json)
@@ -82,6 +85,8 @@ def main(argv=None):
     t.add_argument("--preset", choices=[*PRESETS, "gpu-anchor"], help="a named shape (gpu-anchor: 410m and 1.4b)")
     t.add_argument("--config", help="config spec, e.g. configs/pythia.py:160m (instead of --preset)")
     t.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    t.add_argument("--variant", action="append", metavar="FIELD=VALUE[,FIELD=VALUE]",
+                   help="also time the step with these overrides (one more row each), repeatable")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=2)
     t.add_argument("--windows", type=int, default=3, help="time this many runs of --steps steps; report the best")

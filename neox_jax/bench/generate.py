@@ -73,13 +73,14 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
     from neox_jax.bench import device
     from neox_jax.cli import load_config
 
+    unknown = [loop for loop in layer_loops if loop not in LAYER_LOOPS]
+    if unknown:
+        raise ValueError(f"layer loop {unknown[0]!r}: expected one of {', '.join(LAYER_LOOPS)}")
     m = cfg.resolve_model(load_config(config_spec, {"model.dtype": dtype}))
     bandwidth = device.memory_bandwidth_gbs()
     rows = []
     for b in batches:
         for loop in layer_loops:
-            if loop not in LAYER_LOOPS:
-                raise ValueError(f"layer loop {loop!r}: expected one of {', '.join(LAYER_LOOPS)}")
             mu = m.copy_and_resolve_references()
             mu.scan_unroll = m.num_layers if loop == "unrolled" else 1
             r = {"impl": "neox_jax" + ("" if loop == "scan" else "_" + loop), "config": config_spec,

@@ -59,8 +59,10 @@ def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int 
 
 def run(preset: str | None = None, config_spec: str | None = None, overrides: dict | None = None,
         steps: int = 10, warmup: int = 2, windows: int = 3, compare_hf: bool = False, torch_compile: bool = False,
-        measure_peak: bool = True) -> list[dict]:
-    """Benchmark one preset, the GPU anchor pair (preset="gpu-anchor"), or a config spec; rows for a table."""
+        measure_peak: bool = True, variants: list[dict] | None = None) -> list[dict]:
+    """Benchmark one preset, the GPU anchor pair (preset="gpu-anchor"), or a config spec; rows for a table.
+    `variants`: extra override sets, each timed as one more neox_jax row of the same shape (one process, so
+    a row's peak memory is the largest of the rows so far)."""
     names = GPU_ANCHOR if preset == "gpu-anchor" else ([preset] if preset else [])
     jobs = [(n, *PRESETS[n]) for n in names] or [(config_spec, config_spec, {})]
     backend = jax.default_backend()
@@ -99,12 +101,17 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
                     continue
                 hf_rows.append(row(impl, res))
                 _progress(hf_rows[-1])
-        ours = row("neox_jax", jax_train_throughput(config, steps, warmup, windows))
-        group = [ours, *hf_rows]
+        ours = []
+        for variant in [{}, *(variants or [])]:
+            vconfig = load_config(spec, {**preset_overrides, **(overrides or {}), **variant}) if variant else config
+            label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
+            ours.append(row("neox_jax" + (f"[{label}]" if label else ""),
+                            jax_train_throughput(vconfig, steps, warmup, windows)))
+            _progress(ours[-1])
+        group = [*ours, *hf_rows]
         eager = [r for r in hf_rows if r["impl"] == "hf_torch_eager"]
         for r in group:
             r["vs_hf_eager"] = r["tokens_per_s"] / eager[0]["tokens_per_s"] if eager else None
-        _progress(ours)
         rows.extend(group)
     return rows
 
@@ -117,12 +124,13 @@ def _progress(row: dict) -> None:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'name':<10} {'impl':<17} {'device':<18} {'batch':>5} {'seq':>5} {'tok/s':>11} {'step s':>8} " \
+    width = max([17, *(len(r["impl"]) for r in rows)])
+    head = f"{'name':<10} {'impl':<{width}} {'device':<18} {'batch':>5} {'seq':>5} {'tok/s':>11} {'step s':>8} " \
            f"{'MFU(meas)':>9} {'MFU(sheet)':>10} {'mem GB':>7} {'vs HF':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
-        lines.append(f"{r['name']:<10} {r['impl']:<17} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
+        lines.append(f"{r['name']:<10} {r['impl']:<{width}} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
                      f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {pct(r['mfu_measured_peak']):>9} "
                      f"{pct(r['mfu_datasheet_peak']):>10} {r.get('peak_mem_gb', float('nan')):>7.1f} "
                      f"{r.get('vs_hf_eager') or float('nan'):>6.2f}")

@@ -1,0 +1,55 @@
+"""scripts/benchmark.py end to end on tiny shapes: the rows each subcommand promises (speed itself is measured
+by running the benchmarks, not asserted here)."""
+
+import json
+import runpy
+
+import pytest
+
+from neox_jax.bench import timing
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def benchmark(*argv):
+    main = runpy.run_path(str(ROOT / "scripts" / "benchmark.py"), run_name="benchmark")["main"]
+    main(list(argv))
+
+
+def test_best_window_is_the_fastest_run_of_steps(monkeypatch):
+    clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 26.0])  # windows of 4, 2 and 6 seconds over 2 steps each
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert timing.best_window(lambda: calls.append(1), lambda out: None, steps=2, windows=3) == 1.0
+    assert len(calls) == 6
+
+
+@pytest.mark.slow
+def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
+    out = tmp_path / "train.json"
+    benchmark("train", "--config", "configs/tiny.py", "--set", "model.num_layers=1", "--set", "train.batch_size=8",
+              "--set", "train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "2", "--compare-hf",
+              "--variant", "train.loss_chunks=2", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [r["impl"] for r in rows] == ["neox_jax", "neox_jax[loss_chunks=2]", "hf_torch_eager"]
+    hf = rows[-1]
+    for r in rows:
+        assert (r["batch"], r["seq_len"], r["params"]) == (8, 16, hf["params"])
+        assert r["tokens_per_s"] == pytest.approx(8 * 16 / r["step_time"])
+        assert r["vs_hf_eager"] == pytest.approx(r["tokens_per_s"] / hf["tokens_per_s"])
+    assert "vs HF" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_generate_benchmark_rows_per_layer_loop(tmp_path):
+    out = tmp_path / "generate.json"
+    benchmark("generate", "--config", "configs/tiny.py", "--dtype", "float32", "--batches", "1,2",
+              "--prompt-len", "4", "--new-tokens", "4", "--layer-loops", "scan,unstacked", "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["batch"]) for r in rows] == [("neox_jax", 1), ("neox_jax_unstacked", 1),
+                                                       ("neox_jax", 2), ("neox_jax_unstacked", 2)]
+    for r in rows:
+        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * r["decode_steps_per_s"])
+        assert 0 < r["fraction_of_roofline"] == pytest.approx(r["decode_steps_per_s"] / r["roofline_steps_per_s"])
+    with pytest.raises(ValueError, match="layer loop 'scannn'"):
+        benchmark("generate", "--config", "configs/tiny.py", "--batches", "1", "--layer-loops", "scannn")
