@@ -7,6 +7,8 @@
   python scripts/benchmark.py train --preset gpu-410m --variant train.loss_chunks=8 --variant model.remat_policy=dots
   python scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --compare-hf
   python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s
+  python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
+  python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
 """
 
 import argparse
@@ -46,10 +48,28 @@ def train(args):
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
     variants = [_overrides(v.split(",")) for v in args.variant or []]
     rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set), steps=args.steps,
-                     variants=variants,
+                     variants=variants, profile_dir=args.profile,
                      warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
     print(bench.format_rows(rows))
     _write(rows, args.json)
+    if args.profile:
+        from neox_jax.bench import profile as prof
+
+        for name in sorted({r["name"] for r in rows}):
+            trace = bench.profile_subdir(args.profile, name)
+            print(f"\n--- {name}: where the step's time goes (trace in {trace})")
+            print(prof.format_table(prof.busiest(trace, steps=bench.PROFILE_STEPS), top=args.top))
+
+
+def profile(args):
+    from neox_jax.bench import profile as prof
+
+    try:
+        groups = prof.busiest(args.trace_dir, steps=args.steps)
+    except FileNotFoundError as e:
+        raise SystemExit(f"profile: {e}")
+    print(prof.format_table(groups, top=args.top))
+    _write(groups, args.json)
 
 
 def generate(args):
@@ -92,8 +112,18 @@ def main(argv=None):
     t.add_argument("--windows", type=int, default=3, help="time this many runs of --steps steps; report the best")
     t.add_argument("--compare-hf", action="store_true", help="also time HF transformers (PyTorch) on the same shape")
     t.add_argument("--torch-compile", action="store_true", help="with --compare-hf: also time torch.compile")
+    t.add_argument("--profile", metavar="DIR", help="trace a few more steps of each shape into DIR and print where "
+                   "the time goes")
+    t.add_argument("--top", type=int, default=25, help="with --profile: names listed per thread")
     t.add_argument("--json", help="write the rows here")
     t.set_defaults(func=train)
+
+    pr = sub.add_parser("profile", help="where the time goes in a jax.profiler trace (e.g. a run's workdir/profile)")
+    pr.add_argument("trace_dir")
+    pr.add_argument("--steps", type=int, default=1, help="steps the trace holds: times are divided by it")
+    pr.add_argument("--top", type=int, default=25, help="names listed per thread")
+    pr.add_argument("--json", help="write the per-thread tables here")
+    pr.set_defaults(func=profile)
 
     g = sub.add_parser("generate", help="prefill / decode tokens/s against the bandwidth roofline")
     g.add_argument("--config", default="configs/pythia.py:1.4b")

@@ -31,5 +31,6 @@ timeout 150 $PY scripts/benchmark.py generate --config configs/pythia.py:1.4b --
 # train: HF eager and torch.compile, then neox_jax as configured and with the sliced head + loss
 for preset in gpu-1.4b gpu-410m; do
   timeout 240 $PY scripts/benchmark.py train --preset $preset --steps 8 --compare-hf --torch-compile \
-    --variant train.loss_chunks=8 --json "$OUT/train-$preset.json" 2>&1 | grep -v -i warn | tee "$OUT/train-$preset.txt"
+    --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --json "$OUT/train-$preset.json" 2>&1 \
+    | grep -v -i warn | tee "$OUT/train-$preset.txt"   # the kernel table is in the .txt; raw traces stay behind
 done

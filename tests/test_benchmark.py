@@ -29,7 +29,7 @@ def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
     out = tmp_path / "train.json"
     benchmark("train", "--config", "configs/tiny.py", "--set", "model.num_layers=1", "--set", "train.batch_size=8",
               "--set", "train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "2", "--compare-hf",
-              "--variant", "train.loss_chunks=2", "--json", str(out))
+              "--variant", "train.loss_chunks=2", "--json", str(out), "--profile", str(tmp_path / "trace"))
     rows = json.loads(out.read_text())
     assert [r["impl"] for r in rows] == ["neox_jax", "neox_jax[loss_chunks=2]", "hf_torch_eager"]
     hf = rows[-1]
@@ -37,7 +37,16 @@ def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
         assert (r["batch"], r["seq_len"], r["params"]) == (8, 16, hf["params"])
         assert r["tokens_per_s"] == pytest.approx(8 * 16 / r["step_time"])
         assert r["vs_hf_eager"] == pytest.approx(r["tokens_per_s"] / hf["tokens_per_s"])
-    assert "vs HF" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "vs HF" in printed and "where the step's time goes" in printed
+
+    # the trace of the first row's steps, summarised again by the profile subcommand
+    benchmark("profile", str(tmp_path / "trace" / "configs_tiny.py"), "--steps", "2", "--json", str(tmp_path / "p.json"))
+    groups = json.loads((tmp_path / "p.json").read_text())
+    assert groups and all(g["total_ms"] > 0 and g["events"] for g in groups)
+    assert capsys.readouterr().out.startswith("== ")
+    with pytest.raises(SystemExit, match="no \\*.trace.json.gz under"):
+        benchmark("profile", str(tmp_path / "missing"))
 
 
 @pytest.mark.slow

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
+
+from neox_jax.bench import timing
 
 
 def _time(fn, *args, iters: int) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm
     jax.block_until_ready(fn(*args))
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
+    return timing.best_window(lambda: fn(*args), jax.block_until_ready, steps=iters, windows=3)
 
 
 def matmul_tflops(n: int | None = None, dtype=jnp.bfloat16, iters: int = 10) -> float:
@@ -29,9 +25,13 @@ def matmul_tflops(n: int | None = None, dtype=jnp.bfloat16, iters: int = 10) -> 
 
 
 def memory_bandwidth_gbs(n_bytes: int | None = None, iters: int = 20) -> float:
-    """GB/s of reading a large array (a sum over it): the rate that bounds decoding, which reads every weight
-    once per step."""
+    """GB/s of reading a large array: the faster of a sum over it and a matrix-vector product with it (what a
+    decode step does to every weight). That read rate bounds decoding, which reads every weight once per step."""
     n_bytes = n_bytes or (4 * 2**30 if jax.default_backend() != "cpu" else 2**28)
     x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
     dt = _time(jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32)), x, iters=iters)
+    w = x.reshape(-1, 8192)
+    del x
+    dt = min(dt, _time(jax.jit(lambda w, v: jnp.dot(w, v, preferred_element_type=jnp.float32)), w,
+                       jnp.ones((8192,), jnp.bfloat16), iters=iters))
     return n_bytes / dt / 1e9

@@ -23,11 +23,13 @@ PRESETS = {
     "gpu-1.4b": ("configs/pythia.py:1.4b", {"train.seq_len": 2048, "train.batch_size": 8, "model.dtype": "bfloat16"}),
 }
 GPU_ANCHOR = ("gpu-410m", "gpu-1.4b")
+PROFILE_STEPS = 2
 
 
-def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int = 3) -> dict:
+def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int = 3,
+                         profile_dir: str | None = None) -> dict:
     """Tokens/s, step time (best of `windows` runs of `steps` steps) and peak memory of the compiled neox_jax
-    train step on random tokens."""
+    train step on random tokens; with `profile_dir`, then a `jax.profiler` trace of PROFILE_STEPS more steps."""
     config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}) if jax.device_count() == 1 else config
     mesh = sharding.make_mesh(config)
     t = config.train
@@ -49,6 +51,9 @@ def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int 
         return metrics
 
     dt = timing.best_window(one_step, jax.block_until_ready, steps, windows)
+    if profile_dir:
+        with jax.profiler.trace(profile_dir):
+            jax.block_until_ready([one_step() for _ in range(PROFILE_STEPS)])
     out = {"step_time": dt, "tokens_per_s": t.batch_size * t.seq_len / dt, "warmup_s": compile_s}
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
@@ -59,10 +64,11 @@ def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int 
 
 def run(preset: str | None = None, config_spec: str | None = None, overrides: dict | None = None,
         steps: int = 10, warmup: int = 2, windows: int = 3, compare_hf: bool = False, torch_compile: bool = False,
-        measure_peak: bool = True, variants: list[dict] | None = None) -> list[dict]:
+        measure_peak: bool = True, variants: list[dict] | None = None, profile_dir: str | None = None) -> list[dict]:
     """Benchmark one preset, the GPU anchor pair (preset="gpu-anchor"), or a config spec; rows for a table.
     `variants`: extra override sets, each timed as one more neox_jax row of the same shape (one process, so
-    a row's peak memory is the largest of the rows so far)."""
+    a row's peak memory is the largest of the rows so far). `profile_dir`: trace the first neox_jax row's step
+    there (one subdirectory per shape)."""
     names = GPU_ANCHOR if preset == "gpu-anchor" else ([preset] if preset else [])
     jobs = [(n, *PRESETS[n]) for n in names] or [(config_spec, config_spec, {})]
     backend = jax.default_backend()
@@ -102,11 +108,12 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
                 hf_rows.append(row(impl, res))
                 _progress(hf_rows[-1])
         ours = []
-        for variant in [{}, *(variants or [])]:
+        for i, variant in enumerate([{}, *(variants or [])]):
             vconfig = load_config(spec, {**preset_overrides, **(overrides or {}), **variant}) if variant else config
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
+            trace = profile_subdir(profile_dir, name) if profile_dir and i == 0 else None
             ours.append(row("neox_jax" + (f"[{label}]" if label else ""),
-                            jax_train_throughput(vconfig, steps, warmup, windows)))
+                            jax_train_throughput(vconfig, steps, warmup, windows, trace)))
             _progress(ours[-1])
         group = [*ours, *hf_rows]
         eager = [r for r in hf_rows if r["impl"] == "hf_torch_eager"]
@@ -114,6 +121,11 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
             r["vs_hf_eager"] = r["tokens_per_s"] / eager[0]["tokens_per_s"] if eager else None
         rows.extend(group)
     return rows
+
+
+def profile_subdir(profile_dir: str, name: str) -> str:
+    """Where `run(profile_dir=...)` traces the shape `name` (a preset or config spec)."""
+    return f"{profile_dir}/" + "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
 def _progress(row: dict) -> None:
