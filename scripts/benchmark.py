@@ -58,7 +58,10 @@ def train(args):
         for name in sorted({r["name"] for r in rows}):
             trace = bench.profile_subdir(args.profile, name)
             print(f"\n--- {name}: where the step's time goes (trace in {trace})")
-            print(prof.format_table(prof.busiest(trace, steps=bench.PROFILE_STEPS), top=args.top))
+            try:
+                print(prof.format_table(prof.busiest(trace, steps=bench.PROFILE_STEPS), top=args.top))
+            except FileNotFoundError as e:  # the profiler wrote nothing readable: the timings above still stand
+                print(f"profile: {e}")
 
 
 def profile(args):

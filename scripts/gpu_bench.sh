@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Every GPU check in one run (device time is scarce): versions, device ceilings, cuDNN-vs-XLA attention parity,
 # generation against HF generate and the bandwidth roofline, and the train step against HF torch (eager and
-# torch.compile, each in its own process) on the pythia-1.4b / 410m anchor shapes. About 11 minutes on an H200.
-# Usage: scripts/gpu_bench.sh OUT_DIR [parity]
+# torch.compile, each in its own process) on the pythia-1.4b / 410m anchor shapes.
+# Usage: scripts/gpu_bench.sh OUT_DIR [PARTS]   PARTS: comma-separated of parity,decode,1.4b,410m
+#   (default decode,1.4b,410m: about 11 minutes on an H200; "decode,1.4b" then "410m" keeps each call under 6)
 set -u
 OUT=${1:-gpu_results}
+PARTS=",${2:-decode,1.4b,410m},"
 mkdir -p "$OUT"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1   # JAX and torch processes share the GPU
 PY=${PYTHON:-python3}
-if [ "${2:-}" = parity ]; then
+if [[ $PARTS == *,parity,* ]]; then
 $PY - <<'PYEOF' 2>&1 | tee "$OUT/parity.txt"
 import jax, numpy as np, torch, transformers
 from neox_jax import config as cfg, model
@@ -26,11 +28,14 @@ print("cudnn vs xla attention, bf16 logits: max abs diff %.4f (logit scale %.2f)
 PYEOF
 fi
 # decode: the layer scan vs per-layer weight buffers (the Generator's default), batch 1 and 32, vs HF generate
+if [[ $PARTS == *,decode,* ]]; then
 timeout 150 $PY scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 \
   --layer-loops scan,unstacked --compare-hf --json "$OUT/generate.json" 2>&1 | grep -v -i warn | tee "$OUT/generate.txt"
+fi
 # train: HF eager and torch.compile, then neox_jax as configured and with the sliced head + loss
-for preset in gpu-1.4b gpu-410m; do
-  timeout 240 $PY scripts/benchmark.py train --preset $preset --steps 8 --compare-hf --torch-compile \
-    --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --json "$OUT/train-$preset.json" 2>&1 \
-    | grep -v -i warn | tee "$OUT/train-$preset.txt"   # the kernel table is in the .txt; raw traces stay behind
+for size in 1.4b 410m; do
+  [[ $PARTS == *,$size,* ]] || continue
+  timeout 240 $PY scripts/benchmark.py train --preset gpu-$size --steps 8 --compare-hf --torch-compile \
+    --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --json "$OUT/train-gpu-$size.json" 2>&1 \
+    | grep -v -i warn | tee "$OUT/train-gpu-$size.txt"   # the kernel table is in the .txt; raw traces stay behind
 done
