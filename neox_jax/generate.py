@@ -155,7 +155,8 @@ class Generator:
         self._prefill = jax.jit(functools.partial(prefill, m), donate_argnums=(3,))
         self._step = jax.jit(functools.partial(decode_step, m), donate_argnums=(3,))
         self._pick = jax.jit(pick_tokens, static_argnames=("vocab_limit", "top_k", "top_p", "greedy"))
-        self._loop = jax.jit(functools.partial(decode_loop, m), donate_argnums=(3,),
+        # The loop returns only tokens, so donating the cache would free nothing (JAX warns it is unusable).
+        self._loop = jax.jit(functools.partial(decode_loop, m),
                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
 
     def init_cache(self, batch: int, max_len: int) -> dict:
