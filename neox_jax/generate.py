@@ -85,16 +85,17 @@ def prefill(m, params, ids, mask, cache):
     """Run the left-padded prompts through the model, filling the cache.
     Returns (logits of each row's last token [B, V], cache, rotary position of that token [B])."""
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
-    logits, cache = model_lib.for_params(m, params).apply({"params": params}, ids, positions=positions, cache=cache,
-                                               input_mask=mask)
+    net = model_lib.for_params(m, params)
+    logits, cache = net.apply({"params": params}, ids, positions=positions, cache=cache, input_mask=mask)
     return logits[:, -1], cache, positions[:, -1]
 
 
 def decode_step(m, params, tokens, positions, cache):
     """One token per row at rotary `positions` [B] -> (logits [B, V], cache)."""
     ones = jnp.ones((tokens.shape[0], 1), bool)
-    logits, cache = model_lib.for_params(m, params).apply({"params": params}, tokens[:, None], positions=positions[:, None],
-                                               cache=cache, input_mask=ones)
+    net = model_lib.for_params(m, params)
+    logits, cache = net.apply({"params": params}, tokens[:, None], positions=positions[:, None], cache=cache,
+                              input_mask=ones)
     return logits[:, 0], cache
 
 

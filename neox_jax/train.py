@@ -280,7 +280,7 @@ def eval_step(params, batch, *, config, mesh, net):
             micro = _micro_batches(tokens, count, mesh)
             loss = pipeline.loss_sum(net, params, micro, mesh, cross_entropy) / count
         else:
-            loss = next_token_loss(net, params, tokens, config.train.loss_chunks)
+            loss = next_token_loss(net, params, tokens, config.train.loss_chunks, sharding.batch_split(mesh))
     return {"loss": loss, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.int32)}
 
 

@@ -48,8 +48,8 @@ def train(args):
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
     variants = [_overrides(v.split(",")) for v in args.variant or []]
     rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set), steps=args.steps,
-                     variants=variants, profile_dir=args.profile,
-                     warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf, torch_compile=args.torch_compile)
+                     warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
+                     torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
     print(bench.format_rows(rows))
     _write(rows, args.json)
     if args.profile:

@@ -28,10 +28,8 @@ def memory_bandwidth_gbs(n_bytes: int | None = None, iters: int = 20) -> float:
     """GB/s of reading a large array: the faster of a sum over it and a matrix-vector product with it (what a
     decode step does to every weight). That read rate bounds decoding, which reads every weight once per step."""
     n_bytes = n_bytes or (4 * 2**30 if jax.default_backend() != "cpu" else 2**28)
-    x = jnp.ones((n_bytes // 2,), jnp.bfloat16)
-    dt = _time(jax.jit(lambda v: jnp.sum(v, dtype=jnp.float32)), x, iters=iters)
-    w = x.reshape(-1, 8192)
-    del x
-    dt = min(dt, _time(jax.jit(lambda w, v: jnp.dot(w, v, preferred_element_type=jnp.float32)), w,
-                       jnp.ones((8192,), jnp.bfloat16), iters=iters))
-    return n_bytes / dt / 1e9
+    w = jnp.ones((n_bytes // 2 // 8192, 8192), jnp.bfloat16)
+    summed = _time(jax.jit(lambda w: jnp.sum(w, dtype=jnp.float32)), w, iters=iters)
+    gemv = _time(jax.jit(lambda w, v: jnp.dot(w, v, preferred_element_type=jnp.float32)), w,
+                 jnp.ones((8192,), jnp.bfloat16), iters=iters)
+    return w.nbytes / min(summed, gemv) / 1e9

@@ -104,7 +104,8 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = f"{'impl':<18} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} {'frac':>6}"
+    head = (f"{'impl':<18} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} "
+            f"{'frac':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         frac = r.get("fraction_of_roofline")

@@ -53,5 +53,6 @@ def format_table(groups: list[dict], top: int = 25, min_share: float = 0.02) -> 
             continue
         lines.append(f"== {g['process']} / {g['thread']}: {g['total_ms']:,.1f} ms per step")
         for e in g["events"][:top]:
-            lines.append(f"  {e['ms']:10.2f} ms {100 * e['ms'] / g['total_ms']:5.1f}% x{e['count']:<7.3g} {e['name'][:100]}")
+            share = 100 * e["ms"] / g["total_ms"]
+            lines.append(f"  {e['ms']:10.2f} ms {share:5.1f}% x{e['count']:<7.3g} {e['name'][:100]}")
     return "\n".join(lines)
