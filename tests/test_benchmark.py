@@ -24,6 +24,14 @@ def test_best_window_is_the_fastest_run_of_steps(monkeypatch):
     assert len(calls) == 6
 
 
+def test_train_benchmark_rejects_bad_variants_before_timing(capsys):
+    with pytest.raises(SystemExit, match="--variant expects field=value, got 'loss_chunks'"):
+        benchmark("train", "--preset", "cpu-tiny", "--variant", "loss_chunks")
+    with pytest.raises(SystemExit, match="unknown config field 'train.loss_chunk'; did you mean 'train.loss_chunks'"):
+        benchmark("train", "--preset", "cpu-tiny", "--variant", "train.loss_chunk=2")
+    assert "row " not in capsys.readouterr().out  # nothing was timed
+
+
 @pytest.mark.slow
 def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
     out = tmp_path / "train.json"

@@ -101,6 +101,17 @@ def test_device_loop_equals_streaming_loop(tiny):
         assert on_device == streamed
 
 
+def test_device_loop_warns_of_nothing(tiny):
+    """The on-device loop returns only tokens: no cache donation for JAX to call unusable."""
+    import warnings
+
+    m, params = tiny
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=4))
+    assert not [w for w in caught if "donated" in str(w.message)]
+
+
 def test_per_layer_generator_equals_stacked(tiny):
     """The default generator (its own per-layer weight copy, unrolled layer loop) picks the tokens the layer
     scan over the stacked training-layout params picks, greedy and sampled."""

@@ -80,7 +80,10 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
     peak_sheet = metrics.device_peak_tflops()
     rows = []
     for name, spec, preset_overrides in jobs:
-        config = load_config(spec, {**preset_overrides, **(overrides or {})})
+        # every variant's config is built (and validated) before anything is timed
+        override_sets = [{}, *(variants or [])]
+        configs = [load_config(spec, {**preset_overrides, **(overrides or {}), **v}) for v in override_sets]
+        config = configs[0]
         m, t = cfg.resolve_model(config), config.train
         fpt = metrics.flops_per_token(m, t.seq_len)
         n_dev = jax.device_count()
@@ -108,8 +111,7 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
                 hf_rows.append(row(impl, res))
                 _progress(hf_rows[-1])
         ours = []
-        for i, variant in enumerate([{}, *(variants or [])]):
-            vconfig = load_config(spec, {**preset_overrides, **(overrides or {}), **variant}) if variant else config
+        for i, (variant, vconfig) in enumerate(zip(override_sets, configs)):
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
             trace = profile_subdir(profile_dir, name) if profile_dir and i == 0 else None
             ours.append(row("neox_jax" + (f"[{label}]" if label else ""),
