@@ -16,6 +16,7 @@ def get_config(arg=None):
     m.hidden_act = "gelu_fast"
     m.remat_policy = "full"
     m.dtype = "float16"
+    c.precision.mode = "master_weights"  # fp16 weights and gradients, fp32 master in the ZeRO-1 optimizer state
     c.precision.loss_scale = "dynamic"
     c.mesh.tensor = 2
     c.zero_stage = 1

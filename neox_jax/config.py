@@ -18,7 +18,10 @@ import ml_collections
 ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh")
 INITS = ("small_init", "normal")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+HALF_DTYPES = ("bfloat16", "float16")
+# precision.mode: where the weights the optimizer updates live (see `default_config`).
+PRECISION_MODES = ("fp32_params", "master_weights")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh only when mesh.stage > 1
 
@@ -46,9 +49,10 @@ def model_defaults() -> ml_collections.ConfigDict:
             use_parallel_residual=True,
             init="small_init",  # small_init + wang_init (20B), or normal + scaled_normal (Pythia 6.9b/12b)
             init_std=0.02,  # used by init="normal"
-            param_dtype="float32",
-            dtype="float32",  # compute dtype; "bfloat16" for mixed precision with fp32 master params
-            attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere
+            param_dtype="float32",  # dtype params are created in (with precision.mode=master_weights: the master's)
+            dtype="float32",  # compute dtype; "bfloat16"/"float16" for mixed precision (see precision.mode)
+            attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere; see model.Attention
+            attention_chunk=512,  # attention_impl="chunked": queries per block (scores held: B x heads x chunk x T)
             remat_policy="none",
             scan_unroll=1,  # layers per iteration of the layer scan; = num_layers removes the loop (fast decode)
         )
@@ -77,6 +81,12 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.precision = ml_collections.ConfigDict(
         dict(
+            # fp32_params: the train state's params are fp32 and cast to model.dtype where they are used (one copy,
+            #   4 bytes per parameter, plus fp32 gradients).
+            # master_weights: params stored in model.dtype (2 bytes, what the model computes with), gradients in
+            #   model.dtype, and an fp32 master copy that AdamW updates, placed like the Adam moments (split over
+            #   data x fsdp with ZeRO-1): DeepSpeed's FP16/BF16 optimizer, as GPT-NeoX-20B was trained.
+            mode="fp32_params",
             loss_scale="none",  # "none" | "dynamic" (fp16 training)
             initial_scale_power=12,
             loss_scale_window=1000,
@@ -172,6 +182,8 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
     _require(m.padded_vocab_size == 0 or m.padded_vocab_size >= m.vocab_size, prefix + "padded_vocab_size",
              f"{m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}")
     _require(m.intermediate_size >= 0, prefix + "intermediate_size", "must be >= 0 (0 means 4 x hidden_size)")
+    _require(isinstance(m.attention_chunk, int) and m.attention_chunk >= 1, prefix + "attention_chunk",
+             f"must be a positive integer, got {m.attention_chunk!r}")
     _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, prefix + "scan_unroll",
              f"must be a positive integer, got {m.scan_unroll!r}")
     _require(m.layernorm_eps > 0, prefix + "layernorm_eps", f"must be positive, got {m.layernorm_eps}")
@@ -198,12 +210,24 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "train.loss_chunks", f"must be a positive divisor of train.seq_len={t.seq_len}, got {t.loss_chunks!r}")
     _require(t.seq_len <= c.model.max_position_embeddings, "train.seq_len",
              f"{t.seq_len} exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
+    chunk = min(c.model.attention_chunk, t.seq_len)
+    _require(c.model.attention_impl != "chunked" or t.seq_len % chunk == 0, "model.attention_chunk",
+             f"{c.model.attention_chunk} does not divide train.seq_len={t.seq_len} (attention_impl=chunked)")
     if c.mesh.stage > 1:
         check_pipeline(c, c.mesh.stage)
     _require(c.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
     _require(0 <= c.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _require(c.precision.loss_scale in ("none", "dynamic"), "precision.loss_scale",
              f"{c.precision.loss_scale!r} is not one of none, dynamic")
+    _require(c.precision.mode in PRECISION_MODES, "precision.mode",
+             f"{c.precision.mode!r} is not one of {', '.join(PRECISION_MODES)}")
+    if c.precision.mode == "master_weights":
+        _require(c.model.dtype in HALF_DTYPES, "model.dtype",
+                 f"precision.mode=master_weights stores the params in model.dtype, which must be one of "
+                 f"{', '.join(HALF_DTYPES)} (got {c.model.dtype!r}); use precision.mode=fp32_params for fp32 training")
+        _require(c.model.param_dtype == "float32", "model.param_dtype",
+                 f"precision.mode=master_weights keeps an fp32 master copy; model.param_dtype must be float32, "
+                 f"got {c.model.param_dtype!r}")
     return c
 
 
@@ -211,6 +235,9 @@ def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
     """Layers split evenly into `stages`, and the micro-batches fill the pipeline in whole rounds."""
     _require(c.model.num_layers % stages == 0, "mesh.stage",
              f"model.num_layers={c.model.num_layers} cannot be split evenly into {stages} pipeline stages")
+    _require(c.train.seq_len % stages == 0, "train.seq_len",
+             f"{c.train.seq_len} is not divisible by mesh.stage={stages} (the stages share the head's work, each "
+             "taking an equal slice of the sequence)")
     _require(c.train.micro_batches % stages == 0, "train.micro_batches",
              f"{c.train.micro_batches} micro-batches do not fill a {stages}-stage pipeline; use a multiple of "
              f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
@@ -255,6 +282,11 @@ def param_count(m, tensor_parallel: int = 1) -> int:
     h, f, v = m.hidden_size, ffn_size(m), padded_vocab(m, tensor_parallel)
     per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h  # qkv+dense, mlp, two LayerNorms
     return m.num_layers * per_layer + 2 * v * h + 2 * h
+
+
+def state_param_dtype(c: ml_collections.ConfigDict) -> str:
+    """The dtype of the train state's params: model.dtype with master weights, else model.param_dtype."""
+    return c.model.dtype if c.precision.mode == "master_weights" else c.model.param_dtype
 
 
 def resolve_model(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

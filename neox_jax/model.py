@@ -13,6 +13,8 @@ attention) and decoding (an explicit KV-cache pytree in, an updated one out; see
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any
 
@@ -106,12 +108,81 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 # ---- attention -------------------------------------------------------------------------------------------
 
+# The platform a step is compiled for: the default backend, unless a tool compiles for another target (e.g.
+# scripts/inspect_sharding.py building TPU or CUDA executables on a CPU-only host); see `compiling_for`.
+_TARGET = contextvars.ContextVar("neox_jax_target_platform", default=None)
+
+
+def target_platform() -> str:
+    return _TARGET.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace model code for `platform` ("cpu", "gpu", "tpu") whatever the host's default backend."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def attention_impl_for(m, platform: str, decoding: bool = False) -> str:
+    """The attention implementation a step traced for `platform` uses."""
+    with compiling_for(platform):
+        return attention_impl(m, decoding)
+
+
 def attention_impl(m, decoding: bool) -> str:
-    """cuDNN flash attention on GPU for half-precision training; XLA otherwise (CPU, TPU, fp32, decoding)."""
+    """cuDNN flash attention on GPU for half-precision training; XLA otherwise (CPU, TPU, fp32, decoding).
+    "chunked" (`causal_attention_chunked`) is for training, so decoding with it uses XLA."""
+    if m.attention_impl == "chunked" and decoding:
+        return "xla"
     if m.attention_impl != "auto":
         return m.attention_impl
     half = jnp.dtype(m.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if (jax.default_backend() == "gpu" and half and not decoding) else "xla"
+    return "cudnn" if (target_platform() == "gpu" and half and not decoding) else "xla"
+
+
+def _cpu_fp16(*xs):
+    """XLA:CPU has no fp16 matmul with fp32 output: there (only), fp16 operands run in fp32."""
+    if xs[0].dtype == jnp.float16 and target_platform() == "cpu":
+        return tuple(x.astype(jnp.float32) for x in xs)
+    return xs
+
+
+def dot_product_attention(q, k, v, impl: str, mask=None, is_causal=False):
+    """`jax.nn.dot_product_attention` in q's dtype (fp16 on CPU computed in fp32)."""
+    q32, k32, v32 = _cpu_fp16(q, k, v)
+    out = jax.nn.dot_product_attention(q32, k32, v32, mask=mask, is_causal=is_causal, implementation=impl)
+    return out.astype(q.dtype)
+
+
+def causal_attention_chunked(q: Array, k: Array, v: Array, chunk: int) -> Array:
+    """Causal softmax attention of q, k, v [B, T, n, d], one block of `chunk` queries at a time.
+
+    Each block's scores [B, n, chunk, T] exist only while that block is computed, forward and backward (the
+    block is rematerialised), so memory is O(chunk x T) per head instead of XLA's O(T^2): what flash attention
+    saves, without a kernel, on CPU and TPU. Scores and softmax in fp32; k and v enter the block loop in fp32 so
+    their gradients accumulate over blocks in fp32."""
+    b, t, n, d = q.shape
+    chunk = min(chunk, t)
+    if t % chunk:
+        raise ValueError(f"model.attention_chunk={chunk} does not divide the sequence length {t}")
+    dtype = q.dtype
+    k32, v32 = k.astype(jnp.float32), v.astype(jnp.float32)
+    blocks = q.reshape(b, t // chunk, chunk, n, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def block(qb, start):
+        qb, kb, vb = _cpu_fp16(qb, k32.astype(dtype), v32.astype(dtype))
+        scores = jnp.einsum("bqnd,bknd->bnqk", qb, kb, preferred_element_type=jnp.float32) / math.sqrt(d)
+        causal = (start + jnp.arange(chunk))[:, None] >= jnp.arange(t)[None, :]
+        probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(jnp.float32).min), axis=-1)
+        return jnp.einsum("bnqk,bknd->bqnd", probs.astype(vb.dtype), vb).astype(dtype)
+
+    out = jax.lax.map(lambda a: block(*a), (blocks, jnp.arange(t // chunk) * chunk))
+    return out.swapaxes(0, 1).reshape(b, t, n, d)
 
 
 class Attention(nn.Module):
@@ -127,8 +198,10 @@ class Attention(nn.Module):
                      _std(m, False), dt, pdt, name="query_key_value")(x)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=attention_impl(m, False))
+        if kv is None and attention_impl(m, False) == "chunked":
+            out = causal_attention_chunked(q, k, v, m.attention_chunk)
+        elif kv is None:
+            out = dot_product_attention(q, k, v, attention_impl(m, False), is_causal=True)
         else:
             # The whole [L, B, S, n, d] cache rides in the scan carry and this layer writes its slice in place:
             # returning per-layer slices as scan outputs would copy the entire cache on every decode step.
@@ -141,7 +214,7 @@ class Attention(nn.Module):
             t, s = q.shape[1], k_all.shape[1]
             causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S] in slot order
             mask = causal[None, None] & key_mask[:, None, None, :]
-            out = jax.nn.dot_product_attention(q, k_all, v_all, mask=mask, implementation=attention_impl(m, True))
+            out = dot_product_attention(q, k_all, v_all, attention_impl(m, True), mask=mask)
             kv = {"k": cache_k, "v": cache_v, "layer": i + 1}
         out = checkpoint_name(out, "attention_out")
         out = Linear((n, d, h), ("heads", "kv", "embed"), (h,), ("embed",),
@@ -232,7 +305,7 @@ class LayerStack(nn.Module):
 
 def head_logits(x: Array, embed_out: Array) -> Array:
     """fp32 logits [..., V] of hidden states x [..., H] (in the compute dtype) through embed_out [H, V]."""
-    return _flat_dot(x, embed_out.astype(x.dtype), 1, preferred_element_type=jnp.float32)
+    return _flat_dot(*_cpu_fp16(x, embed_out.astype(x.dtype)), 1, preferred_element_type=jnp.float32)
 
 
 class GPTNeoX(nn.Module):

@@ -5,15 +5,18 @@ logical rules split their `layers` dim over `stage`, so stage s holds layers s*L
 [S, L/S, ...] view taken here is a free reshape. The residual stream of the stages is one [S, mb, T, H]
 buffer, slot s on stage s. Each tick, every stage applies its layers to its slot (one `jax.vmap` over the
 stage dim with `spmd_axis_name="stage"`, which GSPMD runs as S concurrent stages), then the buffer rotates one
-slot (`jnp.roll` on the stage-sharded dim: a collective-permute) and stage 0 takes the next micro-batch.
+slot (`jnp.roll` on the stage-sharded dim: a collective-permute) and stage 0 embeds the next micro-batch.
 M micro-batches take M + S - 1 ticks; the S - 1 extra ones are the bubble. Autodiff of that scan is the
 GPipe backward: all forwards, then all backwards in reverse tick order, the stage-to-stage cotangents
 rotating the other way.
 
-Stage 0 embeds each micro-batch as it enters (a gather). The final LayerNorm, head and loss run after the
-pipeline, one round of S micro-batches at a time with micro-batch s of the round on stage s, so every device
-shares the head's work instead of the last stage computing all logits. With any `model.remat_policy` each stage's tick is checkpointed too,
-keeping one [mb, T, H] input per stage per tick; the policy still applies layer by layer inside.
+The final LayerNorm, head and loss of the micro-batch leaving the last stage run in the same tick, its
+sequence cut into S slices, one per stage, so every device shares the head's work and the backward pass
+keeps only each stage's [mb, T/S, H] slice per tick: no [M, mb, T, H] buffer of pipeline outputs (or of their
+gradients) ever exists. The embedding and head weights enter the loop as one copy per stage, so each stage
+sums its own gradient for them over the ticks and the stages are summed once, after the loop. With any
+`model.remat_policy` each stage's tick is checkpointed too, keeping one [mb, T, H] input per stage per tick;
+the policy still applies layer by layer inside.
 """
 
 from __future__ import annotations
@@ -34,11 +37,51 @@ def stage_view(layer_params, stages: int):
     return jax.tree.map(lambda p: p.reshape(stages, p.shape[0] // stages, *p.shape[1:]), layer_params)
 
 
-def run_stages(m, layer_params, micro_ids, embed: Callable, mesh: Mesh):
-    """The block stack over micro-batches: ids [M, mb, T] -> last-layer outputs [M, mb, T, H]; stage 0
-    embeds each micro-batch (`embed(ids) -> [mb, T, H]`) as it enters, so no embedded copy waits in memory."""
+def _per_stage(tree, mesh: Mesh):
+    """One copy of each (replicated-over-stage) weight per stage: [S, ...], slot s on stage s."""
     stages = sharding.num_stages(mesh)
-    params = stage_view(layer_params, stages)
+
+    def copy(x):
+        spec = P(STAGE_AXIS, *[P.UNCONSTRAINED] * x.ndim)  # the other dims stay where the rules put them
+        return jax.lax.with_sharding_constraint(jnp.broadcast_to(x, (stages, *x.shape)), NamedSharding(mesh, spec))
+
+    return jax.tree.map(copy, tree)
+
+
+def _grads_placed(tree, shardings):
+    """Identity whose gradient is moved to `shardings`: applied inside the tick loop, each tick's gradient is
+    reduced (scattered) to its placement as it is produced, so the loop accumulates only this device's part."""
+    @jax.custom_vjp
+    def place(t):
+        return t
+
+    place.defvjp(lambda t: (t, None), lambda _, ct: (jax.lax.with_sharding_constraint(ct, shardings),))
+    return place(tree)
+
+
+def _with_stage_dim(spec: P, mesh: Mesh, stacked: bool) -> NamedSharding:
+    """A param's spec seen on its per-stage form: [S, L/S, ...] for stacked layers, [S, ...] for a copy."""
+    dims = list(spec)
+    return NamedSharding(mesh, P(STAGE_AXIS, None, *dims[1:]) if stacked else P(STAGE_AXIS, *dims))
+
+
+def loss_sum(net, params, micro_tokens, mesh: Mesh, loss_fn: Callable, grad_specs=None) -> jax.Array:
+    """Sum over micro-batches of `loss_fn(logits, targets)` (a per-token mean) through the pipeline.
+
+    micro_tokens: int [M, mb, T + 1] with M a multiple of the stage count and T of the stage count too
+    (config.check_pipeline). `grad_specs` (PartitionSpecs like params): where each tick's gradients go as they
+    are produced (the ZeRO placement of the accumulated gradients); None leaves it to the compiler."""
+    m, stages = net.config, sharding.num_stages(mesh)
+    ids, targets = micro_tokens[..., :-1], micro_tokens[..., 1:]
+    count, mb, t = ids.shape
+    layers = stage_view(params["layers"], stages)
+    outer = _per_stage({k: v for k, v in params.items() if k != "layers"}, mesh)
+    if grad_specs is not None:
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        layers = _grads_placed(layers, jax.tree.map(lambda s: _with_stage_dim(s, mesh, True), grad_specs["layers"],
+                                                    is_leaf=is_spec))
+        outer = _grads_placed(outer, {k: jax.tree.map(lambda s: _with_stage_dim(s, mesh, False), v, is_leaf=is_spec)
+                                      for k, v in grad_specs.items() if k != "layers"})
     body = model_lib.LayerStack(m, m.num_layers // stages)
 
     def stage(p, x):
@@ -47,42 +90,37 @@ def run_stages(m, layer_params, micro_ids, embed: Callable, mesh: Mesh):
     if m.remat_policy != "none":
         stage = jax.checkpoint(stage, prevent_cse=False)  # the tick scan already keeps recomputation apart
     all_stages = jax.vmap(stage, spmd_axis_name=STAGE_AXIS)
+    embed = jax.vmap(lambda p, i: net.apply({"params": p}, i, method="embed"), in_axes=(0, None),
+                     spmd_axis_name=STAGE_AXIS)
+
+    @jax.checkpoint  # keep only each stage's slice of the hidden states for the backward, not its logits
+    def head_loss(p, h, y):
+        return loss_fn(net.apply({"params": p}, h, method="head"), y)
+
+    all_heads = jax.vmap(head_loss, spmd_axis_name=STAGE_AXIS)
     buffer = NamedSharding(mesh, P(STAGE_AXIS, BATCH_AXES))
     is_first = (jnp.arange(stages) == 0).reshape(stages, 1, 1, 1)
 
-    def tick(previous, ids):
+    def slices(a):
+        """[mb, T, ...] -> [S, mb, T/S, ...]: slice s of the sequence on stage s."""
+        a = a.reshape(mb, stages, t // stages, *a.shape[2:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(STAGE_AXIS, BATCH_AXES)))
+
+    def tick(carry, xs):
+        previous, total = carry
+        entering, leaving_targets, valid = xs
         # stage s takes what stage s-1 produced last tick; stage 0 takes the next micro-batch
-        x = jnp.where(is_first, embed(ids)[None], jnp.roll(previous, 1, axis=0))
-        out = all_stages(params, jax.lax.with_sharding_constraint(x, buffer))
-        return out, out[-1]
+        x = jnp.where(is_first, embed(outer, entering), jnp.roll(previous, 1, axis=0))
+        out = all_stages(layers, jax.lax.with_sharding_constraint(x, buffer))
+        # the last stage's output is micro-batch t - (S - 1): its loss, spread over the stages (a mean of equal
+        # slices' means), counts from tick S - 1 on
+        loss = all_heads(outer, slices(out[-1]), slices(leaving_targets)).mean()
+        return (out, total + jnp.where(valid, loss, 0.0)), None
 
-    drain = jnp.zeros((stages - 1, *micro_ids.shape[1:]), micro_ids.dtype)  # fed while the last ones finish
-    shape = (stages, *micro_ids.shape[1:], m.hidden_size)
-    start = jax.lax.with_sharding_constraint(jnp.zeros(shape, jnp.dtype(m.dtype)), buffer)
-    _, last = jax.lax.scan(tick, start, jnp.concatenate([micro_ids, drain]))
-    return last[stages - 1:]  # the last stage's output at tick t belongs to micro-batch t - (S - 1)
-
-
-def loss_sum(net, params, micro_tokens, mesh: Mesh, loss_fn: Callable) -> jax.Array:
-    """Sum over micro-batches of `loss_fn(logits, targets)` (a per-token mean) through the pipeline.
-
-    micro_tokens: int [M, mb, T + 1] with M a multiple of the stage count (config.check_pipeline)."""
-    m, stages = net.config, sharding.num_stages(mesh)
-    ids, targets = micro_tokens[..., :-1], micro_tokens[..., 1:]
-    hidden = run_stages(m, params["layers"], ids, lambda i: net.apply({"params": params}, i, method="embed"), mesh)
-
-    # Head and loss one round of S micro-batches at a time, micro-batch s of the round on stage s.
-    rounds = (hidden.shape[0] // stages, stages)
-    per_stage = NamedSharding(mesh, P(None, STAGE_AXIS, BATCH_AXES))
-    hidden = jax.lax.with_sharding_constraint(hidden.reshape(*rounds, *hidden.shape[1:]), per_stage)
-    targets = jax.lax.with_sharding_constraint(targets.reshape(*rounds, *targets.shape[1:]), per_stage)
-
-    def micro_loss(h, t):
-        return loss_fn(net.apply({"params": params}, h, method="head"), t)
-
-    @jax.checkpoint  # keep only the round's hidden states for the backward, not its logits
-    def round_loss(total, xs):
-        return total + jax.vmap(micro_loss, spmd_axis_name=STAGE_AXIS)(*xs).sum(), None
-
-    total, _ = jax.lax.scan(round_loss, jnp.zeros((), jnp.float32), (hidden, targets))
+    pad = jnp.zeros((stages - 1, mb, t), ids.dtype)
+    entering = jnp.concatenate([ids, pad])  # zeros fed while the last micro-batches drain
+    leaving = jnp.concatenate([pad, targets])  # dummies while the pipeline fills
+    valid = jnp.arange(count + stages - 1) >= stages - 1
+    start = jax.lax.with_sharding_constraint(jnp.zeros((stages, mb, t, m.hidden_size), jnp.dtype(m.dtype)), buffer)
+    (_, total), _ = jax.lax.scan(tick, (start, jnp.zeros((), jnp.float32)), (entering, leaving, valid))
     return total

@@ -11,7 +11,7 @@ embedding and head). ZeRO is a placement decision:
              params replicated
     stage 3: params, grads and optimizer state split over fsdp (the `embed` dim)
 
-`layout_report` describes every array's placement and per-device bytes without allocating anything.
+`neox_jax.layout` reports where every array lands and what a step needs per device.
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class Placement:
 
     params: Any
     grads: Any
+    master: Any  # where the weights the optimizer updates live: like the moments (fp32 master, or the params' shard)
     opt_state: Any
     replicated_moments: tuple  # names of moments that no dim could split (ZeRO-1), kept replicated
 
@@ -211,134 +212,9 @@ def placement(boxed_params, optimizer: optax.GradientTransformation, mesh: Mesh,
     # ZeRO-1 keeps the fp32 gradient accumulator split like the moments: each micro-batch's gradients are
     # reduce-scattered into it (cheaper than an all-reduce, and 1/(data x fsdp) of the memory).
     grads = moments if zero_stage == 1 else params
-    return Placement(params=params, grads=grads, opt_state=opt_state, replicated_moments=tuple(fallback))
+    return Placement(params=params, grads=grads, master=moments, opt_state=opt_state,
+                     replicated_moments=tuple(fallback))
 
 
 def to_shardings(specs, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-
-
-# ---- layout report ------------------------------------------------------------------------------------
-
-def _entry(name, shape, dtype, spec, mesh, logical=None) -> dict:
-    local = NamedSharding(mesh, spec).shard_shape(tuple(shape))
-    itemsize = np.dtype(dtype).itemsize
-    entry = {"name": name, "spec": str(tuple(spec)), "shape": list(shape), "local_shape": list(local),
-             "dtype": str(np.dtype(dtype)), "bytes": math.prod(shape) * itemsize,
-             "local_bytes": math.prod(local) * itemsize}
-    if logical is not None:
-        entry = {"name": name, "logical": [str(a) for a in logical], **{k: v for k, v in entry.items() if k != "name"}}
-    return entry
-
-
-def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int, micro_batches: int | None = None) -> dict:
-    """Per-array placement and per-device bytes of params, grads (fp32, like params) and optimizer state;
-    with a stage axis also the pipeline: layers per stage and, given `micro_batches`, the bubble fraction."""
-    place = placement(boxed_params, optimizer, mesh, zero_stage)
-    flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    specs = jax.tree.leaves(place.params, is_leaf=lambda x: isinstance(x, P))
-    params = [_entry(path_name(p), b.value.shape, b.value.dtype, s, mesh, b.names) for (p, b), s in zip(flat, specs)]
-    shapes = jax.tree.map(lambda b: b.value, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    opt_shapes = jax.eval_shape(optimizer.init, shapes)
-    opt_flat = jax.tree_util.tree_flatten_with_path(opt_shapes)[0]
-    opt_specs = jax.tree.leaves(place.opt_state, is_leaf=lambda x: isinstance(x, P))
-    opt = [_entry(path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
-    grad_specs = jax.tree.leaves(place.grads, is_leaf=lambda x: isinstance(x, P))
-    grads = sum(_entry("", b.value.shape, np.float32, s, mesh)["local_bytes"] for (_, b), s in zip(flat, grad_specs))
-    totals = {
-        "params": sum(e["local_bytes"] for e in params),
-        "optimizer": sum(e["local_bytes"] for e in opt),
-        "grads": grads,
-    }
-    totals["total: params + optimizer + grads (no activations)"] = sum(totals.values())
-    notes = [f"ZeRO-1: no dim of {n} divisible by data x fsdp = {batch_split(mesh)}; its moments stay replicated"
-             for n in place.replicated_moments]
-    report = {"mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names}, "zero_stage": zero_stage,
-              "param_count": sum(math.prod(e["shape"]) for e in params),
-              "params": params, "optimizer": opt, "per_device_bytes": totals, "notes": notes}
-    stages = num_stages(mesh)
-    if stages > 1:
-        layers = next(e["shape"][0] for e in params if e["logical"][0] == "layers")
-        report["pipeline"] = {"schedule": "gpipe", "stages": stages, "layers_per_stage": layers // stages}
-        if micro_batches:
-            report["pipeline"].update(micro_batches=micro_batches,
-                                      bubble_fraction=bubble_fraction(stages, micro_batches))
-    return report
-
-
-def add_compiled_memory(report: dict, stats, note: str | None = None) -> dict:
-    """Fold XLA's per-device memory analysis of the compiled step into the report.
-
-    The compiled temp holds activations, gradients and workspace; the peak estimate is the standard
-    arguments + temp + outputs - aliased (the donated state aliases its outputs)."""
-    temp = stats.temp_size_in_bytes
-    compiled = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-                "aliased": stats.alias_size_in_bytes, "temp": temp}
-    peak = compiled["arguments"] + temp + compiled["outputs"] - compiled["aliased"]
-    report["compiled"] = compiled
-    report["per_device_bytes"]["temp: activations + grads + workspace (compiled)"] = temp
-    report["per_device_bytes"]["total: compiled peak estimate"] = peak
-    if note:
-        report["notes"].append(note)
-    return report
-
-
-def compare_reports(a: dict, b: dict) -> dict:
-    """What changes between two layouts: per-param specs / per-device bytes, and the per-device totals."""
-    b_params = {e["name"]: e for e in b["params"]}
-    changed = [{"name": e["name"], "spec": [e["spec"], b_params[e["name"]]["spec"]],
-                "local_bytes": [e["local_bytes"], b_params[e["name"]]["local_bytes"]]}
-               for e in a["params"] if e["name"] in b_params and
-               (e["spec"], e["local_bytes"]) != (b_params[e["name"]]["spec"], b_params[e["name"]]["local_bytes"])]
-    b_opt = {e["name"]: e for e in b["optimizer"]}
-    opt_changed = sum(1 for e in a["optimizer"] if e["name"] in b_opt and e["spec"] != b_opt[e["name"]]["spec"])
-    keys = list(a["per_device_bytes"]) + [k for k in b["per_device_bytes"] if k not in a["per_device_bytes"]]
-    totals = {k: [a["per_device_bytes"].get(k), b["per_device_bytes"].get(k)] for k in keys}
-    return {"layouts": [_layout_name(a), _layout_name(b)], "params_changed": changed,
-            "optimizer_arrays_changed": opt_changed, "per_device_bytes": totals}
-
-
-def _layout_name(r: dict) -> str:
-    return ",".join(f"{a}={n}" for a, n in r["mesh"].items()) + f" zero{r['zero_stage']}"
-
-
-def _gb(n) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
-
-
-def format_report(report: dict) -> str:
-    """Human-readable tables: params (logical axes, spec, global / per-device shape and bytes), memory."""
-    lines = [f"layout {_layout_name(report)}  ({report['param_count']:,} params)", ""]
-    header = f"{'parameter':<44} {'logical axes':<34} {'spec':<36} {'global shape':<22} {'per-device shape':<22} {'global':>12} {'per device':>12}"
-    lines += [header, "-" * len(header)]
-    for e in report["params"]:
-        lines.append(f"{e['name']:<44} {','.join(e['logical']):<34} {e['spec']:<36} {str(tuple(e['shape'])):<22} "
-                     f"{str(tuple(e['local_shape'])):<22} {_gb(e['bytes']):>12} {_gb(e['local_bytes']):>12}")
-    opt_sharded = sum(1 for e in report["optimizer"] if e["local_bytes"] < e["bytes"])
-    lines += ["", f"optimizer state: {len(report['optimizer'])} arrays, {opt_sharded} split across devices"]
-    lines += ["", "per-device memory", "-" * 63]
-    for k, v in report["per_device_bytes"].items():
-        lines.append(f"{k:<50} {_gb(v):>12}")
-    if "pipeline" in report:
-        p = report["pipeline"]
-        lines += ["", f"pipeline ({p['schedule']}): {p['stages']} stages x {p['layers_per_stage']} layers"
-                  + (f", {p['micro_batches']} micro-batches, bubble {p['bubble_fraction']:.1%} of the step"
-                     if "micro_batches" in p else "")]
-    for note in report["notes"]:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
-
-
-def format_comparison(cmp: dict) -> str:
-    a, b = cmp["layouts"]
-    lines = [f"{a}  ->  {b}", ""]
-    for e in cmp["params_changed"]:
-        lines.append(f"{e['name']:<44} {e['spec'][0]:<34} -> {e['spec'][1]:<34} "
-                     f"{_gb(e['local_bytes'][0]):>12} -> {_gb(e['local_bytes'][1]):>12}")
-    lines.append(f"optimizer arrays with a different spec: {cmp['optimizer_arrays_changed']}")
-    lines += ["", f"{'per device':<50} {a:>30} {b:>30}"]
-    for k, (x, y) in cmp["per_device_bytes"].items():
-        lines.append(f"{k:<50} {_gb(x):>30} {_gb(y):>30}")
-    return "\n".join(lines)

@@ -36,11 +36,17 @@ from neox_jax.config import ConfigError, check_pipeline, resolve_model
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array  # i32: train steps taken, skipped ones included
-    params: Any  # fp32 master parameters
+    params: Any  # what the model computes with: fp32 (precision.mode=fp32_params) or model.dtype (master_weights)
+    master: Any  # master_weights: the fp32 weights AdamW updates, placed like the Adam moments; fp32_params: None
     opt_state: Any
     loss_scale: optim.LossScale
     skipped_steps: jax.Array  # i32: steps whose update was skipped (non-finite loss or gradients)
     nonfinite_in_a_row: jax.Array  # i32: consecutive skipped steps, 0 after a good one
+
+
+def weights(state: TrainState):
+    """The fp32 weights the optimizer updates (and checkpoints export): the master copy if there is one."""
+    return state.params if state.master is None else state.master
 
 
 def model_config(config, mesh):
@@ -137,10 +143,18 @@ def _chunked_head_loss_bwd(chunks, shards, grads, g):
 chunked_head_loss.defvjp(_chunked_head_loss_fwd, _chunked_head_loss_bwd)
 
 
-def _init_state(m, optimizer, precision, rng) -> TrainState:
-    params = model_lib.init_params(m, rng)
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _init_state(m, optimizer, precision, rng, initial=None) -> TrainState:
+    """The step-0 state from a random init, or from `initial` weights (any float dtype: converted exactly)."""
+    w = model_lib.init_params(m, rng) if initial is None else _cast(initial, jnp.dtype(m.param_dtype))
+    params, master = w, None
+    if precision.mode == "master_weights":
+        params, master = _cast(w, jnp.dtype(m.dtype)), w
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
+    return TrainState(step=zero, params=params, master=master, opt_state=optimizer.init(w),
                       loss_scale=optim.init_loss_scale(precision), skipped_steps=zero, nonfinite_in_a_row=zero)
 
 
@@ -149,7 +163,8 @@ def state_placement(config, mesh) -> tuple[TrainState, sharding.Placement]:
     m = model_config(config, mesh)
     place = sharding.placement(model_lib.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage)
     scalar = P()
-    specs = TrainState(step=scalar, params=place.params, opt_state=place.opt_state,
+    master = place.master if config.precision.mode == "master_weights" else None
+    specs = TrainState(step=scalar, params=place.params, master=master, opt_state=place.opt_state,
                        loss_scale=optim.LossScale(scalar, scalar, scalar), skipped_steps=scalar,
                        nonfinite_in_a_row=scalar)
     return specs, place
@@ -168,10 +183,16 @@ def state_shapes(config, mesh) -> TrainState:
                         state_shardings(config, mesh))
 
 
-def init_train_state(config, mesh, rng) -> TrainState:
-    """The initial state created directly in its sharded layout (no host-side full copy)."""
+def init_train_state(config, mesh, rng, params=None) -> TrainState:
+    """The initial state created directly in its sharded layout (no host-side full copy). `params`: start from
+    these weights (host or device arrays of the model's shapes, e.g. a converted HF checkpoint) instead of a random
+    init; with master weights the fp32 master holds them exactly and the params are their 16-bit cast."""
     init = functools.partial(_init_state, model_config(config, mesh), optim.make_optimizer(config), config.precision)
-    return jax.jit(init, out_shardings=state_shardings(config, mesh))(rng)
+    shardings = state_shardings(config, mesh)
+    if params is None:
+        return jax.jit(init, out_shardings=shardings)(rng)
+    params = jax.device_put(params, shardings.params if shardings.master is None else shardings.master)
+    return jax.jit(init, out_shardings=shardings)(rng, params)
 
 
 def _micro_batches(tokens, count: int, mesh):
@@ -189,11 +210,10 @@ def _accumulated_grad_sum(params, micro, scale, net, grad_shardings, loss_chunks
 
     def grads_and_loss(tokens):
         (_, loss), grads = jax.value_and_grad(scaled_loss, has_aux=True)(params, tokens)
-        return jax.tree.map(lambda g: g.astype(jnp.float32), grads), loss
+        return _placed_fp32(grads, grad_shardings), loss
 
     if micro.shape[0] == 1:  # nothing to accumulate: no zeroed fp32 buffer to add into
-        grads, loss = grads_and_loss(micro[0])
-        return jax.lax.with_sharding_constraint(grads, grad_shardings), loss
+        return grads_and_loss(micro[0])
 
     def accumulate(carry, tokens):
         grad_sum, loss_sum = carry
@@ -209,17 +229,30 @@ def _accumulated_grad_sum(params, micro, scale, net, grad_shardings, loss_chunks
 
 def _pipelined_grad_sum(params, micro, scale, mesh, net, grad_shardings):
     """The same sums with the micro-batches in flight together through the pipeline stages."""
+    specs = jax.tree.map(lambda s: s.spec, grad_shardings)
+
     def scaled_loss_sum(params):
-        loss_sum = pipeline.loss_sum(net, params, micro, mesh, cross_entropy)
+        loss_sum = pipeline.loss_sum(net, params, micro, mesh, cross_entropy, grad_specs=specs)
         return loss_sum * scale, loss_sum
 
     (_, loss_sum), grad_sum = jax.value_and_grad(scaled_loss_sum, has_aux=True)(params)
-    grad_sum = jax.tree.map(lambda g: g.astype(jnp.float32), grad_sum)
-    return jax.lax.with_sharding_constraint(grad_sum, grad_shardings), loss_sum
+    return _placed_fp32(grad_sum, grad_shardings), loss_sum
 
 
-def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, grad_shardings):
-    """One optimizer step over the whole global batch. Pure; see make_train_step for the compiled form."""
+def _placed_fp32(grads, grad_shardings):
+    """Gradients moved to their placement (reduced across the batch) in their own dtype, then made fp32: with
+    16-bit params the reduction moves half the bytes, as DeepSpeed's fp16 all-reduce does."""
+    grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+    return _cast(grads, jnp.float32)
+
+
+def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, grad_shardings, weight_shardings):
+    """One optimizer step over the whole global batch. Pure; see make_train_step for the compiled form.
+
+    gradients (params' dtype) -> reduced to their placement -> fp32 -> unscaled (loss scale) -> non-finite check
+    -> global-norm clip -> AdamW on the fp32 weights (the master with master weights) -> params (cast to the
+    compute dtype with master weights). The update runs where the optimizer state lives (`weight_shardings`: the
+    ZeRO-1 split), so no whole-model fp32 temporaries exist; the new params are then gathered to their placement."""
     precision = config.precision
     count = config.train.micro_batches
     with sharding.activation_rules(mesh, config.zero_stage):
@@ -235,13 +268,25 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
     loss = loss_sum / count
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    # A skipped step leaves the weights as they were; the 16-bit params are always the cast of the master, so
+    # recasting the kept master reproduces them exactly.
+    w = jax.lax.with_sharding_constraint(weights(state), weight_shardings)
+    updates, new_opt_state = optimizer.update(grads, state.opt_state, w)
+    # Materialise the new moments and the update before the selects below: otherwise XLA recomputes them inside
+    # each select, two fusions then read the donated old state, and copy insertion keeps a full copy of it alive
+    # for the whole step (1.9 GB per device for the 20B paper layout).
+    updates, new_opt_state = jax.lax.optimization_barrier((updates, new_opt_state))
+    new_w = keep(optax.apply_updates(w, updates), w)
+    if state.master is None:
+        new_params, new_master = new_w, None
+    else:
+        new_params, new_master = jax.tree.map(lambda w, p: w.astype(p.dtype), new_w, state.params), new_w
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
-        params=keep(new_params, state.params),
+        params=new_params,
+        master=new_master,
         opt_state=keep(new_opt_state, state.opt_state),
         loss_scale=optim.update_loss_scale(state.loss_scale, finite, precision),
         skipped_steps=state.skipped_steps + skipped,
@@ -266,7 +311,8 @@ def make_train_step(config, mesh):
     specs, place = state_placement(config, mesh)
     state_sh = sharding.to_shardings(specs, mesh)
     step = functools.partial(train_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)),
-                             optimizer=optim.make_optimizer(config), grad_shardings=sharding.to_shardings(place.grads, mesh))
+                             optimizer=optim.make_optimizer(config), grad_shardings=sharding.to_shardings(place.grads, mesh),
+                             weight_shardings=sharding.to_shardings(place.master, mesh))
     replicated = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(state_sh, {"tokens": sharding.batch_sharding(mesh)}),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
@@ -293,8 +339,9 @@ def make_eval_step(config, mesh):
                    out_shardings=NamedSharding(mesh, P()))
 
 
-def compile_train_step(config, mesh):
-    """AOT-compile the train step from shapes only (no weights allocated); `.memory_analysis()` on the result."""
+def compile_train_step(config, mesh, compiler_options: dict | None = None):
+    """AOT-compile the train step from shapes only (no weights allocated); `.memory_analysis()` on the result.
+    `compiler_options`: XLA debug options for this compile only (e.g. `{"xla_dump_to": DIR}`)."""
     t = config.train
     tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
-    return make_train_step(config, mesh).lower(state_shapes(config, mesh), {"tokens": tokens}).compile()
+    return make_train_step(config, mesh).lower(state_shapes(config, mesh), {"tokens": tokens}).compile(compiler_options)

@@ -1,17 +1,20 @@
 """Show how a config lays out on a mesh: per-parameter sharding and per-device memory, without weights.
 
-    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh data=48,tensor=2
+    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh stage=4,tensor=2,data=12 --plot m.png
     python scripts/inspect_sharding.py --config configs/pythia.py:410m --mesh data=4,tensor=2 --zero_stage 1 \\
         --compare fsdp=8,zero_stage=3 --format json
-    python scripts/inspect_sharding.py --config configs/tiny.py --mesh data=8 --config.train.micro_batches=2
-    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh stage=4,tensor=2,data=12 --zero_stage 1 \
-        --micro_batches 32
+    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh stage=4,tensor=2,data=12 \\
+        --compare precision=fp32_params --target gpu:a100-40gb:96
+    python scripts/inspect_sharding.py --config configs/neox_20b.py --mesh data=8,tensor=8 --target tpu:v5p:4x4x4
 
-Runs on a CPU with simulated devices (one per mesh position); shapes come from `jax.eval_shape` and the
-memory table from XLA's analysis of the AOT-compiled train step. `--compile_layers N` compiles N-layer and
-2N-layer variants and extrapolates the compiled temp linearly in the layer count (exact for a scanned
-stack; with a stage axis the count per stage); params, grads and optimizer bytes are always exact. With
-`stage=S` the train step is the GPipe pipeline over `train.micro_batches` and the report adds its bubble. The logic lives in neox_jax/sharding.py.
+The train step is compiled ahead of time from shapes only, for `--target` (default: simulated CPU devices, one
+per mesh position; `tpu:VERSION:TOPOLOGY` and `gpu:KIND:COUNT` compile with the TPU or CUDA compiler on a host
+without either, see neox_jax/targets.py). The report gives every parameter's logical axes, spec and per-device
+bytes, the state per device, XLA's memory analysis, the compiled temp split into named parts (what is live at the
+step's memory peak, from XLA's own buffer assignment) and the analytic model's figures. `--compare` (repeatable)
+adds layouts: mesh axes, zero_stage and precision (fp32_params / master_weights). `--plot FILE.png` draws the
+per-device breakdown of every layout as stacked bars with the device's memory as a line. The logic lives in
+neox_jax/layout.py.
 """
 
 import math
@@ -19,45 +22,55 @@ import os
 import sys
 
 MESH_AXES = ("stage", "data", "fsdp", "tensor")
-MESH_KEYS = (*MESH_AXES, "zero_stage")
+PRECISIONS = ("fp32_params", "master_weights")
 
 
 def parse_layout(spec: str) -> dict:
-    """"stage=4,data=12,tensor=2[,zero_stage=1]" -> {"stage": 4, "data": 12, "tensor": 2, "zero_stage": 1}."""
+    """"stage=4,data=12,tensor=2[,zero_stage=1][,precision=master_weights]" -> a dict of those fields."""
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        if key not in MESH_KEYS or not value.isdigit() or int(value) < (0 if key == "zero_stage" else 1):
-            raise SystemExit(f"inspect_sharding: bad layout {spec!r}: expected comma-separated "
-                             f"{'/'.join(MESH_KEYS)}=N with positive sizes, e.g. data=12,tensor=2")
+        if key == "precision" and value in PRECISIONS:
+            out[key] = value
+            continue
+        if key not in (*MESH_AXES, "zero_stage") or not value.isdigit() or int(value) < (key != "zero_stage"):
+            raise SystemExit(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
+                             f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISIONS)}, "
+                             "e.g. data=12,tensor=2")
         out[key] = int(value)
     return out
 
 
-def _flag_value(argv, name):
+def _flag_values(argv, name):
+    out = []
     for i, arg in enumerate(argv):
         if arg == f"--{name}" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(f"--{name}="):
-            return arg.split("=", 1)[1]
-    return None
+            out.append(argv[i + 1])
+        elif arg.startswith(f"--{name}="):
+            out.append(arg.split("=", 1)[1])
+    return out
 
 
 def _devices_needed(argv) -> int:
-    sizes = [parse_layout(_flag_value(argv, f) or "") for f in ("mesh", "compare")]
+    sizes = [parse_layout(v) for f in ("mesh", "compare") for v in _flag_values(argv, f)] or [{}]
     return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
 
 if __name__ == "__main__":
-    # Simulated devices must be configured before jax is imported.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from neox_jax import targets
+
+    try:
+        _TARGET = targets.parse((_flag_values(sys.argv, "target") or ["cpu"])[-1])
+    except targets.TargetError as e:
+        raise SystemExit(f"inspect_sharding: {e}")
+    # Simulated devices and plugin settings must be in place before jax is imported.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_devices_needed(sys.argv)}").strip()
     os.environ["JAX_PLATFORMS"] = "cpu"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    targets.prepare_environment(_TARGET)
 
 import json  # noqa: E402
-import time  # noqa: E402
-import types  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -68,11 +81,18 @@ _ZERO = flags.DEFINE_integer("zero_stage", None, "ZeRO stage 0/1/3 (default: the
 _REMAT = flags.DEFINE_string("remat", None, "model.remat_policy (none/full/dots/...)")
 _BATCH = flags.DEFINE_integer("batch_size", None, "train.batch_size (global)")
 _MICRO = flags.DEFINE_integer("micro_batches", None, "train.micro_batches")
-_COMPARE = flags.DEFINE_string("compare", None, "second layout to compare, e.g. data=48,tensor=2,zero_stage=1")
+_COMPARE = flags.DEFINE_multi_string("compare", [], "another layout to compare (repeatable), e.g. "
+                                     "data=48,tensor=2,zero_stage=1 or precision=fp32_params; unnamed fields "
+                                     "carry over from --mesh")
+_TARGET_FLAG = flags.DEFINE_string("target", "cpu", "compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
+_PLOT = flags.DEFINE_string("plot", None, "write the per-device memory of every layout as stacked bars (PNG)")
+_DEVICE_GB = flags.DEFINE_float("device_memory", None, "device memory line on the plot, GB (default: the target's)")
 _COMPILE = flags.DEFINE_bool("compile", True, "AOT-compile the train step for the activation/temp estimate")
 _COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 0,
                                        "0: compile all layers; N: compile N and 2N layers and extrapolate linearly")
+_HOISTING = flags.DEFINE_bool("cpu_hoisting", False, "on CPU, keep XLA:CPU's hoisting of fp32 copies of 16-bit "
+                              "loop operands (off by default: GPU/TPU compilers do not make them)")
 
 
 def layout_config(base, layout: dict):
@@ -81,53 +101,17 @@ def layout_config(base, layout: dict):
         c.mesh[axis] = layout.get(axis, 1)
     if "zero_stage" in layout:
         c.zero_stage = layout["zero_stage"]
+    if "precision" in layout:
+        c.precision.mode = layout["precision"]
     return c
 
 
-def inspect(config, layout: dict) -> dict:
-    import jax
-
-    from neox_jax import config as cfg, model, optim, sharding, train
-
-    config = cfg.validate(layout_config(config, layout))
-    devices = math.prod(config.mesh[a] for a in MESH_AXES)
-    mesh = sharding.make_mesh(config, jax.devices()[:devices])
-    m = train.model_config(config, mesh)
-    report = sharding.layout_report(model.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage,
-                                    micro_batches=config.train.micro_batches)
-    if not _COMPILE.value:
-        return report
-    start = time.time()
-    if jax.default_backend() == "cpu" and config.model.dtype == "float16":
-        # XLA:CPU has no fp16 dot with fp32 accumulation; bf16 has the same size.
-        config = config.copy_and_resolve_references()
-        config.model.dtype = "bfloat16"
-        report["notes"].append("fp16 compute compiled as bf16 (same bytes): XLA:CPU lacks fp16 dots with fp32 accumulation")
-    n = _COMPILE_LAYERS.value
-    stages = config.mesh.stage
-    if n and 2 * n * stages < config.model.num_layers:
-        # Every compiled size is a + b * layers for a scanned stack: fit a, b from two compiles.
-        small, double = (train.compile_train_step(_with_layers(config, k * stages), mesh).memory_analysis()
-                         for k in (n, 2 * n))
-        extra = config.model.num_layers // stages - n  # layers per stage beyond the small compile
-        stats = types.SimpleNamespace(**{
-            f: int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * extra)
-            for f in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")})
-        note = (f"compiled sizes extrapolated linearly from {n}- and {2 * n}-layer(-per-stage) compiles "
-                f"(temp {small.temp_size_in_bytes / 1e9:.3f} / {double.temp_size_in_bytes / 1e9:.3f} GB)")
-        report = sharding.add_compiled_memory(report, stats, note=note)
-    else:
-        report = sharding.add_compiled_memory(report, train.compile_train_step(config, mesh).memory_analysis())
-    report["compile_seconds"] = round(time.time() - start, 1)
-    report["notes"].append(f"compiled on CPU ({jax.default_backend()}); XLA CPU may keep fp16/bf16 temporaries "
-                           "in fp32, so the temp estimate is an upper bound for GPU")
-    return report
-
-
-def _with_layers(config, layers):
-    c = config.copy_and_resolve_references()
-    c.model.num_layers = layers
-    return c
+def compared(first: dict, spec: str) -> dict:
+    """A --compare layout: its mesh axes, if it names any, replace --mesh's whole; zero_stage and precision carry
+    over from --mesh unless it names them."""
+    other = parse_layout(spec)
+    base = {k: v for k, v in first.items() if k not in MESH_AXES} if any(a in other for a in MESH_AXES) else first
+    return {**base, **other}
 
 
 def main(argv):
@@ -135,40 +119,46 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _MESH.value:
         raise app.UsageError("--mesh is required, e.g. --mesh data=12,tensor=2")
-    config = _CONFIG.value.copy_and_resolve_references()
-    if _REMAT.value is not None:
-        config.model.remat_policy = _REMAT.value
-    if _BATCH.value is not None:
-        config.train.batch_size = _BATCH.value
-    if _MICRO.value is not None:
-        config.train.micro_batches = _MICRO.value
-    layout = parse_layout(_MESH.value)
-    if _ZERO.value is not None:
-        layout.setdefault("zero_stage", _ZERO.value)
+    from neox_jax import layout, targets
     from neox_jax.config import ConfigError
 
+    config = _CONFIG.value.copy_and_resolve_references()
+    for field, flag in (("model.remat_policy", _REMAT), ("train.batch_size", _BATCH),
+                        ("train.micro_batches", _MICRO)):
+        if flag.value is not None:
+            section, name = field.split(".")
+            config[section][name] = flag.value
+    first = parse_layout(_MESH.value)
+    if _ZERO.value is not None:
+        first.setdefault("zero_stage", _ZERO.value)
+    layouts = [first] + [compared(first, spec) for spec in _COMPARE.value]
+    target = targets.parse(_TARGET_FLAG.value)
     try:
-        report = inspect(config, layout)
-        other = None
-        if _COMPARE.value:  # a full layout of its own; the ZeRO stage carries over unless it names one
-            second = parse_layout(_COMPARE.value)
-            if "zero_stage" in layout:
-                second.setdefault("zero_stage", layout["zero_stage"])
-            other = inspect(config, second)
-    except ConfigError as e:
+        reports = []
+        for spec in layouts:
+            c = layout_config(config, spec)
+            count = math.prod(c.mesh[a] for a in MESH_AXES)
+            devices = targets.devices(target)
+            if len(devices) < count or (target.device_count and len(devices) != count):
+                raise ConfigError(f"config field mesh: the layout uses {count} devices but --target "
+                                  f"{target.spec} has {len(devices)}")
+            reports.append(layout.inspect(c, devices[:count], target.platform, _COMPILE.value, _COMPILE_LAYERS.value,
+                                          _HOISTING.value))
+    except (ConfigError, targets.TargetError) as e:
         raise SystemExit(f"inspect_sharding: {e}")
-    from neox_jax import sharding
-
+    if _PLOT.value:
+        device = _DEVICE_GB.value * 1e9 if _DEVICE_GB.value else target.device_bytes
+        print(f"plot: {layout.plot_memory(reports, _PLOT.value, device)}", file=sys.stderr)
     if _FORMAT.value == "json":
-        out = {"layout": report}
-        if other is not None:
-            out["compare"] = {"layout": other, "diff": sharding.compare_reports(report, other)}
+        out = {"layout": reports[0]}
+        if len(reports) > 1:
+            out["compare"] = [{"layout": r, "diff": layout.compare_reports(reports[0], r)} for r in reports[1:]]
         print(json.dumps(out, indent=1))
         return
-    print(sharding.format_report(report))
-    if other is not None:
+    print(layout.format_report(reports[0]))
+    for other in reports[1:]:
         print()
-        print(sharding.format_comparison(sharding.compare_reports(report, other)))
+        print(layout.format_comparison(layout.compare_reports(reports[0], other)))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import model, optim, pipeline, sharding, train
+from neox_jax import layout, model, optim, pipeline, sharding, train
 from neox_jax.config import ConfigError, default_config, validate
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
@@ -117,14 +117,14 @@ def test_layout_report_has_stages_and_bubble():
     config = tiny_config(stage=4, data=2)
     mesh = sharding.make_mesh(config)
     boxed = model.param_shapes(train.model_config(config, mesh))
-    report = sharding.layout_report(boxed, optim.make_optimizer(config), mesh, 0, micro_batches=MICRO)
+    report = layout.layout_report(boxed, optim.make_optimizer(config), mesh, 0, micro_batches=MICRO)
     assert report["mesh"] == {"stage": 4, "data": 2, "fsdp": 1, "tensor": 1}
     assert report["pipeline"] == {"schedule": "gpipe", "stages": 4, "layers_per_stage": 1, "micro_batches": 4,
                                   "bubble_fraction": pytest.approx(3 / 7)}
     by_name = {e["name"]: e for e in report["params"]}
     assert by_name["layers/mlp/dense_h_to_4h/kernel"]["local_shape"] == [1, 64, 256]
     assert by_name["embed_out"]["local_shape"] == [64, 512]
-    assert "bubble 42.9%" in sharding.format_report(report)
+    assert "bubble 42.9%" in layout.format_report(report)
 
 
 @pytest.mark.parametrize("field,value,needle", [

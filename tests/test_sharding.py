@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import ROOT
-from neox_jax import model, optim, sharding, train
+from neox_jax import layout, model, optim, sharding, train
 from neox_jax.config import ConfigError, default_config
 
 
@@ -109,7 +109,7 @@ def test_zero1_shards_moments_and_falls_back_when_nothing_divides():
     assert padded(opt["0/nu/odd"], 2) == (None, "tensor")  # 3 and 6/2 are not divisible by 4
     assert padded(specs_by_name(place.params)["w"], 2) == (None, "tensor")
     assert place.replicated_moments == ("odd",)
-    report = sharding.layout_report(boxed, optax.adam(1e-3), mesh, 1)
+    report = layout.layout_report(boxed, optax.adam(1e-3), mesh, 1)
     assert any("odd" in n and "replicated" in n for n in report["notes"])
 
 
@@ -131,7 +131,7 @@ def test_layout_report_bytes_and_compare():
     mesh = sharding.make_mesh(c)
     m = train.model_config(c, mesh)
     tx = optim.make_optimizer(c)
-    report = sharding.layout_report(model.param_shapes(m), tx, mesh, 1)
+    report = layout.layout_report(model.param_shapes(m), tx, mesh, 1)
     assert report["param_count"] == model.count_params(m)
     by_name = {e["name"]: e for e in report["params"]}
     emb = by_name["embed_in"]
@@ -143,11 +143,11 @@ def test_layout_report_bytes_and_compare():
     assert total["params"] == sum(e["bytes"] // (4 if "tensor" in e["spec"] else 1) for e in report["params"])
     moments = sum(e["local_bytes"] for e in report["optimizer"] if e["shape"])
     assert moments == total["params"]  # mu and nu, each half of a param's per-device bytes
-    other = sharding.layout_report(model.param_shapes(m), tx, sharding.make_mesh(small_config(data=8)), 0)
-    diff = sharding.compare_reports(report, other)
+    other = layout.layout_report(model.param_shapes(m), tx, sharding.make_mesh(small_config(data=8)), 0)
+    diff = layout.compare_reports(report, other)
     assert {e["name"] for e in diff["params_changed"]} >= {"embed_in", "embed_out"}
     assert diff["per_device_bytes"]["params"][1] == 4 * report["param_count"]
-    assert "embed_in" in sharding.format_report(report) and "->" in sharding.format_comparison(diff)
+    assert "embed_in" in layout.format_report(report) and "->" in layout.format_comparison(diff)
 
 
 def test_inspect_sharding_script_json():
@@ -157,7 +157,7 @@ def test_inspect_sharding_script_json():
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    first, second = result["layout"], result["compare"]["layout"]
+    first, second = result["layout"], result["compare"][0]["layout"]
     assert first["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2} and second["zero_stage"] == 3
     assert first["compiled"]["temp"] > 0
     per_device = first["per_device_bytes"]

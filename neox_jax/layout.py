@@ -1,0 +1,489 @@
+"""The layout report: where every array of a run lands on the mesh and what a train step needs per device.
+
+Three views of per-device memory, side by side:
+
+- **state** (exact, from shapes and placements): params (in the train state's dtype), optimizer state (Adam
+  moments and, with master weights, the fp32 master), the fp32 gradients at their placement.
+- **compiled** (XLA's memory analysis of the AOT-compiled step): arguments, temp and the peak estimate, and the
+  temp split into named parts (`temp_breakdown`): what is live at the compiled program's memory peak, read from
+  XLA's own buffer assignment and live ranges (dumped for that compile), each buffer classified by its shape and
+  the op that made it.
+- **model** (`analytic_memory`): the same parts from a formula in the config's sizes, to check the compiled
+  figure and to read off what a change would save.
+
+Nothing here allocates a weight; `scripts/inspect_sharding.py` drives it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import math
+import os
+import re
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from neox_jax import config as cfg
+from neox_jax import sharding
+
+# Named parts of the compiled temp, in the order reports print them.
+STAGE_INPUTS = "pipeline: stage inputs kept per tick"
+HEAD_INPUTS = "pipeline: head inputs kept per tick"
+REMAT = "saved layer inputs (remat)"
+ATTENTION = "attention scores"
+GRADIENTS = "gradients (param-sized)"
+SHARDS = "optimizer update (ZeRO-shard-sized)"
+ACTIVATIONS = "activations of the layer being computed"
+COLLECTIVES = "collective buffers"
+OTHER = "other"
+UNATTRIBUTED = "allocator padding and reuse"
+PARTS = (STAGE_INPUTS, HEAD_INPUTS, REMAT, ATTENTION, GRADIENTS, SHARDS, ACTIVATIONS, COLLECTIVES, OTHER, UNATTRIBUTED)
+
+
+# ---- state: placements and exact bytes ------------------------------------------------------------------
+
+def _entry(name, shape, dtype, spec, mesh, logical=None) -> dict:
+    local = NamedSharding(mesh, spec).shard_shape(tuple(shape))
+    itemsize = np.dtype(dtype).itemsize
+    entry = {"name": name, "spec": str(tuple(spec)), "shape": list(shape), "local_shape": list(local),
+             "dtype": str(np.dtype(dtype)), "bytes": math.prod(shape) * itemsize,
+             "local_bytes": math.prod(local) * itemsize}
+    if logical is not None:
+        entry = {"name": name, "logical": [str(a) for a in logical], **{k: v for k, v in entry.items() if k != "name"}}
+    return entry
+
+
+def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int, micro_batches: int | None = None,
+                  param_dtype=None, master_weights: bool = False) -> dict:
+    """Per-array placement and per-device bytes of params (`param_dtype`, default their own), optimizer state
+    (the optax state plus, with `master_weights`, an fp32 master copy placed like the moments) and fp32 gradients;
+    with a stage axis also the pipeline: layers per stage and, given `micro_batches`, the bubble fraction."""
+    place = sharding.placement(boxed_params, optimizer, mesh, zero_stage)
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_boxed)[0]
+    specs = jax.tree.leaves(place.params, is_leaf=is_spec)
+    params = [_entry(sharding.path_name(p), b.value.shape, param_dtype or b.value.dtype, s, mesh, b.names)
+              for (p, b), s in zip(flat, specs)]
+    shapes = jax.tree.map(lambda b: b.value, boxed_params, is_leaf=is_boxed)
+    opt_flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(optimizer.init, shapes))[0]
+    opt_specs = jax.tree.leaves(place.opt_state, is_leaf=is_spec)
+    opt = [_entry(sharding.path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
+    if master_weights:
+        master_specs = jax.tree.leaves(place.master, is_leaf=is_spec)
+        opt += [_entry("master/" + sharding.path_name(p), b.value.shape, np.float32, s, mesh)
+                for (p, b), s in zip(flat, master_specs)]
+    grad_specs = jax.tree.leaves(place.grads, is_leaf=is_spec)
+    grads = sum(_entry("", b.value.shape, np.float32, s, mesh)["local_bytes"] for (_, b), s in zip(flat, grad_specs))
+    totals = {"params": sum(e["local_bytes"] for e in params), "optimizer": sum(e["local_bytes"] for e in opt),
+              "grads": grads}
+    totals["total: params + optimizer + grads (no activations)"] = sum(totals.values())
+    notes = [f"ZeRO-1: no dim of {n} divisible by data x fsdp = {sharding.batch_split(mesh)}; its moments stay "
+             "replicated" for n in place.replicated_moments]
+    report = {"mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names}, "zero_stage": zero_stage,
+              "precision": "master_weights" if master_weights else "fp32_params",
+              "param_count": sum(math.prod(e["shape"]) for e in params),
+              "params": params, "optimizer": opt, "per_device_bytes": totals, "notes": notes}
+    stages = sharding.num_stages(mesh)
+    if stages > 1:
+        layers = next(e["shape"][0] for e in params if e["logical"][0] == "layers")
+        report["pipeline"] = {"schedule": "gpipe", "stages": stages, "layers_per_stage": layers // stages}
+        if micro_batches:
+            report["pipeline"].update(micro_batches=micro_batches,
+                                      bubble_fraction=sharding.bubble_fraction(stages, micro_batches))
+    return report
+
+
+def add_compiled_memory(report: dict, stats, note: str | None = None, breakdown: dict | None = None) -> dict:
+    """Fold XLA's per-device memory analysis of the compiled step (and the temp's breakdown) into the report.
+
+    The compiled temp holds activations, gradients and workspace; the peak estimate is the standard
+    arguments + temp + outputs - aliased (the donated state aliases its outputs)."""
+    temp = stats.temp_size_in_bytes
+    compiled = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+                "aliased": stats.alias_size_in_bytes, "temp": temp}
+    peak = compiled["arguments"] + temp + compiled["outputs"] - compiled["aliased"]
+    report["compiled"] = compiled
+    report["per_device_bytes"]["temp: activations + grads + workspace (compiled)"] = temp
+    report["per_device_bytes"]["total: compiled peak estimate"] = peak
+    if breakdown is not None:
+        report["temp_breakdown"] = breakdown
+    if note:
+        report["notes"].append(note)
+    return report
+
+
+# ---- compiled: what is live at the peak ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """Per-device sizes that name a buffer by its shape (see `step_shapes`)."""
+
+    rows: int  # sequences per device per micro-batch
+    seq_len: int
+    hidden: int
+    stages: int
+    ticks: int  # pipeline ticks (micro-batches + stages - 1); 0 without a pipeline
+    layers: int  # layers per stage (all layers without a pipeline)
+    heads: int  # attention heads per device
+    query_block: int  # queries whose scores exist at once (the chunk of chunked attention, else seq_len)
+    param_shapes: frozenset  # per-device param shapes, size-1 dims dropped
+    shard_shapes: frozenset  # per-device master / moment shapes
+
+
+def _squeeze(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
+
+
+def step_shapes(config, mesh: Mesh, boxed_params, optimizer) -> StepShapes:
+    """The sizes `temp_breakdown` uses to recognise buffers, for this config and mesh."""
+    c, m = config, config.model
+    place = sharding.placement(boxed_params, optimizer, mesh, c.zero_stage)
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    boxed = jax.tree.leaves(boxed_params, is_leaf=is_boxed)
+
+    def local(specs):
+        return frozenset(_squeeze(NamedSharding(mesh, s).shard_shape(b.value.shape))
+                         for b, s in zip(boxed, jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))))
+
+    stages = sharding.num_stages(mesh)
+    chunk = min(m.attention_chunk, c.train.seq_len) if m.attention_impl == "chunked" else c.train.seq_len
+    return StepShapes(rows=c.train.batch_size // c.train.micro_batches // sharding.batch_split(mesh),
+                      seq_len=c.train.seq_len, hidden=m.hidden_size, stages=stages,
+                      ticks=c.train.micro_batches + stages - 1 if stages > 1 else 0,
+                      layers=m.num_layers // stages, heads=m.num_heads // int(mesh.shape["tensor"]),
+                      query_block=chunk, param_shapes=local(place.params), shard_shapes=local(place.master))
+
+
+_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
+_COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+
+def _dims(text: str) -> tuple[str, tuple]:
+    m = _SHAPE.match(text)
+    return (m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) if m else ("", ())
+
+
+def classify(dtype_dims: tuple[str, tuple], opcode: str, s: StepShapes) -> str:
+    """The named part a temp buffer of this shape, made by this op, belongs to."""
+    _, dims = dtype_dims
+    shape = _squeeze(dims)
+    tokens = s.rows * s.seq_len
+    if any(opcode.startswith(c) for c in _COLLECTIVES):
+        return COLLECTIVES
+    if s.ticks and shape == _squeeze((s.ticks, s.rows, s.seq_len, s.hidden)):
+        return STAGE_INPUTS
+    if s.ticks and shape == _squeeze((s.ticks, s.rows, s.seq_len // s.stages, s.hidden)):
+        return HEAD_INPUTS
+    if s.layers > 1 and shape == _squeeze((s.layers, s.rows, s.seq_len, s.hidden)):
+        return REMAT
+    if len(dims) >= 2 and dims[-1] == s.seq_len and dims[-2] in (s.query_block, s.seq_len) and s.heads in dims:
+        return ATTENTION
+    if len(dims) >= 2 and dims[-2:] == (s.seq_len, s.query_block) and s.heads in dims:
+        return ATTENTION
+    if shape in s.param_shapes or tuple(sorted(shape)) in {tuple(sorted(p)) for p in s.param_shapes}:
+        return GRADIENTS
+    if shape in s.shard_shapes:
+        return SHARDS
+    if shape and math.prod(shape) % tokens == 0 and math.prod(shape) >= tokens:
+        return ACTIVATIONS
+    return OTHER
+
+
+def _read(dump_dir: str, suffix: str) -> str:
+    found = sorted(glob.glob(os.path.join(dump_dir, f"*train_step*after_optimizations{suffix}")))
+    if not found:
+        raise FileNotFoundError(f"no XLA dump '*train_step*after_optimizations{suffix}' in {dump_dir}")
+    with open(found[0]) as f:
+        return f.read()
+
+
+def _buffers(assignment: str) -> dict[str, tuple]:
+    """value name -> (allocation, offset, size, shape, is_temp) from a buffer-assignment dump."""
+    out, alloc, temp = {}, None, False
+    for line in assignment.splitlines():
+        head = re.match(r"allocation (\d+): size \d+, (.*)", line)
+        if head:
+            alloc = int(head.group(1))
+            temp = not re.match(r"(parameter|output|constant|thread-local)", head.group(2))
+            continue
+        value = re.match(r"\s*value: <\d+ (\S+)(?: \(phi\))? @\d+> \(size=(\d+),offset=(\d+)\): (\S+)", line)
+        if value and alloc is not None:
+            out[value.group(1)] = (alloc, int(value.group(3)), int(value.group(2)), value.group(4), temp)
+    return out
+
+
+def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict:
+    """Bytes per named part of the temp buffers live at the compiled program's memory peak.
+
+    Reads XLA's dumps of one compile (`compiler_options={"xla_dump_to": dump_dir, "xla_dump_hlo_as_text":
+    True}`): the live-range dump names the values live at the peak, the buffer assignment where each lives (values
+    sharing a buffer count once; arguments and outputs are not temp) and the HLO which op made it. What the temp
+    allocation holds beyond those buffers (alignment, buffers reused at other times) is `UNATTRIBUTED`."""
+    live = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)\n\s*Stack trace", _read(dump_dir, "-live-range.txt"), re.S)
+    if live is None:
+        raise ValueError(f"{dump_dir}: the live-range dump has no peak section")
+    buffers = _buffers(_read(dump_dir, "-buffer-assignment.txt"))
+    opcodes = dict(re.findall(r"^\s+(?:ROOT )?%(\S+) = \S+ ([\w-]+)\(", _read(dump_dir, ".txt"), re.M))
+    parts = collections.Counter()
+    seen = set()
+    for name in re.findall(r"^\s+(\S+?): \d+ bytes", live.group(1), re.M):
+        key = name[:-2] if name.endswith("{}") else name
+        if key not in buffers:
+            continue
+        alloc, offset, size, shape, is_temp = buffers[key]
+        if not is_temp or (alloc, offset) in seen:
+            continue
+        seen.add((alloc, offset))
+        parts[classify(_dims(shape), opcodes.get(key.split("{")[0], ""), shapes)] += size
+    parts[UNATTRIBUTED] = temp_bytes - sum(parts.values())
+    return {p: int(parts[p]) for p in PARTS if parts[p]}
+
+
+# ---- model: the same parts from a formula ------------------------------------------------------------------
+
+def analytic_memory(config, mesh: Mesh, state_bytes: dict) -> dict:
+    """Per-device bytes of a train step from the config's sizes: the state (exact, from the report) plus what the
+    step keeps at its memory peak, which for a stack of layers is the backward pass of one layer while everything
+    saved for the later ones is still held. Sizes: rows = sequences per device per micro-batch, T, H, F (mlp per
+    device), n (heads per device), L (layers per stage), S stages, M micro-batches, b16 / b32 = 2 / 4 bytes.
+
+      pipeline stage inputs      (M + S - 1) x rows x T x H x b_act        (one per tick, kept until the backward)
+      pipeline head inputs       (M + S - 1) x rows x T/S x H x b_act
+      saved layer inputs (remat)  L x rows x T x H x b_act                 (full remat: one per layer)
+      gradients                   params of one stage in the gradient dtype (the backward writes them layer by
+                                  layer; a second fp32 copy for micro-batch accumulation without a pipeline)
+      attention scores            3 x rows x n x q x T x b32                (scores, probabilities, their gradient;
+                                                                            q = T for XLA, the chunk for chunked)
+      one layer's backward        rows x T x (12 H + 4 F) x b32             (fp32 LayerNorm and GELU intermediates,
+                                                                            the qkv and mlp activations and their
+                                                                            gradients)
+    """
+    c, m = config, config.model
+    stages = sharding.num_stages(mesh)
+    tensor = int(mesh.shape["tensor"])
+    rows = c.train.batch_size // c.train.micro_batches // sharding.batch_split(mesh)
+    t, h = c.train.seq_len, m.hidden_size
+    f, heads = cfg.ffn_size(m) // tensor, m.num_heads // tensor
+    b_act = np.dtype(m.dtype).itemsize
+    b_grad = np.dtype(cfg.state_param_dtype(c)).itemsize
+    layers = m.num_layers // stages
+    q = min(m.attention_chunk, t) if m.attention_impl == "chunked" else t
+    out = {}
+    if stages > 1:
+        ticks = c.train.micro_batches + stages - 1
+        out[STAGE_INPUTS] = ticks * rows * t * h * b_act
+        out[HEAD_INPUTS] = ticks * rows * (t // stages) * h * b_act
+    if m.remat_policy == "full":
+        out[REMAT] = layers * rows * t * h * b_act
+    params = state_bytes["params"] // np.dtype(cfg.state_param_dtype(c)).itemsize  # parameters per device
+    out[GRADIENTS] = params * b_grad + (params * 4 if stages == 1 and c.train.micro_batches > 1 else 0)
+    if m.attention_impl != "cudnn":
+        out[ATTENTION] = 3 * rows * heads * q * t * 4
+    out[ACTIVATIONS] = rows * t * (12 * h + 4 * f) * 4
+    temp = sum(out.values())
+    return {"state": state_bytes["params"] + state_bytes["optimizer"], "temp": temp, "parts": out,
+            "peak": state_bytes["params"] + state_bytes["optimizer"] + temp}
+
+
+# ---- one call: report, compile, breakdown, model -------------------------------------------------------------
+
+# XLA:CPU has no 16-bit arithmetic: it converts 16-bit operands to fp32 inside loops, and its loop-invariant code
+# motion then hoists those converts out of the loops, materialising fp32 copies of whole stacks of 16-bit arrays
+# (a stage's weights, every stored pipeline input). GPU and TPU compilers do neither, so a CPU compile that
+# stands in for an accelerator turns that pass off (measured on the 20B paper layout: 35.0 -> 26.7 GB).
+CPU_AS_ACCELERATOR = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def stand_in(config, platform: str):
+    """The config compiled on `platform` to estimate a GPU run: on CPU, fp16 compute as bf16 (XLA:CPU has no
+    fp16 dot; same bytes) and attention "auto" (cuDNN flash attention on GPU) as "chunked" (memory O(chunk x T)
+    per head like flash attention, where XLA's keeps all T x T scores). Returns (config, notes)."""
+    notes = []
+    if platform != "cpu":
+        return config, notes
+    c = config.copy_and_resolve_references()
+    if c.model.dtype == "float16":
+        c.model.dtype = "bfloat16"
+        notes.append("fp16 compute compiled as bf16 (same bytes): XLA:CPU lacks fp16 dots with fp32 accumulation")
+    if c.model.attention_impl == "auto":
+        c.model.attention_impl = "chunked"
+        notes.append("attention 'auto' (cuDNN flash attention on GPU) compiled as 'chunked' on CPU: the same "
+                     "O(chunk x T) memory per head, where XLA's attention would hold all T x T scores")
+    return c, notes
+
+
+def inspect(config, devices, platform: str = "cpu", compile: bool = True, compile_layers: int = 0,
+            cpu_hoisting: bool = False) -> dict:
+    """The layout report of `config` on `devices` (len = the mesh size), with the train step compiled for
+    `platform`: XLA's memory analysis, the temp's breakdown and the analytic model. `compile_layers` N compiles
+    N and 2N layers (per stage) and extrapolates linearly in the layer count (no breakdown then)."""
+    import tempfile
+
+    from neox_jax import model as model_lib
+    from neox_jax import optim, train
+
+    config = cfg.validate(config)
+    mesh = sharding.make_mesh(config, devices)
+    m = train.model_config(config, mesh)
+    boxed, optimizer = model_lib.param_shapes(m), optim.make_optimizer(config)
+    master = config.precision.mode == "master_weights"
+    report = layout_report(boxed, optimizer, mesh, config.zero_stage, micro_batches=config.train.micro_batches,
+                           param_dtype=np.dtype(cfg.state_param_dtype(config)), master_weights=master)
+    if not compile:
+        return report
+    compiled_config, notes = stand_in(config, platform)
+    options = CPU_AS_ACCELERATOR if platform == "cpu" and not cpu_hoisting else {}
+    stages = sharding.num_stages(mesh)
+    n = compile_layers
+    with model_lib.compiling_for(platform), tempfile.TemporaryDirectory() as dump:
+        if n and 2 * n * stages < config.model.num_layers:
+            # Every compiled size is a + b * layers for a scanned stack: fit a, b from two compiles.
+            small, double = (train.compile_train_step(_with_layers(compiled_config, k * stages), mesh, options)
+                             .memory_analysis() for k in (n, 2 * n))
+            extra = config.model.num_layers // stages - n
+            fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+            stats = dataclasses.make_dataclass("Stats", fields)(*(
+                int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * extra) for f in fields))
+            notes.append(f"compiled sizes extrapolated linearly from {n}- and {2 * n}-layer(-per-stage) compiles "
+                         f"(temp {small.temp_size_in_bytes / 1e9:.3f} / {double.temp_size_in_bytes / 1e9:.3f} GB)")
+            breakdown = None
+        else:
+            options = {**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
+                       "xla_dump_hlo_module_re": ".*train_step.*"}
+            stats = train.compile_train_step(compiled_config, mesh, options).memory_analysis()
+            shapes = step_shapes(compiled_config, mesh, boxed, optimizer)
+            breakdown = temp_breakdown(dump, shapes, stats.temp_size_in_bytes)
+    report = add_compiled_memory(report, stats, breakdown=breakdown)
+    report["model"] = analytic_memory(compiled_config, mesh, report["per_device_bytes"])
+    report["target"] = platform
+    report["attention"] = model_lib.attention_impl_for(compiled_config.model, platform)
+    report["notes"] += notes
+    if platform == "cpu":
+        report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "
+                               "off (see layout.CPU_AS_ACCELERATOR)") + ": an upper bound for a GPU or TPU compile")
+    return report
+
+
+def _with_layers(config, layers):
+    c = config.copy_and_resolve_references()
+    c.model.num_layers = layers
+    return c
+
+
+# ---- text -------------------------------------------------------------------------------------------------
+
+def _layout_name(r: dict) -> str:
+    return ",".join(f"{a}={n}" for a, n in r["mesh"].items()) + f" zero{r['zero_stage']} {r['precision']}"
+
+
+def gb(n) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.2f} GB" if abs(n) >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def compare_reports(a: dict, b: dict) -> dict:
+    """What changes between two layouts: per-param specs / per-device bytes, and the per-device totals."""
+    b_params = {e["name"]: e for e in b["params"]}
+    changed = [{"name": e["name"], "spec": [e["spec"], b_params[e["name"]]["spec"]],
+                "local_bytes": [e["local_bytes"], b_params[e["name"]]["local_bytes"]]}
+               for e in a["params"] if e["name"] in b_params and
+               (e["spec"], e["local_bytes"]) != (b_params[e["name"]]["spec"], b_params[e["name"]]["local_bytes"])]
+    b_opt = {e["name"]: e for e in b["optimizer"]}
+    opt_changed = sum(1 for e in a["optimizer"] if e["name"] in b_opt and e["spec"] != b_opt[e["name"]]["spec"])
+    keys = list(a["per_device_bytes"]) + [k for k in b["per_device_bytes"] if k not in a["per_device_bytes"]]
+    totals = {k: [a["per_device_bytes"].get(k), b["per_device_bytes"].get(k)] for k in keys}
+    return {"layouts": [_layout_name(a), _layout_name(b)], "params_changed": changed,
+            "optimizer_arrays_changed": opt_changed, "per_device_bytes": totals}
+
+
+def format_report(report: dict) -> str:
+    """Human-readable tables: params (logical axes, spec, global / per-device shape and bytes), memory."""
+    lines = [f"layout {_layout_name(report)}  ({report['param_count']:,} params, {report['precision']})", ""]
+    header = (f"{'parameter':<44} {'logical axes':<34} {'spec':<36} {'global shape':<22} {'per-device shape':<22} "
+              f"{'global':>12} {'per device':>12}")
+    lines += [header, "-" * len(header)]
+    for e in report["params"]:
+        lines.append(f"{e['name']:<44} {','.join(e['logical']):<34} {e['spec']:<36} {str(tuple(e['shape'])):<22} "
+                     f"{str(tuple(e['local_shape'])):<22} {gb(e['bytes']):>12} {gb(e['local_bytes']):>12}")
+    opt_sharded = sum(1 for e in report["optimizer"] if e["local_bytes"] < e["bytes"])
+    lines += ["", f"optimizer state: {len(report['optimizer'])} arrays, {opt_sharded} split across devices"]
+    lines += ["", "per-device memory", "-" * 63]
+    for k, v in report["per_device_bytes"].items():
+        lines.append(f"{k:<50} {gb(v):>12}")
+    if "temp_breakdown" in report:
+        lines += ["", "compiled temp at its peak, by part", "-" * 63]
+        lines += [f"  {k:<48} {gb(v):>12}" for k, v in report["temp_breakdown"].items()]
+    if "model" in report:
+        lines += ["", "analytic model (neox_jax.layout.analytic_memory)", "-" * 63]
+        lines += [f"  {k:<48} {gb(v):>12}" for k, v in report["model"]["parts"].items()]
+        lines.append(f"{'model peak (state + the parts above)':<50} {gb(report['model']['peak']):>12}")
+    if "pipeline" in report:
+        p = report["pipeline"]
+        lines += ["", f"pipeline ({p['schedule']}): {p['stages']} stages x {p['layers_per_stage']} layers"
+                  + (f", {p['micro_batches']} micro-batches, bubble {p['bubble_fraction']:.1%} of the step"
+                     if "micro_batches" in p else "")]
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def format_comparison(cmp: dict) -> str:
+    a, b = cmp["layouts"]
+    lines = [f"{a}  ->  {b}", ""]
+    for e in cmp["params_changed"]:
+        lines.append(f"{e['name']:<44} {e['spec'][0]:<34} -> {e['spec'][1]:<34} "
+                     f"{gb(e['local_bytes'][0]):>12} -> {gb(e['local_bytes'][1]):>12}")
+    lines.append(f"optimizer arrays with a different spec: {cmp['optimizer_arrays_changed']}")
+    lines += ["", f"{'per device':<50} {a:>30} {b:>30}"]
+    for k, (x, y) in cmp["per_device_bytes"].items():
+        lines.append(f"{k:<50} {gb(x):>30} {gb(y):>30}")
+    return "\n".join(lines)
+
+
+# ---- picture ------------------------------------------------------------------------------------------------
+
+def plot_memory(reports: list[dict], path: str, device_bytes: float | None = None) -> str:
+    """Stacked bars of per-device memory, one per layout: state (params, optimizer) then the compiled temp by
+    part; a dashed line at the device's memory. Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [" ".join(f"{a}{n}" for a, n in r["mesh"].items() if n > 1) + f"\nzero{r['zero_stage']}\n{r['precision']}"
+             for r in reports]
+    segments = [("params", lambda r: r["per_device_bytes"]["params"]),
+                ("optimizer state", lambda r: r["per_device_bytes"]["optimizer"])]
+    parts = [p for p in PARTS if any(p in r.get("temp_breakdown", {}) for r in reports)]
+    segments += [(p, lambda r, p=p: r.get("temp_breakdown", {}).get(p, 0)) for p in parts]
+    if not parts:
+        segments.append(("compiled temp", lambda r: r["per_device_bytes"].get(
+            "temp: activations + grads + workspace (compiled)", 0)))
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(reports) + 3), 5.5))
+    bottom = np.zeros(len(reports))
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, value) in enumerate(segments):
+        heights = np.array([max(value(r), 0) / 1e9 for r in reports])
+        ax.bar(names, heights, bottom=bottom, label=label, color=colors[i % len(colors)], width=0.6)
+        bottom += heights
+    for x, r in enumerate(reports):
+        peak = r["per_device_bytes"].get("total: compiled peak estimate")
+        if peak:
+            ax.annotate(f"{peak / 1e9:.1f} GB", (x, bottom[x]), ha="center", va="bottom", fontsize=9)
+    if device_bytes:
+        ax.axhline(device_bytes / 1e9, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"device memory {device_bytes / 1e9:.0f} GB", (len(reports) - 0.5, device_bytes / 1e9),
+                    ha="right", va="bottom", fontsize=9)
+    ax.set_ylabel("GB per device")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

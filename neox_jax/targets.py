@@ -1,0 +1,110 @@
+"""Devices to compile for that this host does not have: simulated CPUs, TPU slices, NVIDIA GPUs.
+
+`scripts/inspect_sharding.py --target SPEC` compiles the train step for the real compiler of the machine a run is
+planned for, from a CPU-only host, and reads that compiler's memory figures:
+
+    cpu                     simulated CPU devices (XLA:CPU; the default, needs nothing)
+    tpu:v5p:4x4x4           a TPU slice from libtpu (`pip install "jax[tpu]==<jax version>"`), e.g. v4:4x4x4,
+                            v5p:4x4x4, v5e:8x8 (jax.experimental.topologies.get_topology_desc)
+    gpu:a100-40gb:96        N GPUs of a kind below, 8 per host, from the CUDA plugin without a GPU
+                            (`pip install "jax[cuda13]==<jax version>"`); deviceless compilation needs the
+                            device's description, given here for the kinds in GPU_KINDS
+
+Each returns a flat device list to build the mesh on, the platform model code is traced for
+(`neox_jax.model.compiling_for`) and the device's memory in bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# Deviceless CUDA compilation needs a GpuTargetConfig: the fields the compiler reads (SM count, clocks, shared
+# memory, L2, memory size and bandwidth, compute capability), from the vendors' datasheets.
+_GPU = """gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_core} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: {fpus}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bandwidth} l2_cache_size: {l2} clock_rate_ghz: {clock} device_memory_size: {memory}
+  shared_memory_per_block_optin: {smem_block} cuda_compute_capability {{ major: {cc} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{name}"
+"""
+_A100 = dict(smem_core=167936, smem_block=166912, sms=108, fpus=64, l2=41943040, clock=1.41, cc=8)
+_H100 = dict(smem_core=233472, smem_block=232448, sms=132, fpus=128, l2=52428800, clock=1.98, cc=9)
+GPU_KINDS = {
+    "a100-40gb": dict(_A100, name="NVIDIA A100-SXM4-40GB", memory=42505273344, bandwidth=1555200000000),
+    "a100-80gb": dict(_A100, name="NVIDIA A100-SXM4-80GB", memory=85031714816, bandwidth=2039000000000),
+    "h100-80gb": dict(_H100, name="NVIDIA H100 80GB HBM3", memory=84929347584, bandwidth=3352320000000),
+    "h200": dict(_H100, name="NVIDIA H200", memory=150754820096, bandwidth=4800000000000),
+}
+TPU_HBM = {"v4": 32 * 2**30, "v5p": 95 * 2**30, "v5e": 16 * 2**30, "v5litepod": 16 * 2**30, "v6e": 32 * 2**30}
+
+
+class TargetError(ValueError):
+    """A --target the host cannot compile for, with what to install or type instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    spec: str
+    platform: str  # "cpu", "tpu" or "gpu": what model code is traced for
+    device_count: int | None  # None: as many as the mesh needs (simulated CPUs)
+    device_bytes: int | None
+
+
+def parse(spec: str) -> Target:
+    """Check a --target spec without touching any backend."""
+    kind, _, rest = spec.partition(":")
+    if spec == "cpu":
+        return Target(spec, "cpu", None, None)
+    if kind == "tpu" and rest.count(":") == 1:
+        version, topology = rest.split(":")
+        dims = topology.split("x")
+        if all(d.isdigit() and int(d) > 0 for d in dims):
+            count = 1
+            for d in dims:
+                count *= int(d)
+            return Target(spec, "tpu", count, TPU_HBM.get(version))
+    if kind == "gpu" and rest.count(":") == 1:
+        name, count = rest.split(":")
+        if name in GPU_KINDS and count.isdigit() and int(count) > 0:
+            return Target(spec, "gpu", int(count), GPU_KINDS[name]["memory"])
+    raise TargetError(f"--target {spec!r}: expected cpu, tpu:VERSION:TOPOLOGY (e.g. tpu:v5p:4x4x4) or "
+                      f"gpu:KIND:COUNT with KIND one of {', '.join(GPU_KINDS)} (e.g. gpu:a100-40gb:96)")
+
+
+def prepare_environment(target: Target) -> None:
+    """Environment the plugin needs before jax starts (call before importing jax)."""
+    if target.platform == "tpu":
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    if target.platform == "gpu":
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver or GPU to check against
+
+
+def devices(target: Target):
+    """The devices to build the mesh on (compile-only for TPU and GPU targets)."""
+    import jax
+
+    if target.platform == "cpu":
+        return jax.devices("cpu")
+    from jax.experimental import topologies
+
+    try:
+        if target.platform == "tpu":
+            _, version, topology = target.spec.split(":")
+            return topologies.get_topology_desc(topology_name=f"{version}:{topology}", platform="tpu").devices
+        _, name, _ = target.spec.split(":")
+        per_host = 8 if target.device_count % 8 == 0 else target.device_count
+        return topologies.get_topology_desc(platform="cuda", target_config=_GPU.format(**GPU_KINDS[name]),
+                                            topology=f"1x{target.device_count // per_host}x{per_host}").devices
+    except Exception as e:  # each plugin fails its own way when absent
+        extra = "tpu" if target.platform == "tpu" else "cuda13"
+        raise TargetError(f"--target {target.spec}: cannot build {target.platform.upper()} devices here "
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); install the plugin with "
+                          f"pip install \"jax[{extra}]=={jax.__version__}\" (BUILD.md)") from None
