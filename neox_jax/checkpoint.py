@@ -134,8 +134,10 @@ def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
 def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     """(run config, params as host numpy arrays) of a training workdir's latest (or `step`) checkpoint.
 
-    Only the parameters are read (not the optimizer state). The config's model.padded_vocab_size is pinned to
-    the stored embedding, so `config.model` rebuilds exactly these shapes on any mesh.
+    Only the weights are read (not the optimizer's moments): the fp32 master of a run with
+    precision.mode=master_weights (its 16-bit params are that master's cast), else the params. The config's
+    model.padded_vocab_size is pinned to the stored embedding, so `config.model` rebuilds exactly these shapes on
+    any mesh.
     """
     if not os.path.isdir(checkpoint_dir(workdir)):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; expected a training workdir")
@@ -143,15 +145,16 @@ def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     try:
         step = ckpt._step(step)
         config = cfg.from_saved(ckpt.restore_config(step), f"{ckpt.directory}/{step}/config")
-        params_meta = ckpt.stored_metadata(step)["train"]["params"]
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), params_meta,
+        stored = ckpt.stored_metadata(step)["train"]
+        weights = "master" if stored.get("master") else "params"
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored[weights],
                                 is_leaf=lambda m: hasattr(m, "shape"))
         restored = ocp.PyTreeCheckpointer().restore(
             os.path.join(ckpt.directory, str(step), STATE),
-            args=ocp.args.PyTreeRestore(item={"train": {"params": params_meta}},
-                                        restore_args={"train": {"params": as_numpy}}, partial_restore=True))
+            args=ocp.args.PyTreeRestore(item={"train": {weights: stored[weights]}},
+                                        restore_args={"train": {weights: as_numpy}}, partial_restore=True))
     finally:
         ckpt.close()
-    params = restored["train"]["params"]
+    params = restored["train"][weights]
     config.model.padded_vocab_size = int(np.shape(params["embed_in"])[0])
     return config, params
