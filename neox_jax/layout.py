@@ -218,13 +218,15 @@ def _buffers(assignment: str) -> dict[str, tuple]:
     return out
 
 
-def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict:
+def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict | None:
     """Bytes per named part of the temp buffers live at the compiled program's memory peak.
 
     Reads XLA's dumps of one compile (`compiler_options={"xla_dump_to": dump_dir, "xla_dump_hlo_as_text":
     True}`): the live-range dump names the values live at the peak, the buffer assignment where each lives (values
     sharing a buffer count once; arguments and outputs are not temp) and the HLO which op made it. What the temp
-    allocation holds beyond those buffers (alignment, buffers reused at other times) is `UNATTRIBUTED`."""
+    allocation holds beyond those buffers (alignment, buffers reused at other times) is `UNATTRIBUTED`. None when
+    the buffers found live at the dump's peak cover less than half the temp: the TPU compiler assigns memory after
+    that dump, so there its peak is elsewhere."""
     live = re.search(r"Live ranges at \d+ \(peak\):\n(.*?)\n\s*Stack trace", _read(dump_dir, "-live-range.txt"), re.S)
     if live is None:
         raise ValueError(f"{dump_dir}: the live-range dump has no peak section")
@@ -241,13 +243,15 @@ def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict:
             continue
         seen.add((alloc, offset))
         parts[classify(_dims(shape), opcodes.get(key.split("{")[0], ""), shapes)] += size
+    if sum(parts.values()) < temp_bytes / 2:
+        return None  # this compiler's live ranges are not its final memory assignment (seen on TPU)
     parts[UNATTRIBUTED] = temp_bytes - sum(parts.values())
     return {p: int(parts[p]) for p in PARTS if parts[p]}
 
 
 # ---- model: the same parts from a formula ------------------------------------------------------------------
 
-def analytic_memory(config, mesh: Mesh, state_bytes: dict) -> dict:
+def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla") -> dict:
     """Per-device bytes of a train step from the config's sizes: the state (exact, from the report) plus what the
     step keeps at its memory peak, which for a stack of layers is the backward pass of one layer while everything
     saved for the later ones is still held. Sizes: rows = sequences per device per micro-batch, T, H, F (mlp per
@@ -257,7 +261,8 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict) -> dict:
       pipeline head inputs       (M + S - 1) x rows x T/S x H x b_act
       saved layer inputs (remat)  L x rows x T x H x b_act                 (full remat: one per layer)
       gradients                   params of one stage in the gradient dtype (the backward writes them layer by
-                                  layer; a second fp32 copy for micro-batch accumulation without a pipeline)
+                                  layer), plus the fp32 accumulator at its ZeRO placement when micro-batches are
+                                  accumulated without a pipeline
       attention scores            3 x rows x n x q x T x b32                (scores, probabilities, their gradient;
                                                                             q = T for XLA, the chunk for chunked)
       one layer's backward        rows x T x (12 H + 4 F) x b32             (fp32 LayerNorm and GELU intermediates,
@@ -273,7 +278,7 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict) -> dict:
     b_act = np.dtype(m.dtype).itemsize
     b_grad = np.dtype(cfg.state_param_dtype(c)).itemsize
     layers = m.num_layers // stages
-    q = min(m.attention_chunk, t) if m.attention_impl == "chunked" else t
+    q = min(m.attention_chunk, t)
     out = {}
     if stages > 1:
         ticks = c.train.micro_batches + stages - 1
@@ -282,9 +287,10 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict) -> dict:
     if m.remat_policy == "full":
         out[REMAT] = layers * rows * t * h * b_act
     params = state_bytes["params"] // np.dtype(cfg.state_param_dtype(c)).itemsize  # parameters per device
-    out[GRADIENTS] = params * b_grad + (params * 4 if stages == 1 and c.train.micro_batches > 1 else 0)
-    if m.attention_impl != "cudnn":
-        out[ATTENTION] = 3 * rows * heads * q * t * 4
+    accumulator = state_bytes["grads"] if stages == 1 and c.train.micro_batches > 1 else 0  # fp32, ZeRO-placed
+    out[GRADIENTS] = params * b_grad + accumulator
+    if attention != "cudnn":  # flash attention keeps O(T) per head: nothing worth counting
+        out[ATTENTION] = 3 * rows * heads * (q if attention == "chunked" else t) * t * 4
     out[ACTIVATIONS] = rows * t * (12 * h + 4 * f) * 4
     temp = sum(out.values())
     return {"state": state_bytes["params"] + state_bytes["optimizer"], "temp": temp, "parts": out,
@@ -301,17 +307,17 @@ CPU_AS_ACCELERATOR = {"xla_disable_hlo_passes": "while-loop-invariant-code-motio
 
 
 def stand_in(config, platform: str):
-    """The config compiled on `platform` to estimate a GPU run: on CPU, fp16 compute as bf16 (XLA:CPU has no
-    fp16 dot; same bytes) and attention "auto" (cuDNN flash attention on GPU) as "chunked" (memory O(chunk x T)
-    per head like flash attention, where XLA's keeps all T x T scores). Returns (config, notes)."""
+    """The config as compiled for `platform`: fp16 compute as bf16 on CPU (XLA:CPU has no fp16 dot) and TPU (no
+    fp16 at all), the same bytes; on CPU, standing in for a GPU, attention "auto" (cuDNN flash attention there) as
+    "chunked" (memory O(chunk x T) per head like flash attention, where XLA's keeps all T x T scores).
+    Returns (config, notes)."""
     notes = []
-    if platform != "cpu":
-        return config, notes
     c = config.copy_and_resolve_references()
-    if c.model.dtype == "float16":
+    if c.model.dtype == "float16" and platform in ("cpu", "tpu"):
         c.model.dtype = "bfloat16"
-        notes.append("fp16 compute compiled as bf16 (same bytes): XLA:CPU lacks fp16 dots with fp32 accumulation")
-    if c.model.attention_impl == "auto":
+        notes.append("fp16 compute compiled as bf16 (same bytes): " + (
+            "XLA:CPU lacks fp16 dots with fp32 accumulation" if platform == "cpu" else "TPUs compute in bf16"))
+    if c.model.attention_impl == "auto" and platform == "cpu":
         c.model.attention_impl = "chunked"
         notes.append("attention 'auto' (cuDNN flash attention on GPU) compiled as 'chunked' on CPU: the same "
                      "O(chunk x T) memory per head, where XLA's attention would hold all T x T scores")
@@ -359,10 +365,13 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
             stats = train.compile_train_step(compiled_config, mesh, options).memory_analysis()
             shapes = step_shapes(compiled_config, mesh, boxed, optimizer)
             breakdown = temp_breakdown(dump, shapes, stats.temp_size_in_bytes)
+            if breakdown is None:
+                notes.append(f"no breakdown of the temp: the {platform.upper()} compiler's live-range dump does not "
+                             "show its final memory assignment")
     report = add_compiled_memory(report, stats, breakdown=breakdown)
-    report["model"] = analytic_memory(compiled_config, mesh, report["per_device_bytes"])
     report["target"] = platform
     report["attention"] = model_lib.attention_impl_for(compiled_config.model, platform)
+    report["model"] = analytic_memory(compiled_config, mesh, report["per_device_bytes"], report["attention"])
     report["notes"] += notes
     if platform == "cpu":
         report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax.config import MESH_AXES, ConfigError
@@ -76,7 +77,12 @@ def make_mesh(config, devices=None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(config, len(devices))
     axes = tuple(a for a in MESH_AXES if a != STAGE_AXIS or sizes[a] > 1)
-    return jax.make_mesh(tuple(sizes[a] for a in axes), axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+    shape = tuple(sizes[a] for a in axes)
+    try:
+        return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
+    except NotImplementedError:  # an axis that is no product of a TPU torus's dims: let it split one
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
 
 
 def num_stages(mesh: Mesh) -> int:
