@@ -255,20 +255,25 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla
     """Per-device bytes of a train step from the config's sizes: the state (exact, from the report) plus what the
     step keeps at its memory peak, which for a stack of layers is the backward pass of one layer while everything
     saved for the later ones is still held. Sizes: rows = sequences per device per micro-batch, T, H, F (mlp per
-    device), n (heads per device), L (layers per stage), S stages, M micro-batches, b16 / b32 = 2 / 4 bytes.
+    device), n (heads per device), L (layers per stage), S stages, M micro-batches, P (layer parameters per
+    device), G (bytes of the fp32 gradients at their ZeRO placement), b = the compute dtype's bytes, b_g = the
+    params' (gradients') bytes:
 
-      pipeline stage inputs      (M + S - 1) x rows x T x H x b_act        (one per tick, kept until the backward)
-      pipeline head inputs       (M + S - 1) x rows x T/S x H x b_act
-      saved layer inputs (remat)  L x rows x T x H x b_act                 (full remat: one per layer)
-      gradients                   params of one stage in the gradient dtype (the backward writes them layer by
-                                  layer), plus the fp32 accumulator at its ZeRO placement when micro-batches are
-                                  accumulated without a pipeline
-      attention scores            3 x rows x n x q x T x b32                (scores, probabilities, their gradient;
-                                                                            q = T for XLA, the chunk for chunked)
-      one layer's backward        rows x T x (12 H + 4 F) x b32             (fp32 LayerNorm and GELU intermediates,
-                                                                            the qkv and mlp activations and their
-                                                                            gradients)
-    """
+      pipeline stage inputs       (M + S - 1) x rows x T x H x b         one per tick, kept until the backward
+      pipeline head inputs        (M + S - 1) x rows x T/S x H x b
+      saved layer inputs (remat)  L x rows x T x H x b                   full remat: one per layer
+      gradients                   pipeline: P x b_g                      the stage's, accumulated over ticks
+                                  micro-batches: 2 x G + G x b_g / 4     accumulator, one micro-batch's, its 16-bit
+      attention scores            3 x rows x n x q x T x 4               scores, probabilities, their gradient
+                                                                         (q = T for XLA, the chunk for chunked;
+                                                                         none for cuDNN flash attention)
+      one layer's backward        rows x T x (12 H + 4 F) x 4            fp32 LayerNorm and GELU intermediates,
+                                                                         the qkv and mlp activations, gradients
+      optimizer update (ZeRO-1)   the Adam moments' bytes                copies XLA keeps of the donated moments
+                                                                         for the in-place update
+
+    Fitted to XLA:CPU compiles (inspect_sharding's default); GPU compilers need less (flash attention, 16-bit
+    fusions, per-layer gradient reduction), so there it is an upper bound."""
     c, m = config, config.model
     stages = sharding.num_stages(mesh)
     tensor = int(mesh.shape["tensor"])
@@ -278,7 +283,6 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla
     b_act = np.dtype(m.dtype).itemsize
     b_grad = np.dtype(cfg.state_param_dtype(c)).itemsize
     layers = m.num_layers // stages
-    q = min(m.attention_chunk, t)
     out = {}
     if stages > 1:
         ticks = c.train.micro_batches + stages - 1
@@ -286,15 +290,21 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla
         out[HEAD_INPUTS] = ticks * rows * (t // stages) * h * b_act
     if m.remat_policy == "full":
         out[REMAT] = layers * rows * t * h * b_act
-    params = state_bytes["params"] // np.dtype(cfg.state_param_dtype(c)).itemsize  # parameters per device
-    accumulator = state_bytes["grads"] if stages == 1 and c.train.micro_batches > 1 else 0  # fp32, ZeRO-placed
-    out[GRADIENTS] = params * b_grad + accumulator
+    vocab = cfg.padded_vocab(m, tensor)
+    embeddings = 2 * vocab * h // tensor // (sharding.batch_split(mesh) if c.zero_stage == 3 else 1)
+    params = state_bytes["params"] // b_grad - embeddings  # layer parameters per device
+    if stages > 1:
+        out[GRADIENTS] = params * b_grad
+    elif c.train.micro_batches > 1:
+        out[GRADIENTS] = 2 * state_bytes["grads"] + state_bytes["grads"] * b_grad // 4
     if attention != "cudnn":  # flash attention keeps O(T) per head: nothing worth counting
-        out[ATTENTION] = 3 * rows * heads * (q if attention == "chunked" else t) * t * 4
+        out[ATTENTION] = 3 * rows * heads * (min(m.attention_chunk, t) if attention == "chunked" else t) * t * 4
     out[ACTIVATIONS] = rows * t * (12 * h + 4 * f) * 4
+    if c.zero_stage == 1 and c.precision.mode == "master_weights":
+        out[SHARDS] = state_bytes["optimizer"] * 2 // 3  # the moments: 8 of the 12 bytes per parameter
     temp = sum(out.values())
-    return {"state": state_bytes["params"] + state_bytes["optimizer"], "temp": temp, "parts": out,
-            "peak": state_bytes["params"] + state_bytes["optimizer"] + temp}
+    state = state_bytes["params"] + state_bytes["optimizer"]
+    return {"state": state, "temp": temp, "parts": out, "peak": state + temp}
 
 
 # ---- one call: report, compile, breakdown, model -------------------------------------------------------------

@@ -145,7 +145,8 @@ def logical_axes(boxed_params):
     return jax.tree.map(lambda b: tuple(b.names), boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
+def axis_size(mesh: Mesh, axes) -> int:
+    """Devices along `axes` (a mesh axis name, a tuple of them, or None)."""
     if axes is None:
         return 1
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
@@ -159,7 +160,7 @@ def param_specs(boxed_params, mesh: Mesh, zero_stage: int):
         names, shape = tuple(boxed.names), boxed.value.shape
         pspec = nn.logical_to_mesh_axes(names, rules)
         for dim, (size, axes, name) in enumerate(zip(shape, pspec, names)):
-            n = _axis_size(mesh, axes)
+            n = axis_size(mesh, axes)
             if size % n:
                 field = "mesh." + (axes if isinstance(axes, str) else "/".join(axes))
                 raise ConfigError(
