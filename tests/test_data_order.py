@@ -224,3 +224,10 @@ def test_read_only_data_folder_caches_in_cache_dir(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got, global_batches(reference_order([docs], [1.0], 5 * BATCH, 1234), 0, 5))
     assert len(list((tmp_path / "cache" / "index").glob("ro-*_train_0_indexmap_*_idx.npy"))) == 3
     assert not list(tmp_path.glob("ro_*.npy"))
+
+
+def test_index_built_in_small_chunks_is_the_same(tmp_path, monkeypatch):
+    monkeypatch.setattr(neox_index, "_CHUNK", 7)  # many chunks of documents and windows, empty ones included
+    prefix, docs = write_docs(tmp_path / "chunks", 50, 0, 5)
+    got = batches(dataset.make_train_iterator(config(prefix, 40), 0, 1), 40)
+    np.testing.assert_array_equal(got, global_batches(reference_order([docs], [1.0], 40 * BATCH, 1234), 0, 40))

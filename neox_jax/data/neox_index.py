@@ -41,7 +41,7 @@ from neox_jax.data.preprocess import default_cache_dir
 
 BLEND_FACTOR = 1.005  # GPT-NeoX asks each blended dataset for 0.5% more than its share
 _INDEX_KINDS = ("doc", "sample", "shuffle")
-_CHUNK = 1 << 24  # documents or windows handled per vectorised step: bounds the temporaries
+_CHUNK = 1 << 18  # documents per vectorised step: their stream positions (2 MiB) stay in cache
 
 
 class OrderError(ValueError):
@@ -71,10 +71,19 @@ def blended_num_samples(weights: Sequence[float], num_samples: int) -> tuple[lis
     return weights, [int(math.ceil(num_samples * w * BLEND_FACTOR)) for w in weights]
 
 
-def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.RandomState) -> np.ndarray:
-    doc_idx = np.tile(np.asarray(documents, np.int32), epochs)
-    rng.shuffle(doc_idx)
-    return doc_idx
+def shuffled_documents(sizes: np.ndarray, documents: tuple[int, int], epochs: int,
+                       rng: np.random.RandomState) -> tuple[np.ndarray, np.ndarray]:
+    """doc_idx: the document ids [start, stop) repeated `epochs` times as int32, shuffled; and their sizes in
+    that order (both strided views of one array). Ids and sizes are shuffled together as one 8-byte record:
+    RandomState.shuffle draws the same swaps for any item size (they depend on the length alone), and this
+    spares a random gather of the sizes."""
+    count = documents[1] - documents[0]
+    pairs = np.empty(epochs * count, dtype=[("doc", "<i4"), ("size", "<i4")])
+    for e in range(epochs):
+        pairs["doc"][e * count:(e + 1) * count] = np.arange(*documents, dtype=np.int32)
+        pairs["size"][e * count:(e + 1) * count] = sizes[documents[0]:documents[1]]
+    rng.shuffle(pairs)
+    return pairs["doc"], pairs["size"]
 
 
 def _sample_idx_dtype(epochs: int, tokens_per_epoch: int, seq_len: int):
@@ -82,25 +91,30 @@ def _sample_idx_dtype(epochs: int, tokens_per_epoch: int, seq_len: int):
     return np.int32 if 2 * ((epochs * tokens_per_epoch - 1) / seq_len + 1) < np.iinfo(np.int32).max else np.int64
 
 
-def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_len: int, epochs: int,
-                     tokens_per_epoch: int) -> np.ndarray:
-    """[M + 1, 2]: for window i, the position in doc_idx of the document holding token i x seq_len of the
-    stream, and that token's offset in it (the loop in GPT-NeoX's helpers.cpp, vectorised)."""
-    total = epochs * tokens_per_epoch
+def build_sample_idx(lengths: np.ndarray, seq_len: int, dtype=np.int64) -> np.ndarray:
+    """[M + 1, 2] for documents of these lengths (in doc_idx order) concatenated into one stream: for window i,
+    the position in doc_idx of the document holding token i x seq_len, and that token's offset in it (the loop
+    of GPT-NeoX's helpers.cpp). One pass over the documents in chunks: the windows starting inside a chunk find
+    their document by a binary search among the chunk's document ends (small, so it stays in cache)."""
+    total = int(lengths.sum(dtype=np.int64))
     windows = (total - 1) // seq_len + 1  # M + 1 window starts
-    edges = np.zeros(len(doc_idx) + 1, np.int64)  # stream position where each document starts, then the end
-    carry = 0
-    for a in range(0, len(doc_idx), _CHUNK):
-        part = edges[a + 1:a + 1 + _CHUNK]
-        np.cumsum(sizes[doc_idx[a:a + _CHUNK]], dtype=np.int64, out=part)
-        part += carry
-        carry = int(part[-1])
-    sample_idx = np.empty((windows, 2), _sample_idx_dtype(epochs, tokens_per_epoch, seq_len))
-    for a in range(0, windows, _CHUNK):
-        starts = np.arange(a, min(a + _CHUNK, windows), dtype=np.int64) * seq_len
-        doc = np.searchsorted(edges[1:], starts, side="right")  # the document holding the token (skips empty ones)
-        sample_idx[a:a + len(starts), 0] = doc
-        sample_idx[a:a + len(starts), 1] = starts - edges[doc]
+    sample_idx = np.empty((windows, 2), dtype)
+    buffer = np.empty(_CHUNK + 1, np.int64)
+    end = 0
+    for a in range(0, len(lengths), _CHUNK):
+        part = lengths[a:a + _CHUNK]
+        starts = buffer[:len(part) + 1]  # stream position of each document of the chunk, then the chunk's end
+        starts[0] = end
+        np.cumsum(part, dtype=np.int64, out=starts[1:])
+        starts[1:] += end
+        first, end = -(-int(starts[0]) // seq_len), int(starts[-1])
+        stop = min(-(-end // seq_len), windows)
+        if stop <= first:
+            continue
+        tokens = np.arange(first, stop, dtype=np.int64) * seq_len
+        doc = np.searchsorted(starts[1:], tokens, side="right")  # skips empty documents
+        sample_idx[first:stop, 0] = doc + a
+        sample_idx[first:stop, 1] = tokens - starts[doc]
     sample_idx[0] = 0  # GPT-NeoX starts at (0, 0) even when the first document is empty
     return sample_idx
 
@@ -112,15 +126,21 @@ def build_shuffle_idx(size: int, rng: np.random.RandomState) -> np.ndarray:
     return shuffle_idx
 
 
-def build_index(sizes: np.ndarray, documents: tuple[int, int], num_samples: int, seq_len: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_idx, sample_idx, shuffle_idx) of GPT-NeoX's `_build_index_mappings` for documents [start, stop)."""
+def build_index(sizes: np.ndarray, documents: tuple[int, int], num_samples: int, seq_len: int, seed: int):
+    """doc_idx, sample_idx, shuffle_idx of GPT-NeoX's `_build_index_mappings` for documents [start, stop),
+    yielded one at a time so a caller that writes and drops each holds at most two in memory."""
     tokens = int(sizes[documents[0]:documents[1]].sum(dtype=np.int64))
     epochs = num_epochs(tokens, seq_len, num_samples)
     rng = np.random.RandomState(seed)
-    doc_idx = build_doc_idx(np.arange(*documents, dtype=np.int32), epochs, rng)
-    sample_idx = build_sample_idx(sizes, doc_idx, seq_len, epochs, tokens)
-    return doc_idx, sample_idx, build_shuffle_idx(len(sample_idx) - 1, rng)
+    doc_idx, lengths = shuffled_documents(sizes, documents, epochs, rng)
+    sample_idx = build_sample_idx(lengths, seq_len, _sample_idx_dtype(epochs, tokens, seq_len))
+    del lengths
+    yield doc_idx
+    del doc_idx
+    windows = len(sample_idx) - 1
+    yield sample_idx
+    del sample_idx
+    yield build_shuffle_idx(windows, rng)
 
 
 def blending_indices(weights: Sequence[float], size: int, rows: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
@@ -188,8 +208,12 @@ def index_paths(base: str, name: str, num_samples: int, seq_len: int, seed: int)
 def _save_atomic(path: str, array: np.ndarray) -> None:
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+        with os.fdopen(fd, "wb") as f:  # .npy written in slices: 10x faster than np.save on a strided view
+            header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False,
+                      "shape": array.shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            for a in range(0, len(array), _CHUNK):
+                f.write(np.ascontiguousarray(array[a:a + _CHUNK]).data)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -215,6 +239,7 @@ def load_or_build(paths: dict[str, str], sizes: np.ndarray, documents: tuple[int
     if arrays is None or any(arrays[k].shape != shapes[k] for k in _INDEX_KINDS):  # or a stale cache: other data
         for kind, array in zip(_INDEX_KINDS, build_index(sizes, documents, num_samples, seq_len, seed)):
             _save_atomic(paths[kind], array)
+            del array  # before the next array is built
         arrays = _load(paths)
     return arrays
 
