@@ -137,8 +137,9 @@ def _chunked_head_loss_bwd(chunks, shards, grads, g):
 chunked_head_loss.defvjp(_chunked_head_loss_fwd, _chunked_head_loss_bwd)
 
 
-def _init_state(m, optimizer, precision, rng) -> TrainState:
-    params = model_lib.init_params(m, rng)
+def _init_state(m, optimizer, precision, rng, params=None) -> TrainState:
+    if params is None:
+        params = model_lib.init_params(m, rng)
     zero = jnp.zeros((), jnp.int32)
     return TrainState(step=zero, params=params, opt_state=optimizer.init(params),
                       loss_scale=optim.init_loss_scale(precision), skipped_steps=zero, nonfinite_in_a_row=zero)
@@ -168,10 +169,17 @@ def state_shapes(config, mesh) -> TrainState:
                         state_shardings(config, mesh))
 
 
-def init_train_state(config, mesh, rng) -> TrainState:
-    """The initial state created directly in its sharded layout (no host-side full copy)."""
+def init_train_state(config, mesh, rng, params=None) -> TrainState:
+    """The initial state created directly in its sharded layout (no host-side full copy). `params`: fp32 host
+    arrays (pretrained weights, `neox_jax.pretrained`) to start from instead of the random init; each device
+    receives only its shard of them, and the optimizer state starts fresh."""
     init = functools.partial(_init_state, model_config(config, mesh), optim.make_optimizer(config), config.precision)
-    return jax.jit(init, out_shardings=state_shardings(config, mesh))(rng)
+    shardings = state_shardings(config, mesh)
+    if params is None:
+        return jax.jit(init, out_shardings=shardings)(rng)
+    params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params,
+                          shardings.params)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(rng, params)
 
 
 def _micro_batches(tokens, count: int, mesh):
