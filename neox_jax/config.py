@@ -119,7 +119,7 @@ def default_config() -> ml_collections.ConfigDict:
             # "grain": shuffled windows, grain's mix | "gpt_neox": GPT-NeoX's sample order exactly |
             # "sequential": documents in stored order, each one seq_len + 1 sequence (Pythia's pre-shuffled data)
             order="grain",
-            num_samples=0,  # gpt_neox: N its index is built for; 0 = train.steps x train.batch_size (train_iters x batch)
+            num_samples=0,  # gpt_neox: N, the samples its index is built for; 0 = train.steps x train.batch_size
             split="",  # gpt_neox with one train path: "969,30,1" cuts its documents into train/valid/test ranges
             start_batch=0,  # a new run's first batch is this global batch of the order (continuing a released run)
         )

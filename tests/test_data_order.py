@@ -9,6 +9,7 @@ interleave by the largest lag behind w_d max(j, 1).
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -153,7 +154,8 @@ def test_index_is_cached_under_gpt_neox_names_and_rebuilt_when_stale(tmp_path):
     prefix, docs = write_docs(tmp_path / "c", 30, 0, 2)
     c = config(prefix, 5)
     n = math.ceil(5 * BATCH * 1.005)
-    files = [tmp_path / f"c_train_0_indexmap_{n}ns_{SEQ}sl_1234s_packedpi_ac_{k}_idx.npy" for k in ("doc", "sample", "shuffle")]
+    files = [tmp_path / f"c_train_0_indexmap_{n}ns_{SEQ}sl_1234s_packedpi_ac_{k}_idx.npy"
+             for k in ("doc", "sample", "shuffle")]
     first = batches(dataset.make_train_iterator(c, 0, 1), 5)
     assert all(f.is_file() for f in files)
     stamps = [f.stat().st_mtime_ns for f in files]
@@ -231,3 +233,28 @@ def test_index_built_in_small_chunks_is_the_same(tmp_path, monkeypatch):
     prefix, docs = write_docs(tmp_path / "chunks", 50, 0, 5)
     got = batches(dataset.make_train_iterator(config(prefix, 40), 0, 1), 40)
     np.testing.assert_array_equal(got, global_batches(reference_order([docs], [1.0], 40 * BATCH, 1234), 0, 40))
+
+
+def test_batch_viewer_writes_the_steps_training_consumes(data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from neox_jax.data import load_tokenizer
+
+    (a, docs), _ = data
+    flags = [f"--config.{k}={v}" for k, v in {
+        "data.order": "gpt_neox", "data.train_paths": a, "train.seq_len": SEQ, "train.batch_size": BATCH,
+        "train.steps": 10, "train.seed": 1234}.items()]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "scripts", "batch_viewer.py"), *flags, "--steps", "2:4",
+                          "--rows", "1:3", "--json", str(tmp_path / "b.jsonl"), "--npy", str(tmp_path / "b.npy")],
+                         capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr
+    expected = np.stack(global_batches(reference_order([docs], [1.0], 10 * BATCH, 1234), 2, 2))[:, 1:3]
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), expected)
+    rows = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["row"]) for r in rows] == [(2, 1), (2, 2), (3, 1), (3, 2)]
+    assert [r["tokens"] for r in rows] == expected.reshape(4, -1).tolist()
+    assert rows[0]["text"] == load_tokenizer().decode(expected[0, 0])
+    assert f"step 3 row 2: {rows[-1]['text']!r}" in out.stdout

@@ -133,7 +133,8 @@ class TrainIterator:
         local_batch_size(self.global_batch, self.process_count)
         self.workers, self.read_threads, self.prefetch = int(workers), int(read_threads), int(prefetch)
         if order is None:
-            self._mixture, self.order = mixture(self.prefixes, self.seq_len, self.seed, self.weights), {"order": "grain"}
+            self._mixture = mixture(self.prefixes, self.seq_len, self.seed, self.weights)
+            self.order = {"order": "grain"}
         else:
             self._mixture, self.order = cycled(order, self.global_batch), order.state()
         self.samples = int(start_batch) * self.global_batch
@@ -340,6 +341,16 @@ def make_train_iterator(config, process_index: int | None = None, process_count:
     return TrainIterator(prefixes, weights, seq_len=config.train.seq_len, global_batch=config.train.batch_size,
                          seed=config.train.seed, process_index=process_index, process_count=process_count,
                          workers=d.workers, start_batch=d.start_batch if start is None else start, order=order)
+
+
+def steps_batches(config, steps: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, int32 [train.batch_size, seq_len + 1]) for the given training steps of a run of `config`: the
+    whole global batch (every process's rows) that train step `step` consumes, i.e. global batch
+    data.start_batch + step of the run's order. A checkpoint at step N was trained on steps 0 .. N - 1."""
+    it = make_train_iterator(config, 0, 1)
+    batches = it.local_batches(it.samples)
+    for step in steps:
+        yield step, batches[step]["tokens"]
 
 
 def make_val_batches(config, process_index: int | None = None, process_count: int | None = None,
