@@ -9,6 +9,7 @@ checkpoint); the optimizer state starts fresh and the schedule is the config's, 
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 
@@ -20,20 +21,40 @@ FIELD = "config field train.init_from"
 _UNSEEN_FIELDS = ("rotary_pct", "rotary_emb_base", "use_parallel_residual", "layernorm_eps")
 
 
-def load(path: str):
-    """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir."""
+def _kind(path: str) -> str:
     p = pathlib.Path(path)
-    try:
-        if (p / convert.PARAMS_FILE).is_file():
-            return convert.load_params(p)
-        if (p / "checkpoints").is_dir():
-            return checkpoint.load_params(str(p))
-        if (p / convert.CONFIG_FILE).is_file():
-            return convert.load_hf(p)
-    except (convert.ConversionError, FileNotFoundError, ConfigError) as e:
-        raise ConfigError(f"{FIELD}: {e}") from e
+    if (p / convert.PARAMS_FILE).is_file():
+        return "params"
+    if (p / "checkpoints").is_dir():
+        return "workdir"
+    if (p / convert.CONFIG_FILE).is_file():
+        return "hf"
     raise ConfigError(f"{FIELD}: {path} is not an HF GPTNeoX directory (config.json + weights), a params dir "
                       f"({convert.PARAMS_FILE}) or a training workdir (checkpoints/)")
+
+
+def load(path: str):
+    """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir."""
+    readers = {"params": convert.load_params, "workdir": checkpoint.load_params, "hf": convert.load_hf}
+    kind = _kind(path)
+    try:
+        return readers[kind](path)
+    except (convert.ConversionError, FileNotFoundError, ConfigError) as e:
+        raise ConfigError(f"{FIELD}: {e}") from e
+
+
+def model_config(path: str):
+    """The model config of an HF GPTNeoX directory or a params dir, read from its config.json alone."""
+    kind = _kind(path)
+    if kind == "workdir":
+        raise ConfigError(f"{FIELD}: {path} is a training workdir; give its model fields in the config (or export a "
+                          "params dir with scripts/export_params.py)")
+    file = pathlib.Path(path) / convert.CONFIG_FILE
+    try:
+        return (convert.load_config(file) if kind == "params" else convert.config_from_hf(json.loads(file.read_text()),
+                                                                                            file)).model
+    except (convert.ConversionError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{FIELD}: {e}") from e
 
 
 def params_for(m, path: str):

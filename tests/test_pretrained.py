@@ -109,3 +109,14 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConfigError, match="train.init_from: .*config.json: model_type is 'llama'"):
         pretrained.load(str(tmp_path))
+
+
+def test_pretrained_config_takes_the_model_from_the_checkpoint(hf_dir, tmp_path):
+    path, _ = hf_dir
+    c = cli.load_config(os.path.join(ROOT, "configs", "pretrained.py") + f":{path}")
+    assert (c.model.hidden_size, c.model.num_layers, c.model.rotary_pct, c.train.init_from) == (32, 2, 0.5, str(path))
+    assert c.train.seq_len == 64 and cli.default_workdir(f"configs/pretrained.py:{path}/") == "runs/pretrained_tiny"
+    pretrained.params_for(c.model, str(path))  # fits by construction
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="is a training workdir; give its model fields"):
+        pretrained.model_config(str(tmp_path))
