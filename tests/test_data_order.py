@@ -64,9 +64,10 @@ def reference_blend(weights, sizes):
 
 
 def reference_order(datasets, weights, num_samples, seed):
-    """GPT-NeoX's train_data_paths + train_data_weights: each dataset asked ceil(N w 1.005), then blended."""
-    total = sum(weights)
-    parts = [reference_samples(docs, int(math.ceil(num_samples * w / total * 1.005)), seed)[0]
+    """GPT-NeoX's train_data_paths + train_data_weights: weights normalised, each dataset asked ceil(N w 1.005),
+    then blended (BlendableDataset normalises the weights once more)."""
+    weights = [w / sum(weights) for w in weights]
+    parts = [reference_samples(docs, int(math.ceil(num_samples * w * 1.005)), seed)[0]
              for docs, w in zip(datasets, weights)]
     # a dataset asked for more than its M windows answers sample s % (M - 1) (its IndexError fallback)
     return [parts[d][s if s < len(parts[d]) else s % (len(parts[d]) - 1)]

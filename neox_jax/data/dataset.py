@@ -193,7 +193,8 @@ class TrainIterator:
             if state.get(key) != mine[key]:
                 hint = ("; the gpt_neox order depends on the number of samples through its epochs: pin "
                         "data.num_samples to the first run's train.steps x train.batch_size"
-                        if key == "order" and state[key].get("epochs") != mine[key].get("epochs") else "")
+                        if key == "order" and state[key]["order"] == mine[key]["order"] == "gpt_neox"
+                        and state[key].get("epochs") != mine[key].get("epochs") else "")
                 raise ValueError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
                                  f"this run has {mine[key]!r}; the data order cannot be resumed exactly{hint}")
         samples = int(state["samples"])
