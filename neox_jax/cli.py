@@ -72,8 +72,10 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
 
 
 def default_workdir(config_spec: str) -> str:
-    """runs/<config name>[_<arg>]: stable, so running the same command again resumes."""
+    """runs/<config name>[_<arg>]: stable, so running the same command again resumes. An argument that is a
+    path (configs/pretrained.py:DIR) contributes its last component."""
     path, _, arg = config_spec.partition(":")
+    arg = os.path.basename(os.path.normpath(arg)) if arg else ""
     name = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg else "")
     return os.path.join("runs", name)
 

@@ -24,6 +24,7 @@ PRECISION_MODES = ("fp32_params", "master_weights")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh only when mesh.stage > 1
+DATA_ORDERS = ("grain", "gpt_neox", "sequential")
 
 
 class ConfigError(ValueError):
@@ -112,6 +113,9 @@ def default_config() -> ml_collections.ConfigDict:
             profile_steps="",  # "10,12": JAX profiler trace from step 10 to 12
             peak_tflops=0.0,  # 0: look up the device in metrics.PEAK_TFLOPS
             wandb_project="",  # "": no Weights & Biases logging; else the wandb project (needs wandb installed)
+            # HF GPTNeoX dir, params dir or training workdir whose params start a new run (fresh optimizer); used
+            # only when the workdir has no checkpoint. Shapes must match this config's model.
+            init_from="",
         )
     )
     c.data = ml_collections.ConfigDict(
@@ -122,6 +126,12 @@ def default_config() -> ml_collections.ConfigDict:
             tokenizer="",  # "" -> bundled 20B tokenizer
             cache_dir="",  # where on-the-fly preprocessing writes .bin/.idx; "" -> ~/.cache/neox_jax
             workers=0,  # grain worker processes; 0 = in-process
+            # "grain": shuffled windows, grain's mix | "gpt_neox": GPT-NeoX's sample order exactly |
+            # "sequential": documents in stored order, each one seq_len + 1 sequence (Pythia's pre-shuffled data)
+            order="grain",
+            num_samples=0,  # gpt_neox: N, the samples its index is built for; 0 = train.steps x train.batch_size
+            split="",  # gpt_neox with one train path: "969,30,1" cuts its documents into train/valid/test ranges
+            start_batch=0,  # a new run's first batch is this global batch of the order (continuing a released run)
         )
     )
     c.workdir = ""
@@ -228,7 +238,35 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _require(c.model.param_dtype == "float32", "model.param_dtype",
                  f"precision.mode=master_weights keeps an fp32 master copy; model.param_dtype must be float32, "
                  f"got {c.model.param_dtype!r}")
+    validate_data(c)
     return c
+
+
+def validate_data(c: ml_collections.ConfigDict) -> None:
+    d = c.data
+    _require(d.order in DATA_ORDERS, "data.order", f"{d.order!r} is not one of {', '.join(DATA_ORDERS)}")
+    for f in ("num_samples", "start_batch"):
+        _require(isinstance(d[f], int) and d[f] >= 0, f"data.{f}", f"must be a non-negative integer, got {d[f]!r}")
+    _require(not d.num_samples or d.order == "gpt_neox", "data.num_samples", "applies to data.order='gpt_neox' only")
+    if d.split:
+        _require(d.order == "gpt_neox", "data.split", "applies to data.order='gpt_neox' only")
+        _require(not d.val_paths, "data.split", "takes the validation documents from the train data; leave "
+                 "data.val_paths empty")
+        split_proportions(d.split)
+    _require(d.order != "sequential" or not d.train_weights, "data.train_weights",
+             "data.order='sequential' reads the datasets one after another; weights do not apply")
+
+
+def split_proportions(spec: str) -> list[float]:
+    """GPT-NeoX's `split` ("969,30,1" or "969/30/1") -> train, valid, test proportions summing to 1."""
+    try:
+        parts = [float(p) for p in spec.replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    _require(0 < len(parts) <= 3 and min(parts) >= 0 and sum(parts) > 0, "data.split",
+             f"{spec!r} is not up to 3 non-negative proportions with a positive sum, like '969,30,1'")
+    parts += [0.0] * (3 - len(parts))
+    return [p / sum(parts) for p in parts]
 
 
 def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:

@@ -361,7 +361,7 @@ def _pin_padded_vocab(config, params) -> ml_collections.ConfigDict:
     return config
 
 
-def check_params(m, params, source="params") -> None:
+def check_params(m, params, source="params", config_name="its config") -> None:
     """Raise ConversionError naming the first param whose shape differs from what config `m` builds."""
     expected = param_shapes(m)
     found = traverse_util.flatten_dict(params)
@@ -370,7 +370,7 @@ def check_params(m, params, source="params") -> None:
             raise ConversionError(f"{source}: param {_fmt(path)} missing (expected shape {list(shape)})")
         if tuple(np.shape(found[path])) != shape:
             raise ConversionError(f"{source}: param {_fmt(path)} has shape {list(np.shape(found[path]))}, "
-                                  f"expected {list(shape)} from its config")
+                                  f"expected {list(shape)} from {config_name}")
     extra = [p for p in found if p not in expected]
     if extra:
         raise ConversionError(f"{source}: unexpected param {_fmt(extra[0])}")

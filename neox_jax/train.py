@@ -186,13 +186,16 @@ def state_shapes(config, mesh) -> TrainState:
 def init_train_state(config, mesh, rng, params=None) -> TrainState:
     """The initial state created directly in its sharded layout (no host-side full copy). `params`: start from
     these weights (host or device arrays of the model's shapes, e.g. a converted HF checkpoint) instead of a random
-    init; with master weights the fp32 master holds them exactly and the params are their 16-bit cast."""
+    init (e.g. pretrained weights, `neox_jax.pretrained`; each device receives only its shard of them, and the
+    optimizer state starts fresh); with master weights the fp32 master holds them exactly and the params are
+    their 16-bit cast."""
     init = functools.partial(_init_state, model_config(config, mesh), optim.make_optimizer(config), config.precision)
     shardings = state_shardings(config, mesh)
     if params is None:
         return jax.jit(init, out_shardings=shardings)(rng)
-    params = jax.device_put(params, shardings.params if shardings.master is None else shardings.master)
-    return jax.jit(init, out_shardings=shardings)(rng, params)
+    target = shardings.params if shardings.master is None else shardings.master
+    params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params, target)
+    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(rng, params)
 
 
 def _micro_batches(tokens, count: int, mesh):

@@ -21,7 +21,7 @@ import numpy as np
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
 from neox_jax import metrics as metrics_lib
-from neox_jax import sharding
+from neox_jax import pretrained, sharding
 from neox_jax import train as train_lib
 
 log = logging.getLogger("neox_jax")
@@ -139,7 +139,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
         else:
-            state = train_lib.init_train_state(config, mesh, rng)
+            params = pretrained.params_for(train_lib.model_config(config, mesh), t.init_from) if t.init_from else None
+            state = train_lib.init_train_state(config, mesh, rng, params)
+            if params is not None:
+                say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
+            del params
         step_fn = train_lib.make_train_step(config, mesh)
         eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
         if is_main:

@@ -6,7 +6,8 @@
   python scripts/benchmark.py train --config configs/pythia.py:160m --set train.batch_size=8
   python scripts/benchmark.py train --preset gpu-410m --variant train.loss_chunks=8 --variant model.remat_policy=dots
   python scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --compare-hf
-  python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s
+  python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s,
+                                                                        # gpt_neox index build and load seconds
   python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
   python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
 """
@@ -98,7 +99,8 @@ def data(args):
 
     results = bench.run(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches,
                         num_tokens=args.num_tokens, workers=args.workers, preprocess_input=args.input or None,
-                        skip_preprocess=args.skip_preprocess)
+                        skip_preprocess=args.skip_preprocess, index_docs=args.index_docs,
+                        index_samples=args.index_samples, skip_index=args.skip_index)
     print(json.dumps(results, indent=1))
     _write(results, args.json)
 
@@ -153,6 +155,9 @@ def main(argv=None):
     d.add_argument("--workers", type=int, default=2, help="preprocessing worker processes")
     d.add_argument("--input", default="", help="preprocessing input (default: the bundled Pile sample)")
     d.add_argument("--skip-preprocess", action="store_true")
+    d.add_argument("--index-docs", type=int, default=200_000_000, help="documents of the gpt_neox index build")
+    d.add_argument("--index-samples", type=int, default=150_000_000, help="samples of the gpt_neox index build")
+    d.add_argument("--skip-index", action="store_true", help="skip the gpt_neox index build (it needs ~5 GB)")
     d.add_argument("--json")
     d.set_defaults(func=data)
     args = p.parse_args(argv)

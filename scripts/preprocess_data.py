@@ -10,7 +10,9 @@ import os
 import re
 import sys
 
-from neox_jax.data.preprocess import DataError, preprocess
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_jax.data.preprocess import DataError, preprocess  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,6 +29,14 @@ def parse_args(argv=None):
     p.add_argument("--split-by-component", action="store_true",
                    help="one PREFIX_<pile_set_name> output per component")
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (normalized text)")
+    p.add_argument("--keep-whitespace-docs", action="store_true",
+                   help="tokenize whitespace-only documents and drop empty ones, as GPT-NeoX does (default: both "
+                        "are bad input)")
+    p.add_argument("--add-special-tokens", action="store_true",
+                   help="HF tokenizers: add the tokenizer's special tokens (e.g. a BOS per document), as GPT-NeoX's "
+                        "HFTokenizer does (the 20B tokenizer adds none)")
+    p.add_argument("--neox-names", action="store_true",
+                   help="name outputs as GPT-NeoX does: PREFIX_text_document.bin/.idx")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.all_inputs = list(args.inputs) + ([args.input] if args.input else [])
@@ -46,7 +56,8 @@ def main(argv=None):
         summary = preprocess(args.all_inputs, args.output_prefix, args.tokenizer or None, workers=args.workers,
                              append_eod=args.append_eod, skip_bad=args.skip_bad,
                              split_by_component=args.split_by_component, dedup=args.dedup,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, keep_whitespace_docs=args.keep_whitespace_docs,
+                             add_special_tokens=args.add_special_tokens, neox_names=args.neox_names)
     except (DataError, FileNotFoundError, ValueError) as e:
         hint = " (--skip-bad skips and counts bad lines)" if isinstance(e, DataError) else ""
         sys.exit(f"error: {e}{hint}")

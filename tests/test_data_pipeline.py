@@ -193,6 +193,8 @@ def test_bench_reports_throughput(tmp_path):
     from neox_jax.data import bench
 
     r = bench.run(seq_len=64, batch_size=4, batches=20, num_tokens=100_000, workers=1,
-                  preprocess_input=default_paths()["val"])
+                  preprocess_input=default_paths()["val"], index_docs=5000, index_samples=20_000)
     assert r["loader_tokens_per_s"] > 0 and r["preprocess_mb_per_s"] > 0
+    assert r["index_build_s"] > 0 and r["index_load_s"] > 0 and r["index_epochs"] == 1
+    assert r["index_samples"] >= 20_000
     assert r["preprocess_mb"] == pytest.approx(0.39, abs=0.02)

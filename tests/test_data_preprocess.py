@@ -297,3 +297,44 @@ def test_documents_spanning_decompression_chunks_are_read_whole():
     """The train sample decompresses in several chunks; every line must come out whole and in order."""
     texts = [d.text for d in pp.iter_documents(ASSETS["train"])]
     assert texts == [x["text"] for x in pile_docs(ASSETS["train"])]
+
+
+def test_whitespace_only_documents_policy(tmp_path):
+    path = write_jsonl(str(tmp_path / "ws.jsonl"), [doc("a"), doc("  \n "), doc(""), doc("b")])
+    with pytest.raises(pp.DataError, match="ws.jsonl:2: empty document"):  # the default: bad input
+        pp.preprocess(path, str(tmp_path / "strict"), workers=1, progress=False)
+    skipped = pp.preprocess(path, str(tmp_path / "skip"), workers=1, skip_bad=True, progress=False)
+    assert (skipped.docs, dict(skipped.bad)) == (2, {"empty_document": 2})
+    # GPT-NeoX: lm_dataformat's reader drops "" and the whitespace-only text is tokenized as a document
+    kept = pp.preprocess(path, str(tmp_path / "kept"), workers=1, keep_whitespace_docs=True, progress=False)
+    assert (kept.docs, dict(kept.bad)) == (3, {"empty_document": 1})
+    tok = load_tokenizer()
+    assert [list(x) for x in read_megatron(str(tmp_path / "kept"))[1]] == \
+        [tok.encode(t) + [tok.eod_id] for t in ("a", "  \n ", "b")]
+
+
+def test_gpt_neox_output_names_are_written_and_found(tmp_path):
+    from neox_jax.data.dataset import resolve_paths
+
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [doc("alpha", "Github"), doc("beta", "Pile-CC")])
+    s = pp.preprocess(path, str(tmp_path / "pile"), workers=1, neox_names=True, progress=False)
+    assert s.outputs == {"all": str(tmp_path / "pile_text_document")}
+    assert resolve_paths(str(tmp_path / "pile")) == [str(tmp_path / "pile_text_document")]
+    s = pp.preprocess(path, str(tmp_path / "parts"), workers=1, neox_names=True, split_by_component=True,
+                      progress=False)
+    assert sorted(s.outputs.values()) == [str(tmp_path / f"parts_{c}_text_document") for c in ("Github", "Pile_CC")]
+
+
+def test_add_special_tokens_adds_the_tokenizers_bos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(tmp_path / "bos.json"))
+    path = write_jsonl(str(tmp_path / "in.jsonl"), [doc("hello world"), doc("world")])
+    for flag, first in ((False, [[3, 4, 1], [4, 1]]), (True, [[0, 3, 4, 1], [0, 4, 1]])):
+        pp.preprocess(path, str(tmp_path / f"out{flag}"), str(tmp_path / "bos.json"), workers=1,
+                      add_special_tokens=flag, progress=False)
+        assert [list(x) for x in read_megatron(str(tmp_path / f"out{flag}"))[1]] == first

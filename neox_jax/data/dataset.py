@@ -1,10 +1,15 @@
 """The training pipeline: grain `MapDataset`s over GPT-NeoX `.bin/.idx` token files.
 
-Each dataset's token stream (documents back to back, EOD after each) is cut into windows of
-`seq_len + 1` tokens that overlap by one token, as GPT-NeoX does (window i starts at token i * seq_len).
-Per dataset the windows are shuffled by seed, differently in each epoch, and repeated without end; the
-datasets are mixed in proportion to their weights (grain's deterministic proportional mix). Sample k of
-the mixture is a pure function of (datasets, weights, seed, k), and global batch n is samples
+Three sample orders (`data.order`):
+- "grain" (default): each dataset's token stream (documents back to back, EOD after each) is cut into windows
+  of `seq_len + 1` tokens that overlap by one token, as GPT-NeoX does (window i starts at token i * seq_len).
+  Per dataset the windows are shuffled by seed, differently in each epoch, and repeated without end; the
+  datasets are mixed in proportion to their weights (grain's deterministic proportional mix).
+- "gpt_neox": GPT-NeoX's own order, sample for sample (`neox_index`): the same files, seed, seq_len, global
+  batch and number of training samples give GPT-NeoX's sample k as sample k.
+- "sequential": documents in stored order, each one training sequence of `seq_len + 1` tokens (Pythia's
+  pre-shuffled Pile: batch k = sequences [k * 1024, (k + 1) * 1024)).
+Sample k of an order is a pure function of (datasets, weights, seed, k), and global batch n is samples
 [n * B, (n + 1) * B). Process p of P takes rows [p * B / P, (p + 1) * B / P) of each global batch.
 
 The iterator's state is the number of samples consumed globally, so restoring it on any number of
@@ -18,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from neox_jax.data import indexed
+from neox_jax.data import indexed, neox_index
 
 STATE_VERSION = 1
 
@@ -45,6 +50,31 @@ class TokenWindows:
         return f"TokenWindows({self.data.prefix!r}, seq_len={self.seq_len}, windows={self._len})"
 
 
+class SequentialSamples:
+    """grain random-access source: sample k = document k of the datasets in order (then the next dataset's),
+    each exactly `seq_len + 1` tokens, as int32. Pythia's pre-shuffled Pile is stored this way."""
+
+    def __init__(self, prefixes: Sequence[str], seq_len: int):
+        self.parts = [indexed.IndexedDataset(p) for p in prefixes]
+        for part in self.parts:
+            wrong = np.flatnonzero(part.sizes != seq_len + 1)
+            if len(wrong):
+                raise ValueError(f"{part.prefix}.idx: document {wrong[0]} has {part.sizes[wrong[0]]} tokens; "
+                                 f"data.order='sequential' reads each document as one training sequence of "
+                                 f"train.seq_len + 1 = {seq_len + 1} tokens")
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        part = int(np.searchsorted(self.starts, k, side="right")) - 1
+        return self.parts[part][int(k) - int(self.starts[part])].astype(np.int32)
+
+    def state(self) -> dict:
+        return {"order": "sequential"}
+
+
 def _as_batch(tokens: np.ndarray) -> dict:
     return {"tokens": tokens}
 
@@ -62,6 +92,17 @@ def mixture(prefixes: Sequence[str], seq_len: int, seed: int, weights: Sequence[
     return grain.MapDataset.mix(parts, list(weights) if weights is not None else None)
 
 
+def cycled(order, global_batch: int):
+    """A finite order repeated without end over its whole global batches (as GPT-NeoX's loader cycles)."""
+    import grain
+
+    usable = len(order) // global_batch * global_batch
+    if not usable:
+        raise ValueError(f"the {order.state()['order']} order holds {len(order)} samples, fewer than one global "
+                         f"batch of train.batch_size={global_batch}")
+    return grain.MapDataset.source(order)[:usable].repeat()
+
+
 def local_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
         raise ValueError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
@@ -77,19 +118,25 @@ def _rows_of_process(ds, start: int, global_batch: int, process_index: int, proc
 class TrainIterator:
     """Iterator over this process's training batches, {"tokens": int32 [B / P, seq_len + 1]}.
 
-    `get_state()` is a small JSON-able dict keyed by global position; `set_state()` continues from it.
+    `order`: a random-access source of the global sample order (neox_index.NeoxSamples / BlendedSamples,
+    SequentialSamples) in place of the grain mix of `prefixes`. `get_state()` is a small JSON-able dict keyed
+    by global position; `set_state()` continues from it.
     """
 
     def __init__(self, prefixes: Sequence[str], weights: Sequence[float], *, seq_len: int, global_batch: int,
                  seed: int, process_index: int = 0, process_count: int = 1, workers: int = 0,
-                 read_threads: int = 2, prefetch: int = 4, start_batch: int = 0):
+                 read_threads: int = 2, prefetch: int = 4, start_batch: int = 0, order=None):
         self.prefixes = list(prefixes)
         self.weights = [float(w) for w in weights]
         self.seq_len, self.global_batch, self.seed = int(seq_len), int(global_batch), int(seed)
         self.process_index, self.process_count = int(process_index), int(process_count)
         local_batch_size(self.global_batch, self.process_count)
         self.workers, self.read_threads, self.prefetch = int(workers), int(read_threads), int(prefetch)
-        self._mixture = mixture(self.prefixes, self.seq_len, self.seed, self.weights)
+        if order is None:
+            self._mixture = mixture(self.prefixes, self.seq_len, self.seed, self.weights)
+            self.order = {"order": "grain"}
+        else:
+            self._mixture, self.order = cycled(order, self.global_batch), order.state()
         self.samples = int(start_batch) * self.global_batch
         self._it = None
 
@@ -134,29 +181,40 @@ class TrainIterator:
     # ---- checkpointing -----------------------------------------------------------------------------------
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "samples": self.samples, "seed": self.seed, "seq_len": self.seq_len,
-                "datasets": [os.path.basename(p) for p in self.prefixes], "weights": self.weights}
+                "datasets": [os.path.basename(p) for p in self.prefixes], "weights": self.weights,
+                "order": self.order}
 
     def set_state(self, state: dict) -> None:
         mine = self.get_state()
+        state = {"order": {"order": "grain"}, **state}  # states saved before data.order existed
         for key, field in (("seq_len", "train.seq_len"), ("seed", "train.seed"),
-                           ("datasets", "data.train_paths"), ("weights", "data.train_weights")):
+                           ("datasets", "data.train_paths"), ("weights", "data.train_weights"),
+                           ("order", "data.order, data.split and data.num_samples")):
             if state.get(key) != mine[key]:
+                hint = ("; the gpt_neox order depends on the number of samples through its epochs: pin "
+                        "data.num_samples to the first run's train.steps x train.batch_size"
+                        if key == "order" and state[key]["order"] == mine[key]["order"] == "gpt_neox"
+                        and state[key].get("epochs") != mine[key].get("epochs") else "")
                 raise ValueError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
-                                 f"this run has {mine[key]!r}; the data order cannot be resumed exactly")
+                                 f"this run has {mine[key]!r}; the data order cannot be resumed exactly{hint}")
         samples = int(state["samples"])
         self.close()
         self.samples = samples
 
 
 class ValBatches:
-    """A fixed, unshuffled pass over the validation windows; iterate it any number of times."""
+    """The first `num_batches` global batches of a random-access source of samples (by default the validation
+    files' windows in stored order), the same on every pass; iterate it any number of times."""
 
     def __init__(self, prefixes: Sequence[str], *, seq_len: int, global_batch: int, num_batches: int,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1, source=None):
         import grain
 
-        parts = [grain.MapDataset.source(TokenWindows(p, seq_len)) for p in prefixes]
-        windows = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        if source is None:
+            parts = [grain.MapDataset.source(TokenWindows(p, seq_len)) for p in prefixes]
+            windows = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
+        else:
+            windows = grain.MapDataset.source(source)
         self.num_windows = len(windows)
         # a val set smaller than num_batches * batch wraps around (in order)
         self._ds = _rows_of_process(windows.repeat(), 0, global_batch, process_index, process_count)
@@ -181,13 +239,15 @@ def resolve_paths(spec: str, tokenizer: str = "", cache_dir: str = "", field: st
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
             continue
-        if indexed.exists(indexed.strip_suffix(entry)):
-            prefixes.append(indexed.strip_suffix(entry))
+        if indexed.resolve_prefix(entry):
+            prefixes.append(indexed.resolve_prefix(entry))
         elif is_text_input(entry):
             prefixes.append(prepare_dataset(entry, tokenizer or None, cache_dir or None, workers=workers))
         else:
-            raise ValueError(f"{field}: {entry!r} is neither a .bin/.idx prefix (no {indexed.strip_suffix(entry)}.idx"
-                             f" and .bin) nor a Pile-format file (.jsonl, .jsonl.zst, .jsonl.gz, .txt)")
+            p = indexed.strip_suffix(entry)
+            raise ValueError(f"{field}: {entry!r} is neither a .bin/.idx prefix (no {p}.idx and .bin, nor GPT-NeoX's "
+                             f"{p}{indexed.NEOX_SUFFIX}.idx and .bin) nor a Pile-format file (.jsonl, .jsonl.zst, "
+                             ".jsonl.gz, .txt)")
     if not prefixes:
         raise ValueError(f"{field}: no datasets given")
     return prefixes
@@ -222,30 +282,102 @@ def _train_spec(config) -> str:
     return config.data.train_paths or default_paths()["train"]
 
 
+def num_samples(config) -> int:
+    """N, the training samples the gpt_neox order is built for: GPT-NeoX's train_iters x train_batch_size."""
+    return config.data.num_samples or config.train.steps * config.train.batch_size
+
+
+def train_order(config, prefixes: Sequence[str], weights: Sequence[float]):
+    """The random-access source of `data.order` (None for the grain mix). GPT-NeoX's index arrays are built
+    (or loaded from their cache) here, by process 0 first when several processes share the files."""
+    d, t = config.data, config.train
+    if d.order == "grain":
+        return None
+    if d.order == "sequential":
+        return SequentialSamples(prefixes, t.seq_len)
+    if d.split:
+        if len(prefixes) != 1:
+            raise ValueError(f"data.split cuts one dataset into train/valid/test documents; data.train_paths names "
+                             f"{len(prefixes)}")
+        train, _ = _split_ranges(prefixes[0], d.split)
+        return _process_0_first(lambda: neox_index.NeoxSamples(prefixes[0], "train", num_samples(config), t.seq_len,
+                                                               t.seed, train, d.cache_dir))
+    weights, counts = neox_index.blended_num_samples(weights, num_samples(config))
+
+    def build():
+        parts = [neox_index.NeoxSamples(p, f"train_{i}", n, t.seq_len, t.seed, None, d.cache_dir)
+                 for i, (p, n) in enumerate(zip(prefixes, counts))]
+        return neox_index.BlendedSamples(parts, weights)
+
+    return _process_0_first(build)
+
+
+def _split_ranges(prefix: str, spec: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    bounds = neox_index.split_bounds(spec, len(indexed.IndexedDataset(prefix)))
+    return (bounds[0], bounds[1]), (bounds[1], bounds[2])
+
+
+def _process_0_first(build):
+    """build() on process 0, then on the others (which find its cache when the files are shared)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return build()
+    from jax.experimental import multihost_utils
+
+    order = build() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("neox_jax data order index")
+    return order if order is not None else build()
+
+
 def make_train_iterator(config, process_index: int | None = None, process_count: int | None = None,
-                        start: int = 0) -> TrainIterator:
-    """The training batches of this process, from global batch `start` (or call `set_state` afterwards)."""
+                        start: int | None = None) -> TrainIterator:
+    """The training batches of this process, from global batch `start` (default data.start_batch; or call
+    `set_state` afterwards)."""
     d = config.data
     prefixes = resolve_paths(_train_spec(config), d.tokenizer, d.cache_dir)
     weights = parse_weights(d.train_weights, len(prefixes))
+    order = train_order(config, prefixes, weights)
     process_index, process_count = _process(process_index, process_count)
     return TrainIterator(prefixes, weights, seq_len=config.train.seq_len, global_batch=config.train.batch_size,
                          seed=config.train.seed, process_index=process_index, process_count=process_count,
-                         workers=d.workers, start_batch=start)
+                         workers=d.workers, start_batch=d.start_batch if start is None else start, order=order)
+
+
+def steps_batches(config, steps: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, int32 [train.batch_size, seq_len + 1]) for the given training steps of a run of `config`: the
+    whole global batch (every process's rows) that train step `step` consumes, i.e. global batch
+    data.start_batch + step of the run's order. A checkpoint at step N was trained on steps 0 .. N - 1."""
+    it = make_train_iterator(config, 0, 1)
+    batches = it.local_batches(it.samples)
+    for step in steps:
+        yield step, batches[step]["tokens"]
 
 
 def make_val_batches(config, process_index: int | None = None, process_count: int | None = None,
                      num_batches: int | None = None) -> ValBatches | None:
     """`train.eval_batches` fixed validation batches, or None when there is no validation set
-    (data.val_paths empty while data.train_paths names custom data)."""
+    (data.val_paths empty while data.train_paths names custom data, or an empty valid split).
+
+    With the gpt_neox order and a `data.split`, they are the first batches of GPT-NeoX's valid dataset
+    (its documents in GPT-NeoX's order, built for (train_iters // eval_every + 1) x eval_batches batches)."""
     from neox_jax.data import default_paths
 
-    d = config.data
+    d, t = config.data, config.train
+    process_index, process_count = _process(process_index, process_count)
+    num_batches = t.eval_batches if num_batches is None else num_batches
+    kw = dict(seq_len=t.seq_len, global_batch=t.batch_size, num_batches=num_batches,
+              process_index=process_index, process_count=process_count)
+    if d.order == "gpt_neox" and d.split:
+        prefix = resolve_paths(_train_spec(config), d.tokenizer, d.cache_dir)[0]
+        _, valid = _split_ranges(prefix, d.split)
+        if valid[1] == valid[0]:
+            return None
+        evals = num_samples(config) // t.batch_size // max(t.eval_every, 1) + 1
+        source = _process_0_first(lambda: neox_index.NeoxSamples(
+            prefix, "valid", evals * t.eval_batches * t.batch_size, t.seq_len, t.seed, valid, d.cache_dir))
+        return ValBatches([prefix], source=source, **kw)
     spec = d.val_paths or ("" if d.train_paths else default_paths()["val"])
     if not spec:
         return None
-    prefixes = resolve_paths(spec, d.tokenizer, d.cache_dir, field="data.val_paths")
-    process_index, process_count = _process(process_index, process_count)
-    return ValBatches(prefixes, seq_len=config.train.seq_len, global_batch=config.train.batch_size,
-                      num_batches=num_batches if num_batches is not None else config.train.eval_batches,
-                      process_index=process_index, process_count=process_count)
+    return ValBatches(resolve_paths(spec, d.tokenizer, d.cache_dir, field="data.val_paths"), **kw)

@@ -54,6 +54,20 @@ def exists(prefix: str) -> bool:
     return os.path.isfile(prefix + ".idx") and os.path.isfile(prefix + ".bin")
 
 
+# GPT-NeoX's preprocess_data.py writes `<output-prefix>_text_document.{bin,idx}` (its json key, then "document").
+NEOX_SUFFIX = "_text_document"
+
+
+def resolve_prefix(path: str) -> str | None:
+    """The dataset prefix `path` names (PREFIX, PREFIX.bin or PREFIX.idx), also when it is the --output-prefix
+    given to GPT-NeoX's preprocess_data.py, which wrote PREFIX_text_document; None when neither pair exists."""
+    prefix = strip_suffix(os.fspath(path))
+    for candidate in (prefix, prefix + NEOX_SUFFIX):
+        if exists(candidate):
+            return candidate
+    return None
+
+
 class IndexedDataset:
     """Read-only view of a .bin/.idx pair through numpy memory maps.
 

@@ -8,6 +8,10 @@ each document. Outputs are written atomically.
 
 Bad input (a malformed JSON line, invalid UTF-8, no "text" string, an empty document, a truncated
 compressed stream) stops with the file and line number, or with `skip_bad=True` is skipped and counted.
+
+Empty documents: by default a document whose text is empty or only whitespace is bad input. GPT-NeoX's
+preprocess_data.py drops empty strings but tokenizes whitespace-only text as a document;
+`keep_whitespace_docs=True` does the same (empty strings are dropped and counted), so both write the same files.
 """
 
 from __future__ import annotations
@@ -152,7 +156,11 @@ def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
             yield line_no + 1, b"".join(pending)
 
 
-def _parse_line(path: str, line_no: int, raw: bytes) -> Document:
+def _is_empty(text: str, keep_whitespace: bool) -> bool:
+    return not text if keep_whitespace else not text.strip()
+
+
+def _parse_line(path: str, line_no: int, raw: bytes, keep_whitespace: bool = False) -> Document:
     try:
         s = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -165,14 +173,14 @@ def _parse_line(path: str, line_no: int, raw: bytes) -> Document:
     text = obj.get("text") if isinstance(obj, dict) else None
     if not isinstance(text, str):
         raise DataError(path, line_no, "missing_text", 'no "text" string field (expected {"text": ..., "meta": {...}})')
-    if not text.strip():
+    if _is_empty(text, keep_whitespace):
         raise DataError(path, line_no, "empty_document", 'empty document ("text" has no non-space characters)')
     meta = obj.get("meta")
     component = meta.get("pile_set_name") if isinstance(meta, dict) else None
     return Document(text, str(component) if component else "unknown", path, line_no)
 
 
-def _text_file_document(path: str) -> Document:
+def _text_file_document(path: str, keep_whitespace: bool = False) -> Document:
     with open(path, "rb") as f:
         raw = f.read()
     try:
@@ -180,34 +188,41 @@ def _text_file_document(path: str) -> Document:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(path, line, "invalid_utf8", f"invalid UTF-8 ({e.reason})") from None
-    if not text.strip():
+    if _is_empty(text, keep_whitespace):
         raise DataError(path, 1, "empty_document", "empty document (the file has no non-space characters)")
     return Document(text, os.path.basename(path), path, 1)
 
 
 def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
-                   bad_counts: collections.Counter | None = None) -> Iterator[Document]:
+                   bad_counts: collections.Counter | None = None,
+                   keep_whitespace_docs: bool = False) -> Iterator[Document]:
     """Every good document of the inputs in order. With skip_bad, bad ones are counted in bad_counts by
-    kind (a damaged stream ends that file) instead of raising DataError."""
+    kind (a damaged stream ends that file) instead of raising DataError. keep_whitespace_docs: whitespace-only
+    texts are documents and empty ones are dropped and counted, as in GPT-NeoX (see the module docstring)."""
     bad_counts = collections.Counter() if bad_counts is None else bad_counts
+
+    def skipped(e: DataError) -> bool:
+        if not (skip_bad or (keep_whitespace_docs and e.kind == "empty_document")):
+            return False
+        bad_counts[e.kind] += 1
+        return True
+
     for path in expand_inputs(inputs):
         try:
             if path.endswith(".txt"):
-                yield _text_file_document(path)
+                yield _text_file_document(path, keep_whitespace_docs)
                 continue
             for line_no, raw in _raw_lines(path):
                 if not raw.strip():
                     continue
                 try:
-                    yield _parse_line(path, line_no, raw)
+                    yield _parse_line(path, line_no, raw, keep_whitespace_docs)
                 except DataError as e:
-                    if not skip_bad:
+                    if not skipped(e):
                         raise
-                    bad_counts[e.kind] += 1
         except DataError as e:
-            if not skip_bad:
+            if not skipped(e):
                 raise
-            bad_counts[e.kind] += 1
 
 
 # ---- tokenizing ------------------------------------------------------------------------------------------
@@ -215,13 +230,13 @@ def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
 _worker_tokenizer = None
 
 
-def _init_worker(tokenizer_path: str):
+def _init_worker(tokenizer_path: str, add_special_tokens: bool):
     global _worker_tokenizer
     # One core per worker process: tokenizers' own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     from neox_jax.data.tokenizer import load_tokenizer
 
-    _worker_tokenizer = load_tokenizer(tokenizer_path)
+    _worker_tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
 
 
 def _encode(texts: Sequence[str], append_eod: bool, tokenizer=None) -> tuple[np.ndarray, np.ndarray]:
@@ -248,7 +263,7 @@ def _tokenizer_pool(workers: int, tokenizer, append_eod: bool):
         return pool, lambda texts: _encode(texts, append_eod, tokenizer)
     pool = concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker, initargs=(tokenizer.path,))
+        initializer=_init_worker, initargs=(tokenizer.path, tokenizer.add_special_tokens))
     return pool, functools.partial(_worker_encode, append_eod)
 
 
@@ -299,15 +314,21 @@ class Summary:
 
 def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: str | None = None, *,
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
-               split_by_component: bool = False, dedup: bool = False, progress: bool = True) -> Summary:
+               split_by_component: bool = False, dedup: bool = False, progress: bool = True,
+               keep_whitespace_docs: bool = False, add_special_tokens: bool = False,
+               neox_names: bool = False) -> Summary:
     """Tokenize Pile-format inputs into `output_prefix.{bin,idx}` (or one `output_prefix_<component>` pair
-    per pile_set_name). Nothing is written under the final names unless every input was read."""
+    per pile_set_name). Nothing is written under the final names unless every input was read.
+
+    neox_names: GPT-NeoX's output names, `output_prefix[_<component>]_text_document.{bin,idx}`.
+    add_special_tokens: let an HF tokenizer's post-processor add its special tokens (e.g. a BOS before every
+    document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same."""
     from tqdm import tqdm
 
     from neox_jax.data.dedup import text_key
     from neox_jax.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
     seen: set[bytes] = set()
@@ -336,6 +357,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
             key = component if split_by_component else "all"
             if key not in writers:
                 prefix = f"{output_prefix}_{component_slug(component)}" if split_by_component else output_prefix
+                prefix += indexed.NEOX_SUFFIX if neox_names else ""
                 writers[key] = stack.enter_context(indexed.IndexedWriter(prefix, dtype))
                 summary.outputs[key] = writers[key].prefix
             return writers[key]
@@ -355,7 +377,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
             bar.set_postfix_str(f"{summary.docs / (time.perf_counter() - start):.0f} docs/s", refresh=False)
 
         in_flight = collections.deque()  # ordered: results are written in input order
-        for chunk in _chunks(kept(iter_documents(inputs, skip_bad, summary.bad))):
+        for chunk in _chunks(kept(iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs))):
             in_flight.append((chunk, pool.submit(encode, [d.text for d in chunk])))
             while len(in_flight) > 2 * workers:
                 c, fut = in_flight.popleft()

@@ -18,14 +18,17 @@ class TokenizerError(ValueError):
 
 
 class HFTokenizer:
-    """An HF `tokenizers` JSON file (e.g. 20B_tokenizer.json: 50,277 ids, <|endoftext|> = 0)."""
+    """An HF `tokenizers` JSON file (e.g. 20B_tokenizer.json: 50,277 ids, <|endoftext|> = 0).
+
+    add_special_tokens: encode with the file's post-processor (e.g. a BOS before every text), as GPT-NeoX's
+    HFTokenizer and transformers do by default; off, the ids are the text's alone."""
 
     kind = "hf"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, add_special_tokens: bool = False):
         from tokenizers import Tokenizer
 
-        self.path = path
+        self.path, self.add_special_tokens = path, add_special_tokens
         try:
             self._tok = Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
@@ -38,21 +41,23 @@ class HFTokenizer:
         self.eod_id = ids[0]
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=self.add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast skips offset tracking (newer tokenizers releases); same ids
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+        return [e.ids for e in encode(list(texts), add_special_tokens=self.add_special_tokens)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 class SentencePieceTokenizer:
-    """A sentencepiece `.model` file; its eos piece is the end-of-document token."""
+    """A sentencepiece `.model` file; its eos piece is the end-of-document token. It adds no BOS (neither does
+    GPT-NeoX's SentencePieceTokenizer), so `add_special_tokens` changes nothing."""
 
     kind = "sentencepiece"
+    add_special_tokens = False
 
     def __init__(self, path: str):
         import sentencepiece as spm
@@ -80,7 +85,7 @@ class SentencePieceTokenizer:
 Tokenizer = HFTokenizer | SentencePieceTokenizer
 
 
-def load_tokenizer(path: str | None = None) -> Tokenizer:
+def load_tokenizer(path: str | None = None, add_special_tokens: bool = False) -> Tokenizer:
     """Load an HF JSON tokenizer or a sentencepiece model; None or "" -> the bundled 20B tokenizer."""
     if not path:
         from neox_jax.data import default_paths
@@ -95,7 +100,7 @@ def load_tokenizer(path: str | None = None) -> Tokenizer:
     else:  # no telling name: HF files are JSON objects, sentencepiece models binary protobufs
         with open(path, "rb") as f:
             is_json = f.read(64).lstrip()[:1] == b"{"
-    return HFTokenizer(path) if is_json else SentencePieceTokenizer(path)
+    return HFTokenizer(path, add_special_tokens) if is_json else SentencePieceTokenizer(path)
 
 
 def check_vocab(tokenizer: Tokenizer | str, padded_vocab_size: int) -> None:

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""The tokens (and text) a run trains on at given steps: what a model saw before a checkpoint.
+
+    python scripts/batch_viewer.py --config configs/pythia.py:160m --config.data.order=gpt_neox \\
+        --config.data.train_paths=data/pile_20B_tokenizer_text_document --config.train.seed=1234 \\
+        --steps 1000:1010 --npy steps.npy
+    python scripts/batch_viewer.py --config configs/tiny.py --steps 5 --rows 0:2 --json step5.json
+
+Give the same --config flags as the training command: the order depends on the data files, data.order, the
+seed, seq_len, the global batch and (gpt_neox) the number of training samples. --steps A:B is the half-open
+range of train steps A .. B - 1 (step k is the batch of the k-th update; a checkpoint at step N saw 0 .. N - 1);
+--npy writes int32 [steps, rows, seq_len + 1], --json one {"step", "row", "tokens", "text"} line per row.
+"""
+
+import contextlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from neox_jax import cli  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+OWN_FLAGS = ("steps", "rows", "json", "npy", "chars")
+if __name__ == "__main__":
+    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG, own_flags=OWN_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path[:arg]).", lock_config=True)
+_STEPS = flags.DEFINE_string("steps", "0", "train step K, or A:B for steps A .. B - 1")
+_ROWS = flags.DEFINE_string("rows", "", "rows of each global batch, A:B (default: all)")
+_JSON = flags.DEFINE_string("json", None, "write one JSON object per row (step, row, tokens, text) to this file")
+_NPY = flags.DEFINE_string("npy", None, "write the tokens as int32 [steps, rows, seq_len + 1] to this .npy file")
+_CHARS = flags.DEFINE_integer("chars", 120, "characters of text printed per row (0: print no text)")
+
+
+def _range(spec: str, flag: str, limit: int | None = None) -> range:
+    try:
+        start, _, stop = spec.partition(":")
+        r = range(int(start or 0), int(stop) if stop else (int(start) + 1 if limit is None else limit))
+    except ValueError:
+        raise app.UsageError(f"--{flag}={spec!r}: expected K or A:B with integers") from None
+    if not len(r) or r.start < 0 or (limit is not None and r.stop > limit):
+        raise app.UsageError(f"--{flag}={spec!r}: empty or out of range" + (f" [0, {limit})" if limit else ""))
+    return r
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    import numpy as np
+
+    from neox_jax.config import ConfigError, validate
+    from neox_jax.data import load_tokenizer, steps_batches
+
+    config = _CONFIG.value
+    try:
+        validate(config)
+    except ConfigError as e:
+        sys.exit(f"FATAL: {e}")
+    steps = _range(_STEPS.value, "steps")
+    rows = _range(_ROWS.value, "rows", config.train.batch_size) if _ROWS.value else range(config.train.batch_size)
+    tokenizer = load_tokenizer(config.data.tokenizer or None)
+    out = (np.lib.format.open_memmap(_NPY.value, mode="w+", dtype=np.int32,
+                                     shape=(len(steps), len(rows), config.train.seq_len + 1)) if _NPY.value else None)
+    with open(_JSON.value, "w") if _JSON.value else contextlib.nullcontext() as lines:
+        for i, (step, batch) in enumerate(steps_batches(config, steps)):
+            batch = batch[rows.start:rows.stop]
+            if out is not None:
+                out[i] = batch
+            for row, ids in zip(rows, batch):
+                text = tokenizer.decode(ids) if lines or _CHARS.value else ""
+                if lines:
+                    lines.write(json.dumps({"step": step, "row": row, "tokens": ids.tolist(), "text": text}) + "\n")
+                if _CHARS.value:
+                    print(f"step {step} row {row}: {text[:_CHARS.value]!r}")
+    if out is not None:
+        out.flush()
+        print(f"wrote {_NPY.value}: int32 {list(out.shape)}")
+    if lines:
+        print(f"wrote {_JSON.value}: {len(steps) * len(rows)} rows")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,122 @@
+"""Training from pretrained weights (`train.init_from`): step 0's loss equals HF transformers' loss on the same
+batch, a resumed run ignores init_from, and weights that do not fit the config stop with one clear error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from neox_jax import cli, convert, metrics, pretrained, trainer
+from neox_jax.config import ConfigError
+from neox_jax.data import dataset, indexed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a tiny GPTNeoX whose embedding is the 20B tokenizer's padded vocabulary, so the bundled tokenizer fits
+HF = dict(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+          max_position_embeddings=64, rotary_pct=0.5, hidden_act="gelu", use_parallel_residual=True,
+          layer_norm_eps=1e-5, tie_word_embeddings=False)
+OVERRIDES = {"model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 4, "model.intermediate_size": 96,
+             "model.rotary_pct": 0.5, "model.scan_unroll": 1, "train.batch_size": 8, "train.seq_len": 32,
+             "train.steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.checkpoint_every": 1}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**HF)).eval()
+    with torch.no_grad():  # non-trivial LayerNorms and biases, so a dropped or swapped tensor shows in the loss
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    prefix = str(tmp_path_factory.mktemp("tokens") / "random")
+    rng = np.random.default_rng(0)
+    with indexed.IndexedWriter(prefix, np.uint16) as w:
+        for _ in range(40):
+            w.add(rng.integers(0, 50277, rng.integers(20, 200)))
+    return prefix
+
+
+def run_config(tokens, **extra):
+    return cli.load_config(os.path.join(ROOT, "configs", "tiny.py"),
+                           {**OVERRIDES, "data.train_paths": tokens, **extra})
+
+
+def hf_loss(model, batch):
+    import torch
+
+    ids = torch.as_tensor(np.asarray(batch, np.int64))
+    with torch.no_grad():
+        logits = model(ids[:, :-1]).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)))
+
+
+@pytest.mark.slow
+def test_step_0_loss_equals_hf_and_resume_ignores_init_from(hf_dir, tokens, tmp_path, capsys):
+    path, model = hf_dir
+    config = run_config(tokens, **{"train.init_from": str(path)})
+    trainer.train(config, str(tmp_path))
+    assert f"initialised params from {path}" in capsys.readouterr().out
+    first = next(dataset.make_train_iterator(config, 0, 1))["tokens"]
+    (row,) = [r for r in metrics.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "train"]
+    assert row["loss"] == pytest.approx(hf_loss(model, first), abs=2e-5)
+
+    # the workdir has a checkpoint now: it resumes from it and init_from (a missing path here) is not read
+    trainer.train(run_config(tokens, **{"train.init_from": str(tmp_path / "missing")}), str(tmp_path))
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_params_dir_and_hf_dir_give_the_same_params(hf_dir, tmp_path):
+    path, _ = hf_dir
+    config, params = convert.load_hf(path)
+    convert.save_params(config, params, tmp_path / "params")
+    m = config.model
+    a, b = pretrained.params_for(m, str(path)), pretrained.params_for(m, str(tmp_path / "params"))
+    for x, y in zip(*(sorted(convert.traverse_util.flatten_dict(p).items()) for p in (a, b))):
+        assert x[0] == y[0]
+        np.testing.assert_array_equal(x[1], y[1])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden_size", 64, r"param embed_in has shape \[50304, 32\], expected \[50304, 64\] from this run's model"),
+    ("padded_vocab_size", 50432, r"embed_in has shape \[50304, 32\], expected \[50432, 32\] .* set "
+                                 r"model.padded_vocab_size=50304"),
+    ("use_parallel_residual", False, "has model.use_parallel_residual=True, this run's config has False"),
+    ("hidden_act", "gelu_fast", "has model.hidden_act='gelu', this run's config has 'gelu_fast'"),
+])
+def test_weights_that_do_not_fit_name_field_and_shapes(hf_dir, field, value, match):
+    path, _ = hf_dir
+    m = convert.load_hf(path)[0].model
+    m[field] = value
+    with pytest.raises(ConfigError, match="config field train.init_from.*" + match):
+        pretrained.params_for(m, str(path))
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="is not an HF GPTNeoX directory .* params dir .* training workdir"):
+        pretrained.load(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ConfigError, match="train.init_from: .*config.json: model_type is 'llama'"):
+        pretrained.load(str(tmp_path))
+
+
+def test_pretrained_config_takes_the_model_from_the_checkpoint(hf_dir, tmp_path):
+    path, _ = hf_dir
+    c = cli.load_config(os.path.join(ROOT, "configs", "pretrained.py") + f":{path}")
+    assert (c.model.hidden_size, c.model.num_layers, c.model.rotary_pct, c.train.init_from) == (32, 2, 0.5, str(path))
+    assert c.train.seq_len == 64 and cli.default_workdir(f"configs/pretrained.py:{path}/") == "runs/pretrained_tiny"
+    pretrained.params_for(c.model, str(path))  # fits by construction
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(ConfigError, match="is a training workdir; give its model fields"):
+        pretrained.model_config(str(tmp_path))
