@@ -263,7 +263,9 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla
       pipeline head inputs        (M + S - 1) x rows x T/S x H x b
       saved layer inputs (remat)  L x rows x T x H x b                   full remat: one per layer
       gradients                   pipeline: P x b_g                      the stage's, accumulated over ticks
-                                  micro-batches: 2 x G + G x b_g / 4     accumulator, one micro-batch's, its 16-bit
+                                  micro-batches, ZeRO-1: G               the accumulator; each micro-batch's are
+                                                                         reduce-scattered into it layer by layer
+                                  micro-batches, else: 2 G + G b_g / 4   accumulator, one micro-batch's, its 16-bit
       attention scores            3 x rows x n x q x T x 4               scores, probabilities, their gradient
                                                                          (q = T for XLA, the chunk for chunked;
                                                                          none for cuDNN flash attention)
@@ -295,6 +297,8 @@ def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla
     params = state_bytes["params"] // b_grad - embeddings  # layer parameters per device
     if stages > 1:
         out[GRADIENTS] = params * b_grad
+    elif c.train.micro_batches > 1 and c.zero_stage == 1:  # reduce-scattered layer by layer into the accumulator
+        out[GRADIENTS] = state_bytes["grads"]
     elif c.train.micro_batches > 1:
         out[GRADIENTS] = 2 * state_bytes["grads"] + state_bytes["grads"] * b_grad // 4
     if attention != "cudnn":  # flash attention keeps O(T) per head: nothing worth counting

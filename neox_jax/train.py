@@ -253,11 +253,13 @@ def _gathered_cast(w, p, where: NamedSharding):
     """The master's shard `w` cast to the params' 16-bit dtype and moved to their placement `where`, the move made
     on pairs of 16-bit values bit-cast to 32-bit words: XLA:CPU widens 16-bit collectives to fp32, which for the
     gather of updated params held fp32 copies of the largest arrays (26.6 GB per device, 20B at data 48 x
-    tensor 2). Bit-exact; only for a last dim of even size whose halves the mesh still divides."""
+    tensor 2). Bit-exact; only on CPU (on TPU the reshape costs relayout copies of whole arrays) and for a last dim
+    of even size whose halves the mesh still divides."""
     half = w.astype(p.dtype)
     spec = tuple(where.spec) + (None,) * (w.ndim - len(where.spec))
     last = spec[-1] if w.ndim else None
-    if not w.ndim or w.shape[-1] % (2 * sharding.axis_size(where.mesh, last)):
+    if (model_lib.target_platform() != "cpu" or not w.ndim
+            or w.shape[-1] % (2 * sharding.axis_size(where.mesh, last))):
         return jax.lax.with_sharding_constraint(half, where)
     words = jax.lax.bitcast_convert_type(half.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint32)
     words = jax.lax.with_sharding_constraint(words, NamedSharding(where.mesh, P(*spec)))
