@@ -8,6 +8,7 @@ import os
 import sys
 
 from neox_jax import config as cfg
+from neox_jax import metrics as metrics_lib
 
 
 def import_file(path: str, prefix: str):
@@ -89,5 +90,8 @@ def summary(last: dict, workdir: str) -> str:
         parts.append(f"unigram baseline {last['unigram_val_loss']:.4f}")
     if last.get("tokens_per_s") is not None:
         parts.append(f"tokens_per_s {last['tokens_per_s']:,.0f}")
+    if last.get("energy_kwh_total") is not None:
+        parts.append(f"energy {last['energy_kwh_total']:.4g} kWh ({metrics_lib.estimated_label(last.get('energy_estimated'))}),"
+                     f" {last['co2e_kg_total']:.4g} kg CO2e")
     parts.append(f"workdir {workdir}")
     return " | ".join(parts)
