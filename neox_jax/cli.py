@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import sys
 
@@ -27,6 +28,20 @@ def load_config(spec: str, overrides: dict | None = None):
     module = import_file(path, "_neox_config_")
     c = module.get_config(arg) if arg else module.get_config()
     return cfg.merge(c, overrides or {})
+
+
+def parse_overrides(pairs, flag: str = "--set") -> dict:
+    """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"}: values parsed as JSON where they are JSON, else kept as text."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _fail(message: str) -> None:

@@ -18,18 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _overrides(pairs, flag="--set"):
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from neox_jax import cli  # noqa: E402
 
 
 def _write(rows, path):
@@ -46,11 +35,11 @@ def train(args):
 
     if not args.preset and not args.config:
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
-    variants = [_overrides(v.split(","), "--variant") for v in args.variant or []]
+    variants = [cli.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
     from neox_jax.config import ConfigError
 
     try:
-        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set),
+        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=cli.parse_overrides(args.set),
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
     except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
