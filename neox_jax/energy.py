@@ -217,7 +217,8 @@ class _Meter:
         self._thread.join()
         if self._tracker is not None and not self._degraded:
             try:
-                self._tracker.stop()  # its last measurement, up to now
+                self._tracker._measure_power_and_energy()  # up to now (stop() skips it within 50 ms of a sample)
+                self._tracker.stop()
                 self._publish()
             except Exception as err:  # noqa: BLE001
                 self._degrade(err)
