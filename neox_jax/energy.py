@@ -80,7 +80,7 @@ def grid_intensity(e) -> tuple[float, str]:
         from codecarbon.external.geography import GeoMetadata
         from codecarbon.input import DataSource
     except ImportError:
-        return WORLD_INTENSITY, f"world average (IEA 2019): codecarbon, which holds {e.country}'s grid, is not installed"
+        return WORLD_INTENSITY, f"world average (IEA 2019): codecarbon, with {e.country}'s grid, is not installed"
     _quiet_codecarbon()
     data = DataSource()
     countries = data.get_global_energy_mix_data()

@@ -9,6 +9,7 @@
   python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s
   python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
   python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
+  python scripts/benchmark.py energy --pairs 10                             # energy tracking's cost per step
 """
 
 import argparse
@@ -92,6 +93,20 @@ def data(args):
     _write(results, args.json)
 
 
+def energy(args):
+    from neox_jax import xla_flags
+
+    xla_flags.apply()
+    from neox_jax.bench import energy as bench
+
+    from neox_jax.bench.train import PRESETS
+
+    spec, overrides = PRESETS[args.preset] if args.preset else (args.config, {})
+    result = bench.overhead(spec, {**overrides, **cli.parse_overrides(args.set)}, steps=args.steps, pairs=args.pairs)
+    print(bench.format_result(result))
+    _write(result, args.json)
+
+
 def main(argv=None):
     from neox_jax.bench.train import PRESETS
 
@@ -144,6 +159,14 @@ def main(argv=None):
     d.add_argument("--skip-preprocess", action="store_true")
     d.add_argument("--json")
     d.set_defaults(func=data)
+    e = sub.add_parser("energy", help="energy tracking's overhead per train step (interleaved A/B), J/token")
+    e.add_argument("--config", default="configs/tiny.py")
+    e.add_argument("--preset", choices=PRESETS, help="a named shape of `train` instead of --config")
+    e.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    e.add_argument("--steps", type=int, default=50, help="train steps per timed window (a multiple of log_every)")
+    e.add_argument("--pairs", type=int, default=6, help="ABBA pairs of windows (off, on)")
+    e.add_argument("--json")
+    e.set_defaults(func=energy)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -350,7 +350,8 @@ def test_unknown_grid_is_one_clear_error():
 
 
 def test_console_line_and_plot_show_energy(tmp_path):
-    row = {"loss": 2.0, "power_w": 412.4, "energy_kwh_total": 0.01234567, "co2e_kg_total": 0.005, "energy_estimated": 0.25}
+    row = {"loss": 2.0, "power_w": 412.4, "energy_kwh_total": 0.01234567, "co2e_kg_total": 0.005,
+           "energy_estimated": 0.25}
     assert metrics.format_line(7, 10, row).endswith(
         "power_w 412 W | energy_kwh_total 0.01235 kWh | co2e_kg_total 0.005 kg | energy 25% estimated")
     assert metrics.estimated_label(0.0) == "measured" and metrics.estimated_label(1.0) == "estimated"
