@@ -94,8 +94,13 @@ def estimate(config, device: str, devices: int, *, mfu: float | None = None, tfl
     if not rated:
         raise PlanError(f"--device {device!r}: no rated power known (table: "
                         f"{', '.join(n for n, _ in energy_lib.RATED_WATTS)}); give --watts")
-    if not 0 < utilisation <= 1:
-        raise PlanError(f"--utilisation must be in (0, 1], got {utilisation}")
+    for flag, value, ok, expected in (("--utilisation", utilisation, 0 < utilisation <= 1, "in (0, 1]"),
+                                      ("--steps", steps, steps is None or steps >= 1, "at least 1"),
+                                      ("--pue", pue, pue is None or pue >= 1, "at least 1"),
+                                      ("--carbon_intensity", carbon_intensity,
+                                       carbon_intensity is None or carbon_intensity >= 0, ">= 0 g CO2e/kWh")):
+        if not ok:
+            raise PlanError(f"{flag} must be {expected}, got {value}")
     cfg.validate(config)
     t = config.train
     model = cfg.resolve_model(config)

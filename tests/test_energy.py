@@ -419,6 +419,9 @@ def test_planner_mfu_from_a_benchmark_file(tmp_path):
     (dict(device="TPU v4", devices=8, mfu=0.5), "--device 'TPU v4': no rated power known.*give --watts"),
     (dict(device="A100", devices=8, tflops=400.0), "MFU must be in \\(0, 1\\], got 1.282"),
     (dict(device="A100", devices=0, mfu=0.5), "--devices must be at least 1"),
+    (dict(device="A100", devices=8, mfu=0.5, utilisation=1.5), "--utilisation must be in \\(0, 1\\], got 1.5"),
+    (dict(device="A100", devices=8, mfu=0.5, steps=0), "--steps must be at least 1, got 0"),
+    (dict(device="A100", devices=8, mfu=0.5, pue=0.5), "--pue must be at least 1"),
 ])
 def test_planner_bad_input_names_the_flag(kwargs, message):
     with pytest.raises(plan.PlanError, match=message):
