@@ -240,15 +240,17 @@ def _host_leaders() -> bool:
     return int(np.flatnonzero(hosts == host)[0]) == jax.process_index()
 
 
-def _all_processes(reading: np.ndarray) -> np.ndarray:
-    """[processes, reading] on every process (one all-gather of a few floats per log line)."""
+def _all_processes(delta: np.ndarray) -> np.ndarray:
+    """[processes, delta] on every process (one all-gather of a few floats per log line). Windows travel, not
+    totals: the gather is float32 (JAX without x64), exact enough for a window but not for a growing total."""
     import jax
 
     if jax.process_count() == 1:
-        return reading[None]
+        return delta[None]
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(reading)).reshape(jax.process_count(), -1)
+    gathered = multihost_utils.process_allgather(delta.astype(np.float32))
+    return np.asarray(gathered, np.float64).reshape(jax.process_count(), -1)
 
 
 def previous_totals(workdir: str) -> dict[str, float]:
@@ -279,7 +281,8 @@ class RunEnergy:
         rated = rated_watts([d.device_kind for d in devices], (os.cpu_count() or 1) if count_host else 0, e.cpu_watts)
         self._meter = _Meter(e, self.intensity, gpu_ids, rated, count_host)
         self._prior = previous_totals(workdir) if is_main else {}
-        self._previous = None
+        self._previous = np.zeros(2 + len(KINDS))  # this process's last reading
+        self._session = np.zeros(2 + len(KINDS))  # the windows so far, summed over processes (seconds too)
         self._totals: dict[str, float] = {}
 
     def window(self) -> dict[str, float]:
@@ -287,9 +290,10 @@ class RunEnergy:
         and the run's cumulative totals, summed over processes."""
         if not self.enabled:
             return {}
-        rows = _all_processes(self._meter.read())
-        delta = rows if self._previous is None else rows - self._previous
-        self._previous = rows
+        reading = self._meter.read()
+        delta = _all_processes(reading - self._previous)
+        self._previous = reading
+        self._session += delta.sum(0)
         kwh = dict(zip(KINDS, delta[:, 1:ESTIMATED].sum(0)))
         window_kwh = sum(kwh.values())
         watts = sum(d[1:ESTIMATED].sum() * _JOULES_PER_KWH / d[SECONDS] for d in delta if d[SECONDS] > 0)
@@ -297,14 +301,14 @@ class RunEnergy:
                "power_w": watts if (delta[:, SECONDS] > 0).any() else None,
                "co2e_kg": window_kwh * self.intensity / 1000.0,
                "energy_estimated": delta[:, ESTIMATED].sum() / window_kwh if window_kwh > 0 else None}
-        cumulative = dict(zip(KINDS, rows[:, 1:ESTIMATED].sum(0)))
+        cumulative = dict(zip(KINDS, self._session[1:ESTIMATED]))
         self._totals = {
             "energy_kwh_total": sum(cumulative.values()) + self._prior.get("energy_kwh_total", 0.0),
             **{f"energy_{k}_kwh_total": v + self._prior.get(f"energy_{k}_kwh_total", 0.0)
                for k, v in cumulative.items()},
             "co2e_kg_total": sum(cumulative.values()) * self.intensity / 1000.0 + self._prior.get("co2e_kg_total", 0.0),
-            "energy_seconds": float(rows[:, SECONDS].max()),
-            "energy_estimated_kwh": float(rows[:, ESTIMATED].sum())}
+            "energy_seconds": float(self._session[SECONDS]) / len(delta),
+            "energy_estimated_kwh": float(self._session[ESTIMATED])}
         return {**out, **{k: v for k, v in self._totals.items() if k.endswith("_total")}}
 
     def stop(self) -> None:
@@ -336,6 +340,6 @@ class RunEnergy:
         if self.is_main and self._totals:
             record = {"backend": self._meter.backend, "sources": self._meter.sources, "pue": self.pue,
                       "carbon_intensity_g_per_kwh": self.intensity, "intensity_source": self.intensity_source,
-                      **{k: v for k, v in self._totals.items() if math.isfinite(v)}}
+                      **{k: float(v) for k, v in self._totals.items() if math.isfinite(v)}}
             with open(os.path.join(self.workdir, "energy.json"), "w") as f:
                 json.dump(record, f, indent=1)

@@ -82,4 +82,4 @@ def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     rel = [(b - a) / a for a, b in zip(r["step_time_off"], r["step_time_on"])]
     assert r["overhead_median"] == pytest.approx(sorted(rel)[0] / 2 + sorted(rel)[1] / 2)
     assert r["joules_per_token"] > 0 and r["window_ms"] > 0 and r["backend"].startswith("codecarbon")
-    assert "overhead: median of pairs" in capsys.readouterr().out
+    assert "overhead (wall): median of pairs" in capsys.readouterr().out

@@ -144,10 +144,10 @@ def test_windows_sum_over_processes_and_continue_a_resumed_run(tmp_path, monkeyp
     # two processes: [seconds, gpu, cpu, ram, estimated kWh] cumulative, three log lines
     p0 = [[10, 0.010, 0.001, 0.002, 0.003], [20, 0.030, 0.002, 0.004, 0.006], [25, 0.040, 0.003, 0.005, 0.008]]
     p1 = [[12, 0.020, 0.000, 0.000, 0.000], [22, 0.050, 0.000, 0.000, 0.000], [30, 0.060, 0.000, 0.000, 0.000]]
-    stacked = iter([np.array([a, b], float) for a, b in zip(p0, p1)])
+    p1_windows = iter(np.diff(np.array([[0.0] * 5, *p1]), axis=0))  # what process 1 sends: its windows
     monkeypatch.setattr(energy, "_Meter", _ScriptedMeter)
-    monkeypatch.setattr(energy, "_all_processes", lambda reading: next(stacked))
-    _ScriptedMeter.readings = [None] * 3
+    monkeypatch.setattr(energy, "_all_processes", lambda delta: np.stack([delta, next(p1_windows)]))
+    _ScriptedMeter.readings = [np.array(r, float) for r in p0]
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 5, "split": "train", "loss": 3.0}) + "\n"
         + json.dumps({"step": 10, "split": "train", "energy_kwh_total": 1.0, "energy_gpu_kwh_total": 0.9,
