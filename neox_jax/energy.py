@@ -227,7 +227,7 @@ class _Meter:
             self._final = self.read()
 
 
-def _host_leaders() -> bool:
+def _first_on_host() -> bool:
     """Whether this process is the first one on its host (it then counts the host's CPUs and RAM)."""
     import jax
 
@@ -235,8 +235,8 @@ def _host_leaders() -> bool:
         return True
     from jax.experimental import multihost_utils
 
-    host = np.asarray(zlib.crc32(socket.gethostname().encode()), np.int64)
-    hosts = np.asarray(multihost_utils.process_allgather(host)).ravel()
+    host = zlib.crc32(socket.gethostname().encode()) & 0x7FFFFFFF  # fits the int32 the gather uses without x64
+    hosts = np.asarray(multihost_utils.process_allgather(np.asarray(host, np.int32))).ravel()
     return int(np.flatnonzero(hosts == host)[0]) == jax.process_index()
 
 
@@ -275,7 +275,7 @@ class RunEnergy:
             return
         self.intensity, self.intensity_source = grid_intensity(e)
         self.pue = e.pue
-        count_host = _host_leaders()
+        count_host = _first_on_host()
         devices = [d for d in jax.local_devices() if d.platform != "cpu"]
         gpu_ids = nvml_indices([d.local_hardware_id for d in devices if d.platform == "gpu"])
         rated = rated_watts([d.device_kind for d in devices], (os.cpu_count() or 1) if count_host else 0, e.cpu_watts)

@@ -445,3 +445,15 @@ def test_plan_run_script_paper_check_and_sweep(tmp_path, capsys):
     assert _plan_run("--config", "configs/tiny.py", "--set", "train.stepz=3", "--device", "A100", "--devices", "1",
                      "--mfu", "0.5") == 2
     assert "unknown config field 'train.stepz'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("same_host, counts", [(True, False), (False, True)])
+def test_only_the_first_process_on_a_host_counts_it(monkeypatch, same_host, counts):
+    import jax
+    from jax.experimental import multihost_utils
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    other = lambda mine: mine if same_host else np.asarray(int(mine) ^ 1, np.int32)  # noqa: E731
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda mine: np.stack([other(mine), mine]))
+    assert energy._first_on_host() is counts
