@@ -106,7 +106,7 @@ def summary(last: dict, workdir: str) -> str:
     if last.get("tokens_per_s") is not None:
         parts.append(f"tokens_per_s {last['tokens_per_s']:,.0f}")
     if last.get("energy_kwh_total") is not None:
-        parts.append(f"energy {last['energy_kwh_total']:.4g} kWh ({metrics_lib.estimated_label(last.get('energy_estimated'))}),"
-                     f" {last['co2e_kg_total']:.4g} kg CO2e")
+        label = metrics_lib.estimated_label(last.get("energy_estimated"))
+        parts.append(f"energy {last['energy_kwh_total']:.4g} kWh ({label}), {last['co2e_kg_total']:.4g} kg CO2e")
     parts.append(f"workdir {workdir}")
     return " | ".join(parts)
