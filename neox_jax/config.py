@@ -192,10 +192,22 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
         _require(m[field] in allowed, prefix + field, f"{m[field]!r} is not one of {', '.join(allowed)}")
 
 
+def validate_energy(e: ml_collections.ConfigDict) -> None:
+    """The energy fields' shapes; whether codecarbon knows the country is checked when a run starts."""
+    iso = isinstance(e.country, str) and len(e.country) == 3 and e.country.isalpha() and e.country.isupper()
+    _require(e.country == "" or iso, "energy.country",
+             f"expected a 3-letter upper-case ISO code such as USA or FRA, or \"\", got {e.country!r}")
+    _require(e.pue >= 1.0, "energy.pue", f"must be >= 1 (1 = no data-centre overhead), got {e.pue}")
+    _require(e.carbon_intensity >= 0, "energy.carbon_intensity", f"must be >= 0 g CO2e/kWh, got {e.carbon_intensity}")
+    _require(e.sample_secs > 0, "energy.sample_secs", f"must be positive, got {e.sample_secs}")
+    _require(e.cpu_watts >= 0, "energy.cpu_watts", f"must be >= 0 W (0 = look the CPU up), got {e.cpu_watts}")
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validate a whole run config once at start-up. Returns it for chaining."""
     check_keys(c)
     validate_model(c.model)
+    validate_energy(c.energy)
     for axis in MESH_AXES:
         v = c.mesh[axis]
         _require(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{axis}", f"must be -1 or a positive integer, got {v!r}")
@@ -216,19 +228,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _require(0 <= c.optimizer.min_lr_ratio <= 1, "optimizer.min_lr_ratio", "must be in [0, 1]")
     _require(c.precision.loss_scale in ("none", "dynamic"), "precision.loss_scale",
              f"{c.precision.loss_scale!r} is not one of none, dynamic")
-    validate_energy(c.energy)
     return c
-
-
-def validate_energy(e: ml_collections.ConfigDict) -> None:
-    """The energy fields' shapes; whether codecarbon knows the country is checked when a run starts."""
-    iso = isinstance(e.country, str) and len(e.country) == 3 and e.country.isalpha() and e.country.isupper()
-    _require(e.country == "" or iso, "energy.country",
-             f"expected a 3-letter upper-case ISO code such as USA or FRA, or \"\", got {e.country!r}")
-    _require(e.pue >= 1.0, "energy.pue", f"must be >= 1 (1 = no data-centre overhead), got {e.pue}")
-    _require(e.carbon_intensity >= 0, "energy.carbon_intensity", f"must be >= 0 g CO2e/kWh, got {e.carbon_intensity}")
-    _require(e.sample_secs > 0, "energy.sample_secs", f"must be positive, got {e.sample_secs}")
-    _require(e.cpu_watts >= 0, "energy.cpu_watts", f"must be >= 0 W (0 = look the CPU up), got {e.cpu_watts}")
 
 
 def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
