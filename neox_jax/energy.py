@@ -192,6 +192,11 @@ class _Meter:
     def _degrade(self, err: BaseException) -> None:
         self._base = self._latest
         self._degraded = True
+        if self._tracker is not None:  # its own 1 s monitor thread would otherwise outlive the run
+            try:
+                self._tracker.stop()
+            except Exception:  # noqa: BLE001
+                pass
         why = "codecarbon is not installed" if isinstance(err, ImportError) else \
             f"codecarbon failed ({type(err).__name__}: {err})"
         self.backend = f"rated power ({why})"
