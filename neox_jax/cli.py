@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import os
 import sys
 
 from neox_jax import config as cfg
+from neox_jax import metrics as metrics_lib
 
 
 def import_file(path: str, prefix: str):
@@ -26,6 +28,20 @@ def load_config(spec: str, overrides: dict | None = None):
     module = import_file(path, "_neox_config_")
     c = module.get_config(arg) if arg else module.get_config()
     return cfg.merge(c, overrides or {})
+
+
+def parse_overrides(pairs, flag: str = "--set") -> dict:
+    """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"}: values parsed as JSON where they are JSON, else kept as text."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _fail(message: str) -> None:
@@ -91,5 +107,8 @@ def summary(last: dict, workdir: str) -> str:
         parts.append(f"unigram baseline {last['unigram_val_loss']:.4f}")
     if last.get("tokens_per_s") is not None:
         parts.append(f"tokens_per_s {last['tokens_per_s']:,.0f}")
+    if last.get("energy_kwh_total") is not None:
+        label = metrics_lib.estimated_label(last.get("energy_estimated"))
+        parts.append(f"energy {last['energy_kwh_total']:.4g} kWh ({label}), {last['co2e_kg_total']:.4g} kg CO2e")
     parts.append(f"workdir {workdir}")
     return " | ".join(parts)

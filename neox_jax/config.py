@@ -134,6 +134,18 @@ def default_config() -> ml_collections.ConfigDict:
             start_batch=0,  # a new run's first batch is this global batch of the order (continuing a released run)
         )
     )
+    # energy and carbon accounting (neox_jax/energy.py): measured where the hardware reports it, else estimated
+    c.energy = ml_collections.ConfigDict(
+        dict(
+            track=True,  # False: no energy or carbon accounting at all
+            country="",  # ISO 3166-1 alpha-3 code of the grid (USA, FRA, DEU, ...); "": the world average
+            region="",  # finer grid data where codecarbon has it: US states, Canadian provinces ("california")
+            carbon_intensity=0.0,  # g CO2e per kWh; > 0 overrides country and region
+            pue=1.0,  # data-centre power usage effectiveness: every kWh is multiplied by it
+            sample_secs=1.0,  # how often the background thread reads the meters
+            cpu_watts=0.0,  # rated CPU power (W) for the estimate; 0: codecarbon's CPU table, else 4 W a thread
+        )
+    )
     c.workdir = ""
     return c
 
@@ -202,10 +214,22 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
         _require(m[field] in allowed, prefix + field, f"{m[field]!r} is not one of {', '.join(allowed)}")
 
 
+def validate_energy(e: ml_collections.ConfigDict) -> None:
+    """The energy fields' shapes; whether codecarbon knows the country is checked when a run starts."""
+    iso = isinstance(e.country, str) and len(e.country) == 3 and e.country.isalpha() and e.country.isupper()
+    _require(e.country == "" or iso, "energy.country",
+             f"expected a 3-letter upper-case ISO code such as USA or FRA, or \"\", got {e.country!r}")
+    _require(e.pue >= 1.0, "energy.pue", f"must be >= 1 (1 = no data-centre overhead), got {e.pue}")
+    _require(e.carbon_intensity >= 0, "energy.carbon_intensity", f"must be >= 0 g CO2e/kWh, got {e.carbon_intensity}")
+    _require(e.sample_secs > 0, "energy.sample_secs", f"must be positive, got {e.sample_secs}")
+    _require(e.cpu_watts >= 0, "energy.cpu_watts", f"must be >= 0 W (0 = look the CPU up), got {e.cpu_watts}")
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validate a whole run config once at start-up. Returns it for chaining."""
     check_keys(c)
     validate_model(c.model)
+    validate_energy(c.energy)
     for axis in MESH_AXES:
         v = c.mesh[axis]
         _require(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{axis}", f"must be -1 or a positive integer, got {v!r}")

@@ -51,9 +51,14 @@ def device_peak_tflops(device_kind: str | None = None, override: float = 0.0) ->
         import jax
 
         device_kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_TFLOPS:
+    return by_device_kind(PEAK_TFLOPS, device_kind)
+
+
+def by_device_kind(table, device_kind: str) -> float | None:
+    """The value of the first (name, value) row whose name is a substring of `device_kind`; None when none is."""
+    for name, value in table:
         if name.lower() in device_kind.lower():
-            return peak
+            return value
     return None
 
 
@@ -136,11 +141,21 @@ def format_line(step: int, total: int, metrics: Mapping[str, float]) -> str:
     parts = [f"step {step:>6}/{total}"]
     fmt = {"loss": "{:.4f}", "ppl": "{:.2f}", "val_loss": "{:.4f}", "lr": "{:.2e}", "grad_norm": "{:.3f}",
            "tokens_per_s": "{:,.0f}", "step_time": "{:.3f}s", "mfu": "{:.1%}", "loss_scale": "{:g}",
-           "skipped_steps": "{:.0f}"}
+           "skipped_steps": "{:.0f}", "power_w": "{:,.0f} W", "energy_kwh_total": "{:.4g} kWh",
+           "co2e_kg_total": "{:.4g} kg"}
     for key, f in fmt.items():
         if metrics.get(key) is not None:
             parts.append(f"{key} " + f.format(metrics[key]))
+    if metrics.get("energy_estimated") is not None:
+        parts.append(f"energy {estimated_label(metrics['energy_estimated'])}")
     return " | ".join(parts)
+
+
+def estimated_label(share: float | None) -> str:
+    """How much of an energy figure comes from rated power rather than a meter (`energy_estimated`)."""
+    if not share:
+        return "measured"
+    return "estimated" if share > 0.995 else f"{share:.0%} estimated"
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -161,7 +176,8 @@ def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:
     rows = read_jsonl(path)
     train = [r for r in rows if r.get("split") == "train" and "loss" in r]
     val = [r for r in rows if r.get("split") == "val" and "loss" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    energy = [r for r in train if "energy_kwh_total" in r]
+    fig, (ax1, ax2, *ax3) = plt.subplots(1, 3 if energy else 2, figsize=(16 if energy else 11, 4))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if val:
         ax1.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
@@ -170,8 +186,25 @@ def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:
     tput = [r for r in train if "tokens_per_s" in r]
     ax2.plot([r["step"] for r in tput], [r["tokens_per_s"] for r in tput])
     ax2.set(xlabel="step", ylabel="tokens/s", title="throughput")
+    if energy:
+        _plot_energy(ax3[0], energy)
     fig.tight_layout()
     out = os.path.join(workdir, out_name)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _plot_energy(ax, rows: list[dict]) -> None:
+    """Cumulative kWh, each window's average power on the right axis; the title has the totals and the label."""
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["energy_kwh_total"] for r in rows])
+    ax.set(xlabel="step", ylabel="energy (kWh, cumulative)")
+    power = [(r["step"], r["power_w"]) for r in rows if r.get("power_w") is not None]
+    if power:
+        right = ax.twinx()
+        right.plot(*zip(*power), "--", color="tab:orange")
+        right.set_ylabel("average power per window (W, dashed)")
+    last = rows[-1]
+    ax.set_title(f"energy {last['energy_kwh_total']:.3g} kWh, {last['co2e_kg_total']:.3g} kg CO2e "
+                 f"({estimated_label(last.get('energy_estimated'))})")

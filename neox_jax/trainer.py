@@ -20,6 +20,7 @@ import numpy as np
 
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
+from neox_jax import energy as energy_lib
 from neox_jax import metrics as metrics_lib
 from neox_jax import pretrained, sharding
 from neox_jax import train as train_lib
@@ -117,6 +118,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
                                       run_config=config.to_dict())
         cleanup.callback(writers.close)
+        energy = energy_lib.RunEnergy(config, workdir, is_main)  # metering starts here, compilation included
+        cleanup.callback(energy.close)
         train_it = make_train_iterator(config)
         cleanup.callback(train_it.close)
         val_batches = make_val_batches(config) if t.eval_every else None
@@ -171,7 +174,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             state, step_metrics = step_fn(state, batch)
             step += 1
             if pending is not None:
-                last = _consume(pending, window, t, writers, flops_token, peak, last)
+                last = _consume(pending, window, t, writers, flops_token, peak, last, energy)
             pending = (step, step_metrics)
             if tracing and step == profile[1]:
                 jax.block_until_ready(step_metrics)
@@ -192,7 +195,10 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 say(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}")
                 break
         if pending is not None:
-            last = _consume(pending, window, t, writers, flops_token, peak, last, force_log=True)
+            energy.stop()  # the final reading, so that the last line's totals are the sum of all windows
+            last = _consume(pending, window, t, writers, flops_token, peak, last, energy, force_log=True)
+            if energy.enabled:
+                say(energy.summary())
         if tracing:
             jax.profiler.stop_trace()
     if is_main:
@@ -203,8 +209,9 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     return last
 
 
-def _consume(pending, window, t, writers, flops_token, peak, last, force_log: bool = False) -> dict:
-    """Read one finished step's metrics; every log_every steps write a line (loss averaged over the window)."""
+def _consume(pending, window, t, writers, flops_token, peak, last, energy, force_log: bool = False) -> dict:
+    """Read one finished step's metrics; every log_every steps write a line (loss averaged over the window, energy
+    used in it)."""
     step, m = pending
     m = {k: float(v) for k, v in jax.device_get(m).items()}
     if m["nonfinite_in_a_row"] >= t.max_nonfinite_in_a_row:
@@ -229,7 +236,7 @@ def _consume(pending, window, t, writers, flops_token, peak, last, force_log: bo
            "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tokens_per_s,
            "step_time": elapsed / timed if timed else None, "loss_scale": m["loss_scale"],
            "skipped_steps": m["skipped_steps"],
-           "mfu": metrics_lib.mfu(tokens_per_s, flops_token, n_dev, peak) if timed else None}
+           "mfu": metrics_lib.mfu(tokens_per_s, flops_token, n_dev, peak) if timed else None, **energy.window()}
     writers.write(step, out)
     if writers.enabled:
         print(metrics_lib.format_line(step, t.steps, out), flush=True)

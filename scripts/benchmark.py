@@ -10,6 +10,7 @@
                                                                         # gpt_neox index build and load seconds
   python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
   python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
+  python scripts/benchmark.py energy --pairs 10                             # energy tracking's cost per step
 """
 
 import argparse
@@ -19,18 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _overrides(pairs, flag="--set"):
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from neox_jax import cli  # noqa: E402
 
 
 def _write(rows, path):
@@ -47,11 +37,11 @@ def train(args):
 
     if not args.preset and not args.config:
         raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
-    variants = [_overrides(v.split(","), "--variant") for v in args.variant or []]
+    variants = [cli.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
     from neox_jax.config import ConfigError
 
     try:
-        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=_overrides(args.set),
+        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=cli.parse_overrides(args.set),
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
     except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
@@ -103,6 +93,20 @@ def data(args):
                         index_samples=args.index_samples, skip_index=args.skip_index)
     print(json.dumps(results, indent=1))
     _write(results, args.json)
+
+
+def energy(args):
+    from neox_jax import xla_flags
+
+    xla_flags.apply()
+    from neox_jax.bench import energy as bench
+
+    from neox_jax.bench.train import PRESETS
+
+    spec, overrides = PRESETS[args.preset] if args.preset else (args.config, {})
+    result = bench.overhead(spec, {**overrides, **cli.parse_overrides(args.set)}, steps=args.steps, pairs=args.pairs)
+    print(bench.format_result(result))
+    _write(result, args.json)
 
 
 def main(argv=None):
@@ -160,6 +164,14 @@ def main(argv=None):
     d.add_argument("--skip-index", action="store_true", help="skip the gpt_neox index build (it needs ~5 GB)")
     d.add_argument("--json")
     d.set_defaults(func=data)
+    e = sub.add_parser("energy", help="energy tracking's overhead per train step (interleaved A/B), J/token")
+    e.add_argument("--config", default="configs/tiny.py")
+    e.add_argument("--preset", choices=PRESETS, help="a named shape of `train` instead of --config")
+    e.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    e.add_argument("--steps", type=int, default=50, help="train steps per timed window (a multiple of log_every)")
+    e.add_argument("--pairs", type=int, default=6, help="ABBA pairs of windows (off, on)")
+    e.add_argument("--json")
+    e.set_defaults(func=energy)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -70,3 +70,16 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path):
         assert 0 < r["fraction_of_roofline"] == pytest.approx(r["decode_steps_per_s"] / r["roofline_steps_per_s"])
     with pytest.raises(ValueError, match="layer loop 'scannn'"):
         benchmark("generate", "--config", "configs/tiny.py", "--batches", "1", "--layer-loops", "scannn")
+
+
+@pytest.mark.slow
+def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
+    out = tmp_path / "energy.json"
+    benchmark("energy", "--set", "model.num_layers=1", "--set", "train.batch_size=8", "--set", "train.seq_len=16",
+              "--set", "train.log_every=2", "--steps", "4", "--pairs", "2", "--json", str(out))
+    r = json.loads(out.read_text())
+    assert len(r["step_time_off"]) == len(r["step_time_on"]) == 2 and r["steps_per_window"] == 4
+    rel = [(b - a) / a for a, b in zip(r["step_time_off"], r["step_time_on"])]
+    assert r["overhead_median"] == pytest.approx(sorted(rel)[0] / 2 + sorted(rel)[1] / 2)
+    assert r["joules_per_token"] > 0 and r["window_ms"] > 0 and r["backend"].startswith("codecarbon")
+    assert "overhead (wall): median of pairs" in capsys.readouterr().out

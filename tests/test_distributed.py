@@ -142,6 +142,11 @@ def runs(tmp_path_factory):
 def test_two_processes_train_like_one(runs):
     assert "topology: 2 process(es), 8 cpu devices (4 local" in runs["two"].output(0)
     _assert_losses(runs["two"].losses(), runs["one"].losses(), range(1, STEPS + 1))
+    # energy: each line's window is gathered from both processes (the host counted once, by process 0)
+    with open(os.path.join(runs["two"].workdir, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r["split"] == "train"]
+    assert sum(r["energy_kwh"] for r in rows) == pytest.approx(rows[-1]["energy_kwh_total"])
+    assert rows[-1]["energy_cpu_kwh_total"] > 0 and rows[-1]["energy_gpu_kwh_total"] == 0
 
 
 @pytest.mark.slow

@@ -86,6 +86,12 @@ def test_reference_run_writes_metrics_plot_checkpoints(reference):
         assert key in train_row
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert open(os.path.join(workdir, "loss.png"), "rb").read(4) == b"\x89PNG"
+    # energy: every line has its window and the run's totals; the totals are the sum of the windows
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert all(r["energy_kwh"] >= 0 and "co2e_kg_total" in r for r in train_rows)
+    assert sum(r["energy_kwh"] for r in train_rows) == pytest.approx(train_rows[-1]["energy_kwh_total"])
+    assert last["energy_kwh_total"] == train_rows[-1]["energy_kwh_total"] > 0
+    assert os.path.exists(os.path.join(workdir, "energy.json"))
     traces = [f for _, _, files in os.walk(os.path.join(workdir, "profile")) for f in files]
     assert any(f.endswith(".xplane.pb") for f in traces), traces
     # checkpoints every 2 steps, the last 2 kept plus every multiple of 4
@@ -116,6 +122,10 @@ def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, capsys):
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, losses in got.items():
         assert all(loss == ref[step] for loss in losses), (step, losses, ref[step])  # bit for bit
+    # the resumed session's energy continues the killed one's totals
+    totals = [r["energy_kwh_total"] for r in metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))
+              if "energy_kwh_total" in r]
+    assert totals == sorted(totals) and totals[-1] > 0
 
 
 @pytest.mark.slow

@@ -26,18 +26,26 @@ GPU_ANCHOR = ("gpu-410m", "gpu-1.4b")
 PROFILE_STEPS = 2
 
 
-def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int = 3,
-                         profile_dir: str | None = None) -> dict:
-    """Tokens/s, step time (best of `windows` runs of `steps` steps) and peak memory of the compiled neox_jax
-    train step on random tokens; with `profile_dir`, then a `jax.profiler` trace of PROFILE_STEPS more steps."""
-    config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1}) if jax.device_count() == 1 else config
+def random_token_step(config):
+    """(train state, compiled train step, one global batch of random tokens) for `config` on this host's devices
+    (on one device, whatever mesh the config asks for)."""
+    if jax.device_count() == 1:
+        config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
     mesh = sharding.make_mesh(config)
     t = config.train
     state = train_lib.init_train_state(config, mesh, jax.random.PRNGKey(0))
     step = train_lib.make_train_step(config, mesh)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, config.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
-    batch = sharding.global_batch({"tokens": tokens}, mesh)
+    shape = (t.batch_size, t.seq_len + 1)
+    tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, dtype=np.int32)
+    return state, step, sharding.global_batch({"tokens": tokens}, mesh)
+
+
+def jax_train_throughput(config, steps: int = 10, warmup: int = 2, windows: int = 3,
+                         profile_dir: str | None = None) -> dict:
+    """Tokens/s, step time (best of `windows` runs of `steps` steps) and peak memory of the compiled neox_jax
+    train step on random tokens; with `profile_dir`, then a `jax.profiler` trace of PROFILE_STEPS more steps."""
+    t = config.train
+    state, step, batch = random_token_step(config)
     t0 = time.perf_counter()
     for _ in range(warmup):
         state, m = step(state, batch)
