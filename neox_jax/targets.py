@@ -98,7 +98,10 @@ def devices(target: Target):
     try:
         if target.platform == "tpu":
             _, version, topology = target.spec.split(":")
-            return topologies.get_topology_desc(topology_name=f"{version}:{topology}", platform="tpu").devices
+            # v4 and v5p chips hold two cores; run as one device each ("megacore"), as on a real slice
+            megacore = {"chip_config_name": "megacore"} if version in ("v4", "v5p") else {}
+            return topologies.get_topology_desc(topology_name=f"{version}:{topology}", platform="tpu",
+                                                **megacore).devices
         _, name, _ = target.spec.split(":")
         per_host = 8 if target.device_count % 8 == 0 else target.device_count
         return topologies.get_topology_desc(platform="cuda", target_config=_GPU.format(**GPU_KINDS[name]),
