@@ -22,6 +22,7 @@ import glob
 import math
 import os
 import re
+import types
 
 import flax.linen as nn
 import jax
@@ -367,19 +368,23 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
             small, double = (train.compile_train_step(_with_layers(compiled_config, k * stages), mesh, options)
                              .memory_analysis() for k in (n, 2 * n))
             extra = config.model.num_layers // stages - n
-            fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
-            stats = dataclasses.make_dataclass("Stats", fields)(*(
-                int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * extra) for f in fields))
+            fields = _STATS
+            stats = types.SimpleNamespace(refused=False, **{
+                f: int(getattr(small, f) + (getattr(double, f) - getattr(small, f)) / n * extra) for f in fields})
             notes.append(f"compiled sizes extrapolated linearly from {n}- and {2 * n}-layer(-per-stage) compiles "
                          f"(temp {small.temp_size_in_bytes / 1e9:.3f} / {double.temp_size_in_bytes / 1e9:.3f} GB)")
             breakdown = None
         else:
             options = {**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
                        "xla_dump_hlo_module_re": ".*train_step.*"}
-            stats = train.compile_train_step(compiled_config, mesh, options).memory_analysis()
+            try:
+                stats = train.compile_train_step(compiled_config, mesh, options).memory_analysis()
+            except jax.errors.JaxRuntimeError as e:
+                stats = _refused(e, report)  # a compiler that checks the device's memory refuses a step too big
             shapes = step_shapes(compiled_config, mesh, boxed, optimizer)
-            breakdown = temp_breakdown(dump, shapes, stats.temp_size_in_bytes)
-            if breakdown is None:
+            refused = getattr(stats, "refused", False)
+            breakdown = None if refused else temp_breakdown(dump, shapes, stats.temp_size_in_bytes)
+            if breakdown is None and not refused:
                 notes.append(f"no breakdown of the temp: the {platform.upper()} compiler's live-range dump does not "
                              "show its final memory assignment")
     report = add_compiled_memory(report, stats, breakdown=breakdown)
@@ -391,6 +396,24 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
         report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "
                                "off (see layout.CPU_AS_ACCELERATOR)") + ": an upper bound for a GPU or TPU compile")
     return report
+
+
+_STATS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
+
+
+def _refused(error, report: dict):
+    """Memory stats for a compile the compiler refused for lack of device memory (the TPU compiler does): the
+    state as arguments and the temp it asked for, with the compiler's message in the report's notes."""
+    message = str(error).splitlines()[0]
+    if "RESOURCE_EXHAUSTED" not in message:
+        raise error
+    asked = re.search(r"HLO temporaries \(([\d.]+)G\)", message)
+    state = report["per_device_bytes"]["params"] + report["per_device_bytes"]["optimizer"]
+    report["notes"].append(f"the compiler refused this step: {message}")
+    report["refused"] = message
+    temp = int(float(asked.group(1)) * 2**30) if asked else 0
+    return types.SimpleNamespace(refused=True, argument_size_in_bytes=state, output_size_in_bytes=state,
+                                 alias_size_in_bytes=state, temp_size_in_bytes=temp)
 
 
 def _with_layers(config, layers):

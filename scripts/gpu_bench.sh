@@ -2,7 +2,7 @@
 # Every GPU check in one run (device time is scarce): versions, device ceilings, cuDNN-vs-XLA attention parity,
 # generation against HF generate and the bandwidth roofline, and the train step against HF torch (eager and
 # torch.compile, each in its own process) on the pythia-1.4b / 410m anchor shapes.
-# Usage: scripts/gpu_bench.sh OUT_DIR [PARTS]   PARTS: comma-separated of parity,decode,1.4b,410m,energy
+# Usage: scripts/gpu_bench.sh OUT_DIR [PARTS]   PARTS: comma-separated of parity,decode,1.4b,410m,energy,precision
 #   (default decode,1.4b,410m: about 11 minutes on an H200; "decode,1.4b" then "410m" keeps each call under 6)
 #   energy: tracking overhead and NVML joules per token on the 410m and 1.4b shapes (needs codecarbon)
 set -u
@@ -40,6 +40,14 @@ for size in 1.4b 410m; do
     --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --json "$OUT/train-gpu-$size.json" 2>&1 \
     | grep -v -i warn | tee "$OUT/train-gpu-$size.txt"   # the kernel table is in the .txt; raw traces stay behind
 done
+# precision: pythia-1.4b batch 8 with fp32 params and with master weights, each in its own process (peak memory is
+# per process), for the README's mixed-precision table
+if [[ $PARTS == *,precision,* ]]; then
+  for mode in fp32_params master_weights; do
+    timeout 150 $PY scripts/benchmark.py train --preset gpu-1.4b --steps 8 --set precision.mode=$mode \
+      --json "$OUT/precision-$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/precision-$mode.txt"
+  done
+fi
 # energy: tracking on/off interleaved and NVML joules per token (log line every 10 steps, as a real run's would be)
 if [[ $PARTS == *,energy,* ]]; then
 for size in 410m 1.4b; do
