@@ -85,3 +85,17 @@ def test_inspect_compares_precisions_and_plots(tmp_path):
     assert first["per_device_bytes"]["optimizer"] == pytest.approx(1.5 * same_mesh["per_device_bytes"]["optimizer"],
                                                                    rel=1e-3)
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_step_the_compiler_refuses_is_reported_not_raised():
+    """The TPU compiler refuses a step that does not fit the chip: the report keeps the state, the temp it asked
+    for and the compiler's words, and --compare goes on to the next layout."""
+    report = {"per_device_bytes": {"params": 3 * 2**30, "optimizer": 2**30}, "notes": []}
+    refused = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required "
+                                         "for HLO temporaries (35.00G) exceeds available HBM (30.75G).")
+    stats = layout._refused(refused, report)
+    report = layout.add_compiled_memory(report, stats)
+    assert report["per_device_bytes"]["total: compiled peak estimate"] == 4 * 2**30 + 35 * 2**30
+    assert "refused" in report and "exceeds available HBM" in report["notes"][0]
+    with pytest.raises(jax.errors.JaxRuntimeError):  # any other compile error still surfaces
+        layout._refused(jax.errors.JaxRuntimeError("INVALID_ARGUMENT: bad"), report)
