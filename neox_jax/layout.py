@@ -525,8 +525,8 @@ def plot_memory(reports: list[dict], path: str, device_bytes: float | None = Non
             ax.annotate(f"{peak / 1e9:.1f} GB", (x, bottom[x]), ha="center", va="bottom", fontsize=9)
     if device_bytes:
         ax.axhline(device_bytes / 1e9, color="black", linestyle="--", linewidth=1)
-        ax.annotate(f"device memory {device_bytes / 1e9:.0f} GB", (len(reports) - 0.5, device_bytes / 1e9),
-                    ha="right", va="bottom", fontsize=9)
+        ax.annotate(f"device memory {device_bytes / 1e9:.0f} GB", (-0.45, device_bytes / 1e9), ha="left",
+                    va="bottom", fontsize=9)
     ax.set_ylabel("GB per device")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
