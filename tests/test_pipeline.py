@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import layout, model, optim, pipeline, sharding, train
+from neox_jax import layout, loss, model, optim, pipeline, sharding, train
 from neox_jax.config import ConfigError, default_config, validate
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
@@ -91,7 +91,7 @@ def test_pipeline_gradients_match_unpipelined():
     net = model.GPTNeoX(train.model_config(plain, plain_mesh))
 
     def plain_loss(p):
-        return train.cross_entropy(net.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])
+        return loss.cross_entropy(net.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])
 
     want = jax.device_get(jax.jit(jax.grad(plain_loss))(params))
 
@@ -101,7 +101,7 @@ def test_pipeline_gradients_match_unpipelined():
     def pipelined_loss(p, t):
         with sharding.activation_rules(mesh, 0):
             micro = train._micro_batches(t, MICRO, mesh)
-            return pipeline.loss_sum(net, p, micro, mesh, train.cross_entropy) / MICRO
+            return pipeline.loss_sum(net, p, micro, mesh, loss.cross_entropy) / MICRO
 
     shardings = train.state_shardings(config, mesh).params
     got = jax.jit(jax.grad(pipelined_loss), in_shardings=(shardings, sharding.batch_sharding(mesh)))(

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from neox_jax import sharding, train
+from neox_jax import loss, sharding, train
 from neox_jax.config import default_config
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
@@ -107,9 +107,9 @@ def test_chunked_head_loss_matches_full_logits(dtype):
     want, want_grads = jax.value_and_grad(lambda h, w: 8.0 * full(h, w), argnums=(0, 1))(hidden, embed_out)
     tol = 1e-6 if dtype == "float32" else 2e-2
     for chunks in (2, 8):
-        assert float(jax.jit(train.chunked_head_loss, static_argnums=(3, 4))(hidden, embed_out, targets, chunks, 1)) \
+        assert float(jax.jit(loss.chunked_head_loss, static_argnums=(3, 4))(hidden, embed_out, targets, chunks, 1)) \
             == pytest.approx(float(want) / 8, rel=tol)
-        got, grads = jax.jit(jax.value_and_grad(lambda h, w: 8.0 * train.chunked_head_loss(h, w, targets, chunks, 2),
+        got, grads = jax.jit(jax.value_and_grad(lambda h, w: 8.0 * loss.chunked_head_loss(h, w, targets, chunks, 2),
                                                 argnums=(0, 1)))(hidden, embed_out)
         assert float(got) == pytest.approx(float(want), rel=tol)
         for g, w in zip(grads, want_grads):
