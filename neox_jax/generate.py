@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -23,12 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from neox_jax import model as model_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZERS = (
-    pathlib.Path(__file__).resolve().parent / "assets" / "20B_tokenizer.json",
-    ROOT.parent / "shared" / "data" / "tokenizers" / "20B_tokenizer.json",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,9 +374,7 @@ def load_tokenizer(hf: str | None = None, path: str | None = None):
 
     if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
         path = os.path.join(hf, "tokenizer.json")
-    if not path:
-        path = next((str(p) for p in DEFAULT_TOKENIZERS if p.is_file()), None)
-    return tok_lib.load_tokenizer(path)
+    return tok_lib.load_tokenizer(path)  # None: the bundled 20B tokenizer
 
 
 def read_prompts(path: str) -> list[str]:

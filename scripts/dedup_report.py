@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Exact- and near-duplicate documents per pile_set_name.
 
-  python scripts/dedup_report.py ../shared/data/pile_sample/train.jsonl.zst [--json report.json]
+  python scripts/dedup_report.py neox_jax/assets/train.jsonl.zst [--json report.json]
 Drop exact duplicates while preprocessing with `scripts/preprocess_data.py --dedup`.
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tokenize Pile-format text into GPT-NeoX .bin/.idx files.
 
-  python scripts/preprocess_data.py ../shared/data/pile_sample/train.jsonl.zst
+  python scripts/preprocess_data.py neox_jax/assets/train.jsonl.zst
   python scripts/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix data/pile --workers 8
 """
 

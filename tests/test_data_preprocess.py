@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zstandard
 
+from conftest import FIXTURES
 from neox_jax.data import default_paths, indexed, preprocess as pp
 from neox_jax.data.tokenizer import TokenizerError, check_vocab, load_tokenizer, train_sentencepiece
 
@@ -82,8 +83,10 @@ def test_bundled_20b_tokenizer_matches_published_ids():
     assert tok.encode("Hello world") == [12092, 1533]
 
 
-def test_gpt2_tokenizer_matches_published_ids(shared_data):
-    gpt2 = load_tokenizer(str(shared_data / "tokenizers" / "gpt2_tokenizer.json"))
+def test_gpt2_tokenizer_matches_published_ids(tmp_path):
+    path = tmp_path / "gpt2_tokenizer.json"
+    path.write_bytes(gzip.decompress((FIXTURES / "tokenizers" / "gpt2_tokenizer.json.gz").read_bytes()))
+    gpt2 = load_tokenizer(str(path))
     assert (gpt2.vocab_size, gpt2.eod_id, gpt2.encode("Hello world")) == (50257, 50256, [15496, 995])
 
 

@@ -20,17 +20,25 @@ _EXPORTS = {
     "dedup_report": "dedup",
 }
 
-__all__ = ["default_paths", *_EXPORTS]
+__all__ = ["default_paths", "eval_data_dir", "EVAL_DATA_ENV", *_EXPORTS]
+
+EVAL_DATA_ENV = "NEOX_JAX_EVAL_DATA"  # the folder the evaluation tasks read (configs/eval_tasks/utils.py)
 
 
 def default_paths() -> dict[str, str]:
-    """The bundled Pile sample and 20B tokenizer (see neox_jax/assets/README.md)."""
+    """The bundled Pile sample, 20B tokenizer and evaluation sets (see neox_jax/assets/README.md)."""
     assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
     return {
         "train": os.path.join(assets, "train.jsonl.zst"),
         "val": os.path.join(assets, "val.jsonl.zst"),
         "tokenizer": os.path.join(assets, "20B_tokenizer.json"),
+        "eval": os.path.join(assets, "eval"),
     }
+
+
+def eval_data_dir() -> str:
+    """Where the evaluation tasks read their files: `$NEOX_JAX_EVAL_DATA` if set, else the bundled copies."""
+    return os.environ.get(EVAL_DATA_ENV) or default_paths()["eval"]
 
 
 def __getattr__(name):
