@@ -14,15 +14,14 @@ from neox_jax import convert
 from neox_jax import generate as G
 from neox_jax import model as model_lib
 from neox_jax.data import default_paths
+from tiny_configs import tiny_model
 
 VOCAB, PADDED = 500, 512  # ids 500..511 are embedding padding: never to be generated
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = cfg.model_defaults()
-    m.update(dict(vocab_size=VOCAB, padded_vocab_size=PADDED, hidden_size=64, num_layers=2, num_heads=4,
-                  max_position_embeddings=128))
+    m = tiny_model(vocab_size=VOCAB, padded_vocab_size=PADDED, max_position_embeddings=128)
     return m, random_params(m, 0)
 
 
@@ -174,8 +173,7 @@ def test_generate_script_writes_jsonl(tiny, tmp_path, capsys):
     import scripts.generate as script
 
     m, params = tiny
-    m = cfg.model_defaults().copy_and_resolve_references()
-    m.update(dict(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128))  # the 20B vocabulary
+    m = tiny_model(vocab_size=50277, max_position_embeddings=128)  # the 20B tokenizer's vocabulary
     config = cfg.default_config()
     config.model = m
     config.train.seq_len = 128

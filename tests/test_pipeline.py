@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from neox_jax import layout, loss, model, optim, pipeline, sharding, train
-from neox_jax.config import ConfigError, default_config, validate
+from neox_jax.config import ConfigError, validate
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+from tiny_configs import tiny_config
 
 MICRO = 4
 LAYOUTS = {  # name: (stage, data, tensor, zero_stage)
@@ -18,22 +19,16 @@ LAYOUTS = {  # name: (stage, data, tensor, zero_stage)
 }
 
 
-def tiny_config(stage=1, data=1, tensor=1, zero_stage=0, remat="none"):
-    """4 layers (so 4 stages of one layer, or 2 of two), 4 micro-batches of 4 sequences."""
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=4, num_heads=4, vocab_size=500, max_position_embeddings=64,
-                        remat_policy=remat))
-    c.mesh.update(dict(stage=stage, data=data, fsdp=1, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
-    c.train.update(dict(steps=10, batch_size=16, micro_batches=MICRO, seq_len=16))
-    return c
+def pipeline_config(stage=1, data=1, tensor=1, zero_stage=0, remat="none"):
+    """The tiny run with 4 layers (so 4 stages of one layer, or 2 of two), 4 micro-batches of 4 sequences."""
+    return tiny_config(data, 1, tensor, zero_stage, stage=stage, model=dict(num_layers=4, remat_policy=remat),
+                       train=dict(micro_batches=MICRO))
 
 
 @pytest.fixture(scope="module")
 def reference():
     """The unpipelined run on one device: initial state, losses, final params, first-batch eval loss."""
-    config = tiny_config()
+    config = pipeline_config()
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     assert "stage" not in mesh.axis_names  # stage=1 is the plain mesh
     state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
@@ -46,7 +41,7 @@ def reference():
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipelined_layout_matches_unpipelined(layout, reference):
     stage, data, tensor, zero = LAYOUTS[layout]
-    config = tiny_config(stage, data, tensor, zero)
+    config = pipeline_config(stage, data, tensor, zero)
     mesh = sharding.make_mesh(config)
     assert dict(mesh.shape) == {"stage": stage, "data": data, "fsdp": 1, "tensor": tensor}
     initial, ref_params, ref_losses, ref_eval = reference
@@ -85,7 +80,7 @@ def test_pipeline_gradients_match_unpipelined():
     """d(mean loss)/d(every param) through the pipeline, with per-stage remat, equals plain autodiff on one
     device: the embedding (fed to stage 0) and head (after the last stage) included."""
     tokens = batches(1, seed=1)[0]
-    plain = tiny_config()
+    plain = pipeline_config()
     plain_mesh = sharding.make_mesh(plain, jax.devices()[:1])
     params = train.init_train_state(plain, plain_mesh, jax.random.PRNGKey(1)).params
     net = model.GPTNeoX(train.model_config(plain, plain_mesh))
@@ -95,7 +90,7 @@ def test_pipeline_gradients_match_unpipelined():
 
     want = jax.device_get(jax.jit(jax.grad(plain_loss))(params))
 
-    config = tiny_config(stage=4, data=2, remat="full")
+    config = pipeline_config(stage=4, data=2, remat="full")
     mesh = sharding.make_mesh(config)
 
     def pipelined_loss(p, t):
@@ -114,7 +109,7 @@ def test_pipeline_gradients_match_unpipelined():
 
 
 def test_layout_report_has_stages_and_bubble():
-    config = tiny_config(stage=4, data=2)
+    config = pipeline_config(stage=4, data=2)
     mesh = sharding.make_mesh(config)
     boxed = model.param_shapes(train.model_config(config, mesh))
     report = layout.layout_report(boxed, optim.make_optimizer(config), mesh, 0, micro_batches=MICRO)
@@ -132,7 +127,7 @@ def test_layout_report_has_stages_and_bubble():
     ("train.micro_batches", 2, "train.micro_batches: 2 micro-batches do not fill a 4-stage pipeline"),
 ])
 def test_pipeline_that_cannot_run_is_one_clear_error(field, value, needle):
-    config = tiny_config(stage=4, data=2)
+    config = pipeline_config(stage=4, data=2)
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ConfigError, match=needle):

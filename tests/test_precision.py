@@ -9,10 +9,11 @@ import pytest
 
 from neox_jax import checkpoint as ckpt
 from neox_jax import cli, convert, sharding, train, trainer
-from neox_jax.config import ConfigError, default_config, validate
+from neox_jax.config import ConfigError, validate
 
 from layout_checks import comparable, rel_err, run
 from test_trainer import TINY, _config, _train_losses
+from tiny_configs import tiny_config
 
 LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage, compute dtype, loss scale)
     "fsdp8_zero3_bf16": (1, 8, 1, 3, "bfloat16", "none"),
@@ -20,16 +21,10 @@ LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage, compute dtype, loss scale)
 }
 
 
-def tiny_config(data, fsdp, tensor, zero_stage, dtype, loss_scale, mode):
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64,
-                        dtype=dtype))
-    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.precision.update(dict(mode=mode, loss_scale=loss_scale, initial_scale_power=12, loss_scale_window=2))
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
-    c.train.update(dict(steps=10, batch_size=16, micro_batches=2, seq_len=16))
-    return c
+def precision_config(data, fsdp, tensor, zero_stage, dtype, loss_scale, mode):
+    """The tiny run in a compute dtype and precision mode (the loss scale grows every 2 good steps)."""
+    return tiny_config(data, fsdp, tensor, zero_stage, model=dict(dtype=dtype),
+                       precision=dict(mode=mode, loss_scale=loss_scale, initial_scale_power=12, loss_scale_window=2))
 
 
 def _is_matrix(path) -> bool:
@@ -43,7 +38,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     applies its parameters in fp32, so the fp32 run uses unrounded ones), and sums its embedding gradient in 16 bits."""
     runs = {}
     for mode in ("fp32_params", "master_weights"):
-        config = tiny_config(*LAYOUTS[layout], mode)
+        config = precision_config(*LAYOUTS[layout], mode)
         mesh = sharding.make_mesh(config)
         state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
         step, state, losses = run(config, mesh, state)
@@ -75,7 +70,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
 
 
 def test_master_weights_need_a_16bit_compute_dtype():
-    c = tiny_config(1, 1, 1, 0, "float32", "none", "master_weights")
+    c = precision_config(1, 1, 1, 0, "float32", "none", "master_weights")
     with pytest.raises(ConfigError, match="model.dtype: precision.mode=master_weights stores the params in"):
         validate(c)
     c.model.dtype, c.precision.mode = "bfloat16", "fp16_master"
@@ -86,7 +81,7 @@ def test_master_weights_need_a_16bit_compute_dtype():
 def test_initial_weights_fill_the_master_exactly():
     """Weights loaded from a 16-bit checkpoint (here bf16-rounded values in fp32 arrays, as convert.load_hf
     returns them) become the fp32 master bit for bit, and the params their exact 16-bit cast."""
-    config = tiny_config(2, 1, 2, 1, "bfloat16", "none", "master_weights")
+    config = precision_config(2, 1, 2, 1, "bfloat16", "none", "master_weights")
     mesh = sharding.make_mesh(config, jax.devices()[:4])
     random = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(3)).master)
     loaded = jax.tree.map(lambda w: np.asarray(w.astype(jnp.bfloat16).astype(np.float32)), random)
@@ -97,7 +92,7 @@ def test_initial_weights_fill_the_master_exactly():
 
 
 def test_bf16_hf_checkpoint_loads_into_the_master_exactly(tmp_path):
-    config = tiny_config(1, 1, 1, 0, "bfloat16", "none", "master_weights")
+    config = precision_config(1, 1, 1, 0, "bfloat16", "none", "master_weights")
     mesh = sharding.make_mesh(config, jax.devices()[:1])
     weights = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(1)).master)
     convert.save_hf(config, weights, tmp_path / "hf", dtype="bfloat16")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from neox_jax import loss, sharding, train
-from neox_jax.config import default_config
 
 from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+from tiny_configs import tiny_config
 
 LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks[, micro_batches]])
     "data8": (8, 1, 1, 0),
@@ -20,17 +20,6 @@ LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks[, micro_batch
     "data4_tensor2_zero1": (4, 1, 2, 1),
     "fsdp2_tensor4_zero3": (1, 2, 4, 3),
 }
-
-
-def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0):
-    """configs/tiny.py's architecture shrunk for speed (heads and mlp still divide tensor=4)."""
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64))
-    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
-    c.train.update(dict(steps=10, batch_size=16, micro_batches=2, seq_len=16))
-    return c
 
 
 @pytest.fixture(scope="module")
