@@ -8,6 +8,8 @@ import json
 import os
 import sys
 
+from absl import flags
+
 from neox_jax import config as cfg
 from neox_jax import metrics as metrics_lib
 
@@ -53,8 +55,6 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
     """Reject unknown flags and unknown --config.* fields before absl parses them, naming the near names
     (absl and ml_collections would otherwise fail with a bare message or a traceback). Call it before the
     script defines its config flag: ml_collections applies --config.* overrides as soon as it is defined."""
-    from absl import flags
-
     known = sorted({flag, *own_flags} | {f for f in flags.FLAGS if not f.startswith("?")})
 
     spec, fields = default_config, []

@@ -25,11 +25,13 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import lm_eval
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from neox_jax import generate as gen_lib
@@ -199,8 +201,6 @@ def task_manager(data_dir: str | None = None, include_builtin: bool = False):
 
 @functools.lru_cache(maxsize=2)
 def _task_manager(include_builtin: bool):
-    from lm_eval.tasks import TaskManager
-
     # Indexing the harness's ~15k task files takes seconds: done once. The tasks read DATA_ENV when they load.
     return TaskManager(include_path=str(TASK_DIR), include_defaults=include_builtin)
 
@@ -210,8 +210,6 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
              seed: int = 1234, log_samples: bool = False) -> dict:
     """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict. A task that is not one of
     LOCAL_TASKS comes from lm-eval's own registry (its data from the Hugging Face hub)."""
-    import lm_eval
-
     hub = [t for t in tasks if t not in LOCAL_TASKS]
     manager = task_manager(data_dir, include_builtin or bool(hub))
     unknown = [t for t in tasks if t not in manager.all_tasks]

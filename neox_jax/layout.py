@@ -22,6 +22,7 @@ import glob
 import math
 import os
 import re
+import tempfile
 import types
 
 import flax.linen as nn
@@ -30,7 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
-from neox_jax import sharding
+from neox_jax import model as model_lib
+from neox_jax import optim, sharding, train
 
 # Named parts of the compiled temp, in the order reports print them.
 STAGE_INPUTS = "pipeline: stage inputs kept per tick"
@@ -344,11 +346,6 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     """The layout report of `config` on `devices` (len = the mesh size), with the train step compiled for
     `platform`: XLA's memory analysis, the temp's breakdown and the analytic model. `compile_layers` N compiles
     N and 2N layers (per stage) and extrapolates linearly in the layer count (no breakdown then)."""
-    import tempfile
-
-    from neox_jax import model as model_lib
-    from neox_jax import optim, train
-
     config = cfg.validate(config)
     mesh = sharding.make_mesh(config, devices)
     m = train.model_config(config, mesh)

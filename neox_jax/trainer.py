@@ -17,6 +17,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
@@ -24,6 +25,7 @@ from neox_jax import energy as energy_lib
 from neox_jax import metrics as metrics_lib
 from neox_jax import pretrained, sharding
 from neox_jax import train as train_lib
+from neox_jax.data import IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches
 
 log = logging.getLogger("neox_jax")
 
@@ -60,8 +62,6 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
 
 def _check_tokenizer(config, model) -> None:
     """Refuse a tokenizer whose ids don't fit the padded embedding (only when text is tokenized on the fly)."""
-    from neox_jax.data import check_vocab, default_paths
-
     check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
 
 
@@ -78,8 +78,6 @@ def evaluate(eval_step, params, val_batches, mesh) -> float:
 def unigram_baseline(train_it, val_batches, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Validation loss of the context-free unigram model fitted on the training data (the first `max_tokens` of
     each training dataset, mixed by its weight), on exactly the targets the validation loss is measured on."""
-    from neox_jax.data import IndexedDataset
-
     train = [IndexedDataset(p).tokens[:max_tokens] for p in train_it.prefixes]
     targets = np.concatenate([np.asarray(b["tokens"])[:, 1:].ravel() for b in val_batches])
     return metrics_lib.unigram_cross_entropy(train, targets, vocab_size, weights=train_it.weights)
@@ -89,8 +87,6 @@ def _any_process(flag: bool) -> bool:
     """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -101,8 +97,6 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     `stop_after` ends the run after that many steps of this invocation exactly as a preemption signal would
     (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
     """
-    from neox_jax.data import make_train_iterator, make_val_batches
-
     cfg.validate(config)
     t = config.train
     mesh = sharding.make_mesh(config)

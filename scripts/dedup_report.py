@@ -10,7 +10,7 @@ import json
 import sys
 
 from neox_jax.data.dedup import dedup_report, format_report
-from neox_jax.data.preprocess import DataError
+from neox_jax.data.documents import DataError
 
 
 def main(argv=None):

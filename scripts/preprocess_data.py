@@ -12,7 +12,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax.data.preprocess import DataError, preprocess  # noqa: E402
+from neox_jax.data.documents import DataError  # noqa: E402
+from neox_jax.data.preprocess import preprocess  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -8,7 +8,7 @@
 import argparse
 import sys
 
-from neox_jax.data.preprocess import DataError
+from neox_jax.data.documents import DataError
 from neox_jax.data.tokenizer import train_sentencepiece
 
 

@@ -6,6 +6,9 @@ CPU: plain fp32 (autocast to bf16 is slower than fp32 on most CPUs). Imported on
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 from neox_jax import config as cfg
@@ -104,10 +107,6 @@ def generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, dtype: 
 def run_isolated(kind: str, m, **kwargs) -> dict:
     """Run `train_throughput` / `generate_throughput` in a fresh Python process, so PyTorch gets the device
     memory that this process's JAX allocator holds (and the timing is not shared with JAX's threads)."""
-    import json
-    import subprocess
-    import sys
-
     request = json.dumps({"kind": kind, "model": m.to_dict(), "kwargs": kwargs})
     proc = subprocess.run([sys.executable, "-m", "neox_jax.bench.torch_ref", request], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("result ")]
@@ -118,9 +117,6 @@ def run_isolated(kind: str, m, **kwargs) -> dict:
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
     import ml_collections
 
     req = json.loads(sys.argv[1])

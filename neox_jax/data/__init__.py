@@ -1,7 +1,8 @@
 """Data: tokenizers, Pile preprocessing to GPT-NeoX .bin/.idx, the grain training pipeline, dedup.
 
 Names are imported lazily so that preprocessing worker processes never import grain or JAX. Submodules:
-tokenizer, preprocess (its `preprocess()` writes .bin/.idx), indexed, dataset, dedup, bench.
+documents (the readers, a leaf), tokenizer, preprocess (its `preprocess()` writes .bin/.idx), indexed, dataset,
+neox_index, dedup, bench.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import os
 _EXPORTS = {
     "load_tokenizer": "tokenizer", "check_vocab": "tokenizer", "TokenizerError": "tokenizer",
     "train_sentencepiece": "tokenizer",
-    "prepare_dataset": "preprocess", "iter_documents": "preprocess",
-    "DataError": "preprocess",
+    "prepare_dataset": "preprocess", "iter_documents": "documents", "DataError": "documents",
     "IndexedDataset": "indexed", "IndexedWriter": "indexed", "IndexedFormatError": "indexed",
     "make_train_iterator": "dataset", "make_val_batches": "dataset", "resolve_paths": "dataset",
     "TrainIterator": "dataset", "steps_batches": "dataset",
