@@ -195,6 +195,11 @@ class Placement:
     opt_state: Any
     replicated_moments: tuple  # names of moments that no dim could split (ZeRO-1), kept replicated
 
+    def on(self, mesh: Mesh) -> "Placement":
+        """The same placement with NamedShardings on `mesh` for the PartitionSpecs."""
+        return dataclasses.replace(self, **{f: to_shardings(getattr(self, f), mesh)
+                                            for f in ("params", "grads", "master", "opt_state")})
+
 
 def placement(boxed_params, optimizer: optax.GradientTransformation, mesh: Mesh, zero_stage: int) -> Placement:
     """Decide the specs of params, grads and optax state (shapes only; nothing is allocated)."""

@@ -23,7 +23,7 @@ from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import metrics as metrics_lib
-from neox_jax import pretrained, sharding
+from neox_jax import pretrained, setup, sharding
 from neox_jax import train as train_lib
 from neox_jax.data import IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches
 
@@ -100,8 +100,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     cfg.validate(config)
     t = config.train
     mesh = sharding.make_mesh(config)
-    config = sharding.with_mesh_sizes(config, mesh)
-    model = cfg.resolve_model(config)
+    run = setup.build(config, mesh)  # the model, optimizer and placement, derived once for the whole run
+    config, model = run.config, run.model
     is_main = jax.process_index() == 0
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)
@@ -129,20 +129,20 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
         if checkpointer.latest_step() is not None:
-            abstract = {"train": train_lib.state_shapes(config, mesh),
+            abstract = {"train": train_lib.state_shapes(run),
                         "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
             restored, data_state, _ = checkpointer.restore(abstract)
             state, rng = restored["train"], restored["rng"]
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
         else:
-            params = pretrained.params_for(train_lib.model_config(config, mesh), t.init_from) if t.init_from else None
-            state = train_lib.init_train_state(config, mesh, rng, params)
+            params = pretrained.params_for(model, t.init_from) if t.init_from else None
+            state = train_lib.init_train_state(run, rng, params)
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
             del params
-        step_fn = train_lib.make_train_step(config, mesh)
-        eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
+        step_fn = train_lib.make_train_step(run)
+        eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
         if is_main:
             with open(f"{workdir}/config.json", "w") as f:
                 f.write(config.to_json(indent=1))

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import layout, loss, model, optim, pipeline, sharding, train
+from neox_jax import layout, loss, pipeline, setup, sharding, train
 from neox_jax.config import ConfigError, validate
 
-from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+from layout_checks import STEPS, batches, build, comparable, rel_err, run_steps  # noqa: F401
 from tiny_configs import tiny_config
 
 MICRO = 4
@@ -28,30 +28,29 @@ def pipeline_config(stage=1, data=1, tensor=1, zero_stage=0, remat="none"):
 @pytest.fixture(scope="module")
 def reference():
     """The unpipelined run on one device: initial state, losses, final params, first-batch eval loss."""
-    config = pipeline_config()
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    assert "stage" not in mesh.axis_names  # stage=1 is the plain mesh
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+    run = build(pipeline_config(), jax.devices()[:1])
+    assert "stage" not in run.mesh.axis_names  # stage=1 is the plain mesh
+    state = train.init_train_state(run, jax.random.PRNGKey(0))
     initial = jax.device_get(state)
-    eval_loss = float(train.make_eval_step(config, mesh)(state.params, {"tokens": batches(1)[0]})["loss"])
-    _, state, losses = run(config, mesh, state)
+    eval_loss = float(train.make_eval_step(run)(state.params, {"tokens": batches(1)[0]})["loss"])
+    _, state, losses = run_steps(run, state)
     return initial, comparable(jax.device_get(state.params)), losses, eval_loss
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipelined_layout_matches_unpipelined(layout, reference):
     stage, data, tensor, zero = LAYOUTS[layout]
-    config = pipeline_config(stage, data, tensor, zero)
-    mesh = sharding.make_mesh(config)
+    run = build(pipeline_config(stage, data, tensor, zero))
+    mesh = run.mesh
     assert dict(mesh.shape) == {"stage": stage, "data": data, "fsdp": 1, "tensor": tensor}
     initial, ref_params, ref_losses, ref_eval = reference
-    state = jax.device_put(initial, train.state_shardings(config, mesh))
+    state = jax.device_put(initial, train.state_shardings(run))
 
-    evaluate = train.make_eval_step(config, mesh)
+    evaluate = train.make_eval_step(run)
     metrics = evaluate(state.params, sharding.global_batch({"tokens": batches(1)[0]}, mesh))
     assert float(metrics["loss"]) == pytest.approx(ref_eval, rel=1e-5)
 
-    step, state, losses = run(config, mesh, state)
+    step, state, losses = run_steps(run, state)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     params = comparable(jax.device_get(state.params))
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
@@ -71,7 +70,7 @@ def test_pipelined_layout_matches_unpipelined(layout, reference):
     assert embed.addressable_shards[0].data.shape == (512 // tensor, 64)
     mu = state.opt_state[1][0].mu["layers"]["attention"]["query_key_value"]["kernel"]
     assert mu.addressable_shards[0].data.size * stage * tensor * (data if zero == 1 else 1) == mu.size
-    expected = train.state_shardings(config, mesh)
+    expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
         assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
 
@@ -80,25 +79,24 @@ def test_pipeline_gradients_match_unpipelined():
     """d(mean loss)/d(every param) through the pipeline, with per-stage remat, equals plain autodiff on one
     device: the embedding (fed to stage 0) and head (after the last stage) included."""
     tokens = batches(1, seed=1)[0]
-    plain = pipeline_config()
-    plain_mesh = sharding.make_mesh(plain, jax.devices()[:1])
-    params = train.init_train_state(plain, plain_mesh, jax.random.PRNGKey(1)).params
-    net = model.GPTNeoX(train.model_config(plain, plain_mesh))
+    plain = build(pipeline_config(), jax.devices()[:1])
+    params = train.init_train_state(plain, jax.random.PRNGKey(1)).params
+    net = plain.net
 
     def plain_loss(p):
         return loss.cross_entropy(net.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])
 
     want = jax.device_get(jax.jit(jax.grad(plain_loss))(params))
 
-    config = pipeline_config(stage=4, data=2, remat="full")
-    mesh = sharding.make_mesh(config)
+    run = build(pipeline_config(stage=4, data=2, remat="full"))
+    mesh = run.mesh
 
     def pipelined_loss(p, t):
         with sharding.activation_rules(mesh, 0):
             micro = train._micro_batches(t, MICRO, mesh)
             return pipeline.loss_sum(net, p, micro, mesh, loss.cross_entropy) / MICRO
 
-    shardings = train.state_shardings(config, mesh).params
+    shardings = run.shardings.params
     got = jax.jit(jax.grad(pipelined_loss), in_shardings=(shardings, sharding.batch_sharding(mesh)))(
         jax.device_put(params, shardings), tokens)
     got = jax.device_get(got)
@@ -109,10 +107,7 @@ def test_pipeline_gradients_match_unpipelined():
 
 
 def test_layout_report_has_stages_and_bubble():
-    config = pipeline_config(stage=4, data=2)
-    mesh = sharding.make_mesh(config)
-    boxed = model.param_shapes(train.model_config(config, mesh))
-    report = layout.layout_report(boxed, optim.make_optimizer(config), mesh, 0, micro_batches=MICRO)
+    report = layout.layout_report(build(pipeline_config(stage=4, data=2)))
     assert report["mesh"] == {"stage": 4, "data": 2, "fsdp": 1, "tensor": 1}
     assert report["pipeline"] == {"schedule": "gpipe", "stages": 4, "layers_per_stage": 1, "micro_batches": 4,
                                   "bubble_fraction": pytest.approx(3 / 7)}
@@ -133,4 +128,4 @@ def test_pipeline_that_cannot_run_is_one_clear_error(field, value, needle):
     with pytest.raises(ConfigError, match=needle):
         validate(config)
     with pytest.raises(ConfigError, match=needle):  # also when the stage count comes from the mesh
-        train.make_train_step(config, sharding.make_mesh(config))
+        setup.build(config, sharding.make_mesh(config))

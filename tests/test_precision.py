@@ -11,7 +11,7 @@ from neox_jax import checkpoint as ckpt
 from neox_jax import cli, convert, sharding, train, trainer
 from neox_jax.config import ConfigError, validate
 
-from layout_checks import comparable, rel_err, run
+from layout_checks import build, comparable, rel_err, run_steps
 from test_trainer import TINY, _config, _train_losses
 from tiny_configs import tiny_config
 
@@ -38,14 +38,14 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     applies its parameters in fp32, so the fp32 run uses unrounded ones), and sums its embedding gradient in 16 bits."""
     runs = {}
     for mode in ("fp32_params", "master_weights"):
-        config = precision_config(*LAYOUTS[layout], mode)
-        mesh = sharding.make_mesh(config)
-        state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
-        step, state, losses = run(config, mesh, state)
+        run = build(precision_config(*LAYOUTS[layout], mode))
+        state = train.init_train_state(run, jax.random.PRNGKey(0))
+        step, state, losses = run_steps(run, state)
         assert step._cache_size() == 1
-        runs[mode] = (config, mesh, state, losses)
-    _, _, reference, ref_losses = runs["fp32_params"]
-    config, mesh, state, losses = runs["master_weights"]
+        runs[mode] = (run, state, losses)
+    _, reference, ref_losses = runs["fp32_params"]
+    run, state, losses = runs["master_weights"]
+    config = run.config
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-4)
     assert int(state.skipped_steps) == int(reference.skipped_steps)
     master = comparable(jax.device_get(state.master))
@@ -59,7 +59,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     for p, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.master)):
         assert p.dtype == dtype and w.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(p), np.asarray(w.astype(dtype)))
-    expected = train.state_shardings(config, mesh)
+    expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
         assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
     kernel = state.master["layers"]["mlp"]["dense_h_to_4h"]["kernel"]  # [layers, embed 64, mlp 256]
@@ -81,11 +81,10 @@ def test_master_weights_need_a_16bit_compute_dtype():
 def test_initial_weights_fill_the_master_exactly():
     """Weights loaded from a 16-bit checkpoint (here bf16-rounded values in fp32 arrays, as convert.load_hf
     returns them) become the fp32 master bit for bit, and the params their exact 16-bit cast."""
-    config = precision_config(2, 1, 2, 1, "bfloat16", "none", "master_weights")
-    mesh = sharding.make_mesh(config, jax.devices()[:4])
-    random = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(3)).master)
+    run = build(precision_config(2, 1, 2, 1, "bfloat16", "none", "master_weights"), jax.devices()[:4])
+    random = jax.device_get(train.init_train_state(run, jax.random.PRNGKey(3)).master)
     loaded = jax.tree.map(lambda w: np.asarray(w.astype(jnp.bfloat16).astype(np.float32)), random)
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0), params=loaded)
+    state = train.init_train_state(run, jax.random.PRNGKey(0), params=loaded)
     for got, want, p in zip(jax.tree.leaves(state.master), jax.tree.leaves(loaded), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(got), want)
         np.testing.assert_array_equal(np.asarray(p).astype(np.float32), want)
@@ -93,11 +92,11 @@ def test_initial_weights_fill_the_master_exactly():
 
 def test_bf16_hf_checkpoint_loads_into_the_master_exactly(tmp_path):
     config = precision_config(1, 1, 1, 0, "bfloat16", "none", "master_weights")
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    weights = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(1)).master)
+    run = build(config, jax.devices()[:1])
+    weights = jax.device_get(train.init_train_state(run, jax.random.PRNGKey(1)).master)
     convert.save_hf(config, weights, tmp_path / "hf", dtype="bfloat16")
     hf_config, loaded = convert.load_hf(tmp_path / "hf")
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0), params=loaded)
+    state = train.init_train_state(run, jax.random.PRNGKey(0), params=loaded)
     rounded = jax.tree.map(lambda w: np.asarray(jnp.asarray(w).astype(jnp.bfloat16).astype(jnp.float32)), weights)
     for got, want in zip(jax.tree.leaves(state.master), jax.tree.leaves(rounded)):
         np.testing.assert_array_equal(np.asarray(got), want)

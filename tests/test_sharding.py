@@ -1,6 +1,7 @@
 """Mesh construction, the logical rules (Megatron tensor parallel, ZeRO-3 fsdp), ZeRO-1 placement, batches,
 the layout report and scripts/inspect_sharding.py. Shapes only (jax.eval_shape): nothing here trains."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import ROOT
-from neox_jax import layout, model, optim, sharding, train
+from layout_checks import build
+from neox_jax import layout, model, setup, sharding
 from neox_jax.config import ConfigError
 from tiny_configs import tiny_config
 
@@ -60,18 +62,15 @@ MEGATRON = {
 
 
 def test_tensor_parallel_is_megatron_style():
-    c = tiny_config(data=2, tensor=4)
-    mesh = sharding.make_mesh(c)
-    boxed = model.param_shapes(train.model_config(c, mesh))
-    specs = specs_by_name(sharding.param_specs(boxed, mesh, 0))
+    run = build(tiny_config(data=2, tensor=4))
+    specs = specs_by_name(sharding.param_specs(run.param_shapes, run.mesh, 0))
     for name, want in MEGATRON.items():
         assert padded(specs[name], len(want)) == want, name
 
 
 def test_zero3_adds_fsdp_on_embed_dims():
-    c = tiny_config(data=1, fsdp=2, tensor=4, zero_stage=3)
-    mesh = sharding.make_mesh(c)
-    specs = specs_by_name(sharding.param_specs(model.param_shapes(train.model_config(c, mesh)), mesh, 3))
+    run = build(tiny_config(data=1, fsdp=2, tensor=4, zero_stage=3))
+    specs = specs_by_name(sharding.param_specs(run.param_shapes, run.mesh, 3))
     assert padded(specs["embed_in"], 2) == ("tensor", "fsdp")
     assert padded(specs["layers/attention/query_key_value/kernel"], 5) == (None, "fsdp", "tensor", None, None)
     assert padded(specs["layers/mlp/dense_4h_to_h/kernel"], 3) == (None, "tensor", "fsdp")
@@ -86,9 +85,8 @@ def test_activation_rules_give_batch_to_data_and_fsdp():
 
 def test_indivisible_parameter_names_param_and_axis():
     c = tiny_config(data=1, tensor=8)  # 4 heads over tensor=8
-    mesh = sharding.make_mesh(c)
     with pytest.raises(ConfigError, match=r"mesh.tensor: parameter layers/attention/.*heads.*not divisible"):
-        sharding.param_specs(model.param_shapes(train.model_config(c, mesh)), mesh, 0)
+        build(c)
 
 
 def test_zero1_shards_moments_and_falls_back_when_nothing_divides():
@@ -101,8 +99,9 @@ def test_zero1_shards_moments_and_falls_back_when_nothing_divides():
     assert padded(opt["0/nu/odd"], 2) == (None, "tensor")  # 3 and 6/2 are not divisible by 4
     assert padded(specs_by_name(place.params)["w"], 2) == (None, "tensor")
     assert place.replicated_moments == ("odd",)
-    report = layout.layout_report(boxed, optax.adam(1e-3), mesh, 1)
-    assert any("odd" in n and "replicated" in n for n in report["notes"])
+    run = build(tiny_config(data=4, tensor=2, zero_stage=1))
+    run = dataclasses.replace(run, param_shapes=boxed, optimizer=optax.adam(1e-3), placement=place)
+    assert any("odd" in n and "replicated" in n for n in layout.layout_report(run)["notes"])
 
 
 def test_batch_helpers():
@@ -115,16 +114,13 @@ def test_batch_helpers():
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), tokens)
     c.train.batch_size, c.train.micro_batches = 24, 2  # 12 per micro-batch over 8 devices
     with pytest.raises(ConfigError, match="train.batch_size"):
-        train.check_batch(c, mesh)
+        setup.check_batch(c, mesh)
 
 
 def test_layout_report_bytes_and_compare():
-    c = tiny_config(data=2, tensor=4, zero_stage=1)
-    mesh = sharding.make_mesh(c)
-    m = train.model_config(c, mesh)
-    tx = optim.make_optimizer(c)
-    report = layout.layout_report(model.param_shapes(m), tx, mesh, 1)
-    assert report["param_count"] == model.count_params(m)
+    run = build(tiny_config(data=2, tensor=4, zero_stage=1))
+    report = layout.layout_report(run)
+    assert report["param_count"] == model.count_params(run.model)
     by_name = {e["name"]: e for e in report["params"]}
     emb = by_name["embed_in"]
     assert emb["logical"] == ["vocab", "embed"] and emb["local_shape"] == [512 // 4, 64]
@@ -135,7 +131,7 @@ def test_layout_report_bytes_and_compare():
     assert total["params"] == sum(e["bytes"] // (4 if "tensor" in e["spec"] else 1) for e in report["params"])
     moments = sum(e["local_bytes"] for e in report["optimizer"] if e["shape"])
     assert moments == total["params"]  # mu and nu, each half of a param's per-device bytes
-    other = layout.layout_report(model.param_shapes(m), tx, sharding.make_mesh(tiny_config(data=8)), 0)
+    other = layout.layout_report(build(tiny_config(data=8)))
     diff = layout.compare_reports(report, other)
     assert {e["name"] for e in diff["params_changed"]} >= {"embed_in", "embed_out"}
     assert diff["per_device_bytes"]["params"][1] == 4 * report["param_count"]

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from neox_jax import config as cfg
-from neox_jax import metrics, sharding
+from neox_jax import metrics, setup, sharding
 from neox_jax import train as train_lib
 from neox_jax.bench import device, timing, torch_ref
 from neox_jax.cli import load_config
@@ -33,9 +33,10 @@ def random_token_step(config):
     if jax.device_count() == 1:
         config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
     mesh = sharding.make_mesh(config)
+    run = setup.build(config, mesh)
     t = config.train
-    state = train_lib.init_train_state(config, mesh, jax.random.PRNGKey(0))
-    step = train_lib.make_train_step(config, mesh)
+    state = train_lib.init_train_state(run, jax.random.PRNGKey(0))
+    step = train_lib.make_train_step(run)
     shape = (t.batch_size, t.seq_len + 1)
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, dtype=np.int32)
     return state, step, sharding.global_batch({"tokens": tokens}, mesh)
