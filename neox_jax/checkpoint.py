@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from neox_jax import config as cfg
+from neox_jax.pytree import path_name
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
@@ -101,20 +102,6 @@ class Checkpointer:
         self.manager.close()
 
 
-def path_name(path) -> str:
-    """'train/params/layers/mlp/dense_h_to_4h/kernel': one spelling for dict keys, attributes and indices, so a
-    stored tree (all dicts) and a live one (dataclasses, named tuples) name their leaves alike."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
     """Raise CheckpointMismatchError naming the first array whose stored shape differs from the target's.
     Parameters are checked first, so the message names a parameter when the model config changed."""
@@ -131,7 +118,7 @@ def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
                 "new --workdir)")
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
+def load_workdir_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     """(run config, params as host numpy arrays) of a training workdir's latest (or `step`) checkpoint.
 
     Only the weights are read (not the optimizer's moments): the fp32 master of a run with

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neox_jax import model as model_lib
+from neox_jax.config import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,10 +344,7 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
     elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
         from neox_jax import checkpoint as ckpt
 
-        if not hasattr(ckpt, "load_params"):
-            raise NotImplementedError(f"checkpoint={checkpoint} is a training workdir, but this build's "
-                                      "neox_jax.checkpoint has no load_params(workdir); export a params dir instead")
-        config, params = ckpt.load_params(checkpoint)
+        config, params = ckpt.load_workdir_params(checkpoint)
     else:
         raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
                                 "or a training workdir (with a checkpoints/ folder)")
@@ -360,8 +358,8 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
 def _with_dtype(m, dtype: str):
     import ml_collections
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
     m = ml_collections.ConfigDict(m.to_dict())
     m.dtype = m.param_dtype = dtype
     return m

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from neox_jax import config as cfg
 from neox_jax import model as model_lib
 from neox_jax import setup, sharding, train
+from neox_jax.pytree import path_name
 from neox_jax.setup import RunSetup
 
 # Named parts of the compiled temp, in the order reports print them.
@@ -74,15 +75,15 @@ def layout_report(run: RunSetup) -> dict:
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_boxed)[0]
     specs = jax.tree.leaves(place.params, is_leaf=is_spec)
-    params = [_entry(sharding.path_name(p), b.value.shape, param_dtype, s, mesh, b.names)
+    params = [_entry(path_name(p), b.value.shape, param_dtype, s, mesh, b.names)
               for (p, b), s in zip(flat, specs)]
     shapes = jax.tree.map(lambda b: b.value, boxed_params, is_leaf=is_boxed)
     opt_flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(run.optimizer.init, shapes))[0]
     opt_specs = jax.tree.leaves(place.opt_state, is_leaf=is_spec)
-    opt = [_entry(sharding.path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
+    opt = [_entry(path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
     if master_weights:
         master_specs = jax.tree.leaves(place.master, is_leaf=is_spec)
-        opt += [_entry("master/" + sharding.path_name(p), b.value.shape, np.float32, s, mesh)
+        opt += [_entry("master/" + path_name(p), b.value.shape, np.float32, s, mesh)
                 for (p, b), s in zip(flat, master_specs)]
     grad_specs = jax.tree.leaves(place.grads, is_leaf=is_spec)
     grads = sum(_entry("", b.value.shape, np.float32, s, mesh)["local_bytes"] for (_, b), s in zip(flat, grad_specs))

@@ -35,7 +35,7 @@ def _kind(path: str) -> str:
 
 def load(path: str):
     """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir."""
-    readers = {"params": convert.load_params, "workdir": checkpoint.load_params, "hf": convert.load_hf}
+    readers = {"params": convert.load_params, "workdir": checkpoint.load_workdir_params, "hf": convert.load_hf}
     kind = _kind(path)
     try:
         return readers[kind](path)

@@ -29,6 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax.config import MESH_AXES, ConfigError
+from neox_jax.pytree import path_name
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (and ZeRO-1 optimizer state)
 STAGE_AXIS = "stage"  # pipeline stages; in the mesh only when there are at least two
@@ -132,13 +133,6 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 
 # ---- parameter and optimizer-state placement -----------------------------------------------------------
-
-def path_name(path) -> str:
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return "/".join(parts)
-
 
 def logical_axes(boxed_params):
     """Tree of logical-name tuples from a tree of `nn.LogicallyPartitioned` params (or their shapes)."""

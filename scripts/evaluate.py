@@ -12,6 +12,7 @@ import json
 import sys
 
 from neox_jax import evaluate as E
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -26,7 +27,7 @@ def parse(argv):
     p.add_argument("--data_dir", help="folder holding lambada/ piqa/ arc/ winogrande/ hellaswag/")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_length", type=int, default=None, help="default: the model's max_position_embeddings")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--tokenizer", help="tokenizer file (default: the HF dir's tokenizer.json, else the 20B tokenizer)")
     p.add_argument("--tensor_parallel", type=int, default=1)
     p.add_argument("--include_builtin_tasks", action="store_true",

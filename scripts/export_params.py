@@ -26,7 +26,7 @@ def main(argv=None):
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = p.parse_args(argv)
     try:
-        config, params = checkpoint.load_params(args.workdir, args.step)
+        config, params = checkpoint.load_workdir_params(args.workdir, args.step)
         convert.save_params(config, params, args.out)
     except (FileNotFoundError, ConfigError, convert.ConversionError) as e:
         sys.exit(f"error: {e}")

@@ -12,6 +12,7 @@ import json
 import sys
 
 from neox_jax import generate as G
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -32,7 +33,7 @@ def parse(argv):
     p.add_argument("--stop_token_id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--ignore_eod", action="store_true", help="don't stop at the end-of-document token")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute/param dtype (default: as stored)")
     p.add_argument("--tensor_parallel", type=int, default=1, help="split the weights over this many devices")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_file:

@@ -21,8 +21,9 @@ import math
 import os
 import sys
 
-MESH_AXES = ("stage", "data", "fsdp", "tensor")
-PRECISIONS = ("fp32_params", "master_weights")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_jax.config import MESH_AXES, PRECISION_MODES  # noqa: E402  (imports no JAX: flags are set below first)
 
 
 def parse_layout(spec: str) -> dict:
@@ -30,12 +31,12 @@ def parse_layout(spec: str) -> dict:
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        if key == "precision" and value in PRECISIONS:
+        if key == "precision" and value in PRECISION_MODES:
             out[key] = value
             continue
         if key not in (*MESH_AXES, "zero_stage") or not value.isdigit() or int(value) < (key != "zero_stage"):
             raise SystemExit(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
-                             f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISIONS)}, "
+                             f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISION_MODES)}, "
                              "e.g. data=12,tensor=2")
         out[key] = int(value)
     return out
@@ -57,7 +58,6 @@ def _devices_needed(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from neox_jax import targets
 
     try:

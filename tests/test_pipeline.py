@@ -8,6 +8,7 @@ import pytest
 
 from neox_jax import layout, loss, pipeline, setup, sharding, train
 from neox_jax.config import ConfigError, validate
+from neox_jax.pytree import path_name
 
 from layout_checks import STEPS, batches, build, comparable, rel_err, run_steps  # noqa: F401
 from tiny_configs import tiny_config
@@ -54,7 +55,7 @@ def test_pipelined_layout_matches_unpipelined(layout, reference):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     params = comparable(jax.device_get(state.params))
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
-        assert rel_err(got, want) <= 1e-5, sharding.path_name(path)
+        assert rel_err(got, want) <= 1e-5, path_name(path)
     assert step._cache_size() == 1
 
     # Each device holds its stage's contiguous layers (and its tensor slice); embedding and head are not
@@ -72,7 +73,7 @@ def test_pipelined_layout_matches_unpipelined(layout, reference):
     assert mu.addressable_shards[0].data.size * stage * tensor * (data if zero == 1 else 1) == mu.size
     expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
-        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
 
 
 def test_pipeline_gradients_match_unpipelined():
@@ -103,7 +104,7 @@ def test_pipeline_gradients_match_unpipelined():
     for name in ("embed_in", "embed_out"):
         assert rel_err(got[name], want[name]) <= 1e-5, name
     for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(comparable(got))[0], jax.tree.leaves(comparable(want))):
-        assert rel_err(g, w) <= 1e-5, sharding.path_name(path)
+        assert rel_err(g, w) <= 1e-5, path_name(path)
 
 
 def test_layout_report_has_stages_and_bubble():

@@ -10,6 +10,7 @@ import pytest
 from neox_jax import checkpoint as ckpt
 from neox_jax import cli, convert, sharding, train, trainer
 from neox_jax.config import ConfigError, validate
+from neox_jax.pytree import path_name
 
 from layout_checks import build, comparable, rel_err, run_steps
 from test_trainer import TINY, _config, _train_losses
@@ -28,7 +29,7 @@ def precision_config(data, fsdp, tensor, zero_stage, dtype, loss_scale, mode):
 
 
 def _is_matrix(path) -> bool:
-    return sharding.path_name(path).endswith("kernel") or "embed" in sharding.path_name(path)
+    return path_name(path).endswith("kernel") or "embed" in path_name(path)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -51,7 +52,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     master = comparable(jax.device_get(state.master))
     want = comparable(jax.device_get(reference.params))
     for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(master)[0], jax.tree.leaves(want)):
-        assert rel_err(got, ref) <= (2e-3 if _is_matrix(path) else 3e-2), sharding.path_name(path)
+        assert rel_err(got, ref) <= (2e-3 if _is_matrix(path) else 3e-2), path_name(path)
 
     # The 16-bit params are exactly the cast of the master, stored where the params go; the master and moments
     # are fp32 and split where the ZeRO stage puts the optimizer state.
@@ -61,7 +62,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
         np.testing.assert_array_equal(np.asarray(p), np.asarray(w.astype(dtype)))
     expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
-        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
     kernel = state.master["layers"]["mlp"]["dense_h_to_4h"]["kernel"]  # [layers, embed 64, mlp 256]
     split = {1: config.mesh.data * config.mesh.fsdp, 3: config.mesh.fsdp}[config.zero_stage]
     assert kernel.addressable_shards[0].data.size * split * config.mesh.tensor == kernel.size
@@ -113,7 +114,7 @@ def test_master_weights_resume_bit_exact_and_export_reads_the_master(tmp_path):
     trainer.train(_config(**extra), str(resumed))
     want, got = _train_losses(straight), _train_losses(resumed)
     assert {s: v[-1] for s, v in got.items()} == {s: v[0] for s, v in want.items()}
-    (_, a), (_, b) = ckpt.load_params(str(straight)), ckpt.load_params(str(resumed))
+    (_, a), (_, b) = ckpt.load_workdir_params(str(straight)), ckpt.load_workdir_params(str(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x, y)

@@ -17,12 +17,13 @@ from conftest import ROOT
 from layout_checks import build
 from neox_jax import layout, model, setup, sharding
 from neox_jax.config import ConfigError
+from neox_jax.pytree import path_name
 from tiny_configs import tiny_config
 
 
 def specs_by_name(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]
-    return {sharding.path_name(p): tuple(s) for p, s in flat}
+    return {path_name(p): tuple(s) for p, s in flat}
 
 
 def padded(spec, ndim):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neox_jax import loss, sharding, train
+from neox_jax.pytree import path_name
 
 from layout_checks import STEPS, batches, build, comparable, rel_err, run_steps  # noqa: F401
 from tiny_configs import tiny_config
@@ -57,7 +58,7 @@ def test_layout_matches_single_device(layout, reference):
     assert losses[-1] < losses[0]
     params = comparable(jax.device_get(state.params))
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
-        assert rel_err(got, want) <= 1e-5, sharding.path_name(path)
+        assert rel_err(got, want) <= 1e-5, path_name(path)
 
     # No recompilation: one compiled executable after STEPS calls.
     assert step._cache_size() == 1
@@ -65,7 +66,7 @@ def test_layout_matches_single_device(layout, reference):
     # Every array's actual sharding is what the rules + ZeRO stage say.
     expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
-        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
 
     # And what that means, written out independently of the rules table: per-device shard shapes.
     qkv = state.params["layers"]["attention"]["query_key_value"]["kernel"]  # [layers, embed, heads, 3, head_dim]

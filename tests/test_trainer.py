@@ -205,7 +205,7 @@ def test_a_run_derives_its_setup_once(reference, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_export_params_then_hf(reference, tmp_path):
     workdir = reference[0]
-    config, params = ckpt.load_params(str(workdir))
+    config, params = ckpt.load_workdir_params(str(workdir))
     assert config.model.hidden_size == 64 and config.model.padded_vocab_size == 50688
     out = tmp_path / "params"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_params.py"), "--workdir",
