@@ -256,7 +256,8 @@ def eval_step(params, batch, *, run: RunSetup):
 
 def make_eval_step(run: RunSetup):
     """jit(eval_step): (params, batch) -> {"loss": mean cross-entropy, "tokens": count}."""
-    return jax.jit(functools.partial(eval_step, run=run), in_shardings=(run.shardings.params, {"tokens": run.batch_sharding}),
+    return jax.jit(functools.partial(eval_step, run=run),
+                   in_shardings=(run.shardings.params, {"tokens": run.batch_sharding}),
                    out_shardings=NamedSharding(run.mesh, P()))
 
 

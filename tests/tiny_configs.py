@@ -1,6 +1,7 @@
 """The small model and run every unit test builds on: configs/tiny.py's architecture shrunk for speed (2 layers,
 hidden 64, 4 heads, so heads and mlp still divide tensor=4; 500 ids, padded to a multiple of 128 x tensor),
-16 sequences of 16 tokens in 2 micro-batches. A test states only what it changes, so shapes (and compiled steps) repeat across tests.
+16 sequences of 16 tokens in 2 micro-batches. A test states only what it changes, so shapes (and compiled
+steps) repeat across tests.
 
 Tests that run `configs/tiny.py` itself through the trainer or a script take its overrides from test_trainer.py.
 """
