@@ -12,7 +12,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # collectives (measured with jax 0.10.2: the second run of the same 8-device train step hangs in a rendezvous).
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

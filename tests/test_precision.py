@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, sharding, train, trainer
+from neox_jax import cli, convert, train, trainer
 from neox_jax.config import ConfigError, validate
 from neox_jax.pytree import path_name
 
