@@ -18,11 +18,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from neox_jax import config as cfg
+from neox_jax import errors
 
 STATE, DATA, CONFIG = "state", "data", "config"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.RunFailure, ValueError):
     """A checkpoint's arrays don't have the shapes the current config expects."""
 
 

@@ -1,4 +1,5 @@
-"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries."""
+"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries. (A fault
+the user can cause becomes one `FATAL:` line in `errors.guarded`.)"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 
 from neox_jax import config as cfg
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 
 
@@ -36,7 +38,7 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
+            raise errors.InputError(f"{flag} expects field=value, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -44,9 +46,15 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
     return out
 
 
-def _fail(message: str) -> None:
-    print(f"FATAL: {message}", file=sys.stderr)
-    sys.exit(2)
+def parse_absl_flags(argv):
+    """absl's flag parsing with a bad flag value (`--config.train.steps=abc`) as one line and exit status 2
+    (absl itself exits 1 with its usage hint)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        errors.fatal(str(e), 2)
 
 
 def check_config_overrides(argv: list[str], default_config: str, own_flags: tuple = (), flag: str = "config") -> None:
@@ -70,20 +78,22 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
         elif name not in known and not (name.startswith("no") and name[2:] in known) \
                 and name not in ("help", "helpfull", "helpshort", "helpxml"):
             near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            _fail(f"unknown flag --{name}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
-                  + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
+            errors.fatal(f"unknown flag --{name}"
+                         + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
+                         + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
     if not fields:
         return
     try:
         config = load_config(spec)
     except (FileNotFoundError, ValueError) as e:
-        _fail(f"--{flag}: {e}")
+        errors.fatal(f"--{flag}: {e}")
     for field in fields:
         node, parts = config, field.split(".")
         for i, part in enumerate(parts):
             keys = list(node.keys()) if hasattr(node, "keys") else []
             if part not in keys:
-                _fail(f"--{flag}.{field}: " + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
+                errors.fatal(f"--{flag}.{field}: "
+                             + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
             node = node[part]
 
 

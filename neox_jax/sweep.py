@@ -20,13 +20,14 @@ from typing import Any, Sequence
 
 from neox_jax import cli
 from neox_jax import config as cfg
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = "scripts/train.py"
 
 
-class SweepError(ValueError):
+class SweepError(errors.InputError):
     """A sweep file or its overrides are malformed: the message names the file and the run."""
 
 

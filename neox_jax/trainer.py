@@ -21,6 +21,7 @@ import numpy as np
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 from neox_jax import pretrained, sharding
 from neox_jax import train as train_lib
@@ -28,7 +29,7 @@ from neox_jax import train as train_lib
 log = logging.getLogger("neox_jax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.RunFailure):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 

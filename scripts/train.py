@@ -6,8 +6,9 @@
         --config.mesh.tensor=2 --workdir runs/x
 
 Any config field can be overridden with --config.path.to.field=value. A --workdir holding a checkpoint resumes.
-Exit status: 0 done or preempted (SIGTERM/SIGINT: the step finishes and a checkpoint is saved), 2 bad flag or
-config, 1 checkpoint mismatch or too many non-finite steps in a row.
+Exit status: 0 done or preempted (SIGTERM/SIGINT: the step finishes and a checkpoint is saved), 2 bad flag,
+config or data, 1 the run cannot go on (checkpoint mismatch, no intact checkpoint, full disk, workdir in use, too
+many non-finite steps in a row); both with one `FATAL:` line on stderr (README, "When something goes wrong").
 """
 
 import os
@@ -41,24 +42,15 @@ def main(argv):
     import jax
 
     from neox_jax import distributed, trainer
-    from neox_jax.checkpoint import CheckpointMismatchError
-    from neox_jax.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except distributed.DistributedError as e:
-        print(f"FATAL: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
     logging.info("workdir %s", workdir)
     try:
         last = trainer.train(config, workdir)
-    except (ConfigError, CheckpointMismatchError, trainer.NonFiniteError) as e:
-        print(f"FATAL: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
     except Exception as e:  # noqa: BLE001 - a lost peer must not wait in the runtime's shutdown barrier
         if distributed.is_peer_failure(e):
             distributed.abort_peer_failure(e, workdir)
@@ -68,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.guarded(main), flags_parser=cli.parse_absl_flags)

@@ -19,6 +19,8 @@ import tempfile
 
 import numpy as np
 
+from neox_jax import errors
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 # Megatron's dtype codes; only integer token types make sense here.
@@ -33,7 +35,7 @@ def _umask() -> int:
     return mask
 
 
-class IndexedFormatError(ValueError):
+class IndexedFormatError(errors.InputError):
     """A .bin/.idx pair that is missing, truncated or not in the MMIDIDX format."""
 
 

@@ -35,6 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
+from neox_jax import errors
 from neox_jax.config import split_proportions
 from neox_jax.data import indexed
 from neox_jax.data.preprocess import default_cache_dir
@@ -44,7 +45,7 @@ _INDEX_KINDS = ("doc", "sample", "shuffle")
 _CHUNK = 1 << 18  # documents per vectorised step: their stream positions (2 MiB) stay in cache
 
 
-class OrderError(ValueError):
+class OrderError(errors.InputError):
     """A dataset or request GPT-NeoX's order cannot be built for; the message names the file or field."""
 
 

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from neox_jax import errors
 from neox_jax.data import indexed
 
 BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
@@ -45,7 +46,7 @@ _CHUNK_DOCS = 512
 _MAX_THREADS = 8
 
 
-class DataError(ValueError):
+class DataError(errors.InputError):
     """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
 
     def __init__(self, path: str, line: int, kind: str, detail: str):

@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+from neox_jax import errors
+
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(errors.InputError):
     """A tokenizer file that can't be used; the message names the file."""
 
 
