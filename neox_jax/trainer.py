@@ -60,10 +60,12 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
 
 
 def _check_tokenizer(config, model) -> None:
-    """Refuse a tokenizer whose ids don't fit the padded embedding (only when text is tokenized on the fly)."""
-    from neox_jax.data import check_vocab, default_paths
+    """Refuse a tokenizer whose ids don't fit the padded embedding, when text is tokenized on the fly (pre-tokenized
+    data is checked by its ids when it is opened: the default tokenizer has nothing to say about it)."""
+    from neox_jax.data import check_vocab, default_paths, tokenizes_text
 
-    check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
+    if tokenizes_text(config):
+        check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
 
 
 def evaluate(eval_step, params, val_batches, mesh) -> float:

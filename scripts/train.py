@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from neox_jax import cli  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 if __name__ == "__main__":
@@ -35,7 +35,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     from neox_jax import xla_flags
 
     xla_flags.apply()  # GPU-only flags; must precede JAX's backend start-up
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.guarded(main), flags_parser=cli.parse_absl_flags)
+    app.run(errors.guarded(main), flags_parser=cli.parse_absl_flags)
