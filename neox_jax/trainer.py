@@ -140,7 +140,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         if checkpointer.latest_step() is not None:
             abstract = {"train": train_lib.state_shapes(config, mesh),
                         "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
-            restored, data_state, _ = checkpointer.restore(abstract)
+            restored, data_state, _ = checkpointer.restore(abstract, move_aside=True)
             state, rng = restored["train"], restored["rng"]
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
