@@ -27,8 +27,15 @@ def load_config(spec: str, overrides: dict | None = None):
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
-    module = import_file(path, "_neox_config_")
-    c = module.get_config(arg) if arg else module.get_config()
+    try:  # a config file is the user's code: whatever it raises is a bad config spec
+        module = import_file(path, "_neox_config_")
+        c = module.get_config(arg) if arg else module.get_config()
+    except cfg.ConfigError:
+        raise
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from e
+    except Exception as e:  # noqa: BLE001
+        raise cfg.ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
     return cfg.merge(c, overrides or {})
 
 
@@ -44,6 +51,32 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a device count), refused as a usage error otherwise."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def check_writable(path: str | None, flag: str) -> None:
+    """Refuse an output file that could not be written, before the work whose results would go into it."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise errors.InputError(f"{flag} {path} is a directory; expected a file name")
+    if not os.path.isdir(folder):
+        raise errors.InputError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise errors.InputError(f"{flag} {path}: the folder {folder} is not writable")
 
 
 def parse_absl_flags(argv):
@@ -81,11 +114,11 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
             errors.fatal(f"unknown flag --{name}"
                          + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
                          + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
-    if not fields:
+    if not fields and spec == default_config:
         return
     try:
         config = load_config(spec)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, cfg.ConfigError) as e:
         errors.fatal(f"--{flag}: {e}")
     for field in fields:
         node, parts = config, field.split(".")
