@@ -278,12 +278,14 @@ class Checkpointer:
         self._saving = None
 
     def close(self) -> None:
-        """Wait for the save in flight and close; after a failed save (already raised), quietly."""
+        """Wait for the save in flight (its failure raises here) and close; after a failed save that was already
+        raised, quietly."""
+        reported = self._failed
         try:
             self.wait()
             self.manager.close()
         except Exception:  # noqa: BLE001 - the failure was reported when it was raised
-            if not self._failed:
+            if not reported:
                 raise
 
 

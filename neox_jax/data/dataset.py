@@ -293,6 +293,8 @@ def run_datasets(config, spec: str, field: str) -> list[str]:
             data = indexed.IndexedDataset(prefix)
         except indexed.IndexedFormatError as e:
             raise indexed.IndexedFormatError(f"{field}: {e}") from None
+        if not data.num_tokens:
+            raise indexed.IndexedFormatError(f"{field}: dataset {prefix} holds no tokens ({len(data)} documents)")
         indexed.check_token_ids(data, config.model.vocab_size, d.cache_dir, field)
     return prefixes
 
