@@ -235,10 +235,10 @@ class Checkpointer:
             raise CheckpointDamagedError(
                 f"no intact checkpoint in {self.directory}: " + "; ".join(f"step {s}: {r}" for s, r in damaged)
                 + " (left as they are; move them out of checkpoints/ to start this workdir afresh)")
+        moved = _move_aside([self.step_dir(s) for s, _ in damaged]) if move_aside else [None] * len(damaged)
         if move_aside:
-            moved = _move_aside([self.step_dir(s) for s, _ in damaged])
             self.manager.reload()
-        for (s, reason), where in zip(damaged, moved if move_aside else [None] * len(damaged)):
+        for (s, reason), where in zip(damaged, moved):
             if jax.process_index() == 0:
                 log.warning("checkpoint %s is damaged (%s); using step %d, the newest intact one%s", self.step_dir(s),
                             reason, chosen, f"; the damaged one is kept as {where}" if where else "")

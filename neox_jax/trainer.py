@@ -216,6 +216,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 return fn()
             finally:
                 window["paused"] += time.perf_counter() - start
+
         tracing = False
         while step < t.steps:
             if profile and step == profile[0]:

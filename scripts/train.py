@@ -33,6 +33,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
+@errors.guarded
 def main(argv):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
@@ -60,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(errors.guarded(main), flags_parser=cli.parse_absl_flags)
+    app.run(main, flags_parser=cli.parse_absl_flags)

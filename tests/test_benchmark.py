@@ -62,7 +62,7 @@ def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_generate_benchmark_rows_per_layer_loop(tmp_path):
+def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys):
     out = tmp_path / "generate.json"
     benchmark("generate", "--config", "configs/tiny.py", "--dtype", "float32", "--batches", "1,2",
               "--prompt-len", "4", "--new-tokens", "4", "--layer-loops", "scan,unstacked", "--json", str(out))
@@ -72,8 +72,10 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path):
     for r in rows:
         assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * r["decode_steps_per_s"])
         assert 0 < r["fraction_of_roofline"] == pytest.approx(r["decode_steps_per_s"] / r["roofline_steps_per_s"])
-    with pytest.raises(ValueError, match="layer loop 'scannn'"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         benchmark("generate", "--config", "configs/tiny.py", "--batches", "1", "--layer-loops", "scannn")
+    assert e.value.code == 2 and "FATAL: layer loop 'scannn'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -375,15 +375,24 @@ def _split_ranges(prefix: str, spec: str) -> tuple[tuple[int, int], tuple[int, i
 
 
 def _process_0_first(build):
-    """build() on process 0, then on the others (which find its cache when the files are shared)."""
+    """build() on process 0, then on the others (which find its cache when the files are shared). A bad-input error
+    of process 0 is raised after the barrier, so the others do not wait for it until the heartbeat gives up: they
+    build too and stop with the same line."""
     import jax
 
     if jax.process_count() == 1:
         return build()
     from jax.experimental import multihost_utils
 
-    order = build() if jax.process_index() == 0 else None
+    order, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            order = build()
+        except errors.UserError as e:
+            failure = e
     multihost_utils.sync_global_devices("neox_jax data order index")
+    if failure is not None:
+        raise failure
     return order if order is not None else build()
 
 
