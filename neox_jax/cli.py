@@ -7,7 +7,6 @@ import difflib
 import importlib.util
 import json
 import os
-import sys
 
 from neox_jax import config as cfg
 from neox_jax import errors
