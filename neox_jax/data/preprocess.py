@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -35,7 +36,10 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from neox_jax import errors
 from neox_jax.data import indexed
+
+log = logging.getLogger("neox_jax")
 
 BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
 TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".txt")
@@ -45,7 +49,7 @@ _CHUNK_DOCS = 512
 _MAX_THREADS = 8
 
 
-class DataError(ValueError):
+class DataError(errors.InputError):
     """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
 
     def __init__(self, path: str, line: int, kind: str, detail: str):
@@ -65,7 +69,8 @@ def is_text_input(path: str) -> bool:
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-    """Comma-separated strings and/or lists of files or globs -> the files, in order (globs sorted)."""
+    """Comma-separated strings and/or lists of files, globs or directories -> the files, in order (globs sorted;
+    a directory gives its Pile-format files, sub-directories included, sorted by path)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     files = []
     for item in items:
@@ -80,10 +85,17 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
                 files.extend(found)
             elif os.path.isfile(part):
                 files.append(part)
+            elif os.path.isdir(part):
+                found = sorted(os.path.join(root, name) for root, _, names in os.walk(part) for name in names
+                               if is_text_input(name))
+                if not found:
+                    raise FileNotFoundError(f"input directory {part} holds no Pile-format files "
+                                            f"({', '.join(TEXT_SUFFIXES)})")
+                files.extend(found)
             else:
                 raise FileNotFoundError(f"input file {part} not found")
     if not files:
-        raise ValueError("no input files given")
+        raise errors.InputError("no input files given")
     return files
 
 
@@ -385,17 +397,17 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
         while in_flight:
             c, fut = in_flight.popleft()
             write(c, *fut.result())
-        if not writers:
-            writer_for("unknown")  # no documents: still produce a valid, empty pair
+        if not writers:  # an empty dataset trains nothing: refuse before any file appears
+            skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
+                f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
+            files = expand_inputs(inputs)
+            where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
+            raise errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 # ---- cached on-the-fly preprocessing ---------------------------------------------------------------------
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neox_jax")
-
 
 def _file_digest(path: str, h) -> None:
     with open(path, "rb") as f:
@@ -426,10 +438,16 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = No
     from neox_jax.data.tokenizer import load_tokenizer
 
     files = expand_inputs(inputs)
-    tokenizer_path = load_tokenizer(tokenizer_path).path
-    cache_dir = cache_dir or default_cache_dir()
+    tokenizer = load_tokenizer(tokenizer_path)
+    cache_dir = cache_dir or indexed.default_cache_dir()
     stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(files[0])) or "data"
-    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer_path)}")
-    if not indexed.exists(prefix):
-        preprocess(files, prefix, tokenizer_path, workers=workers, progress=progress)
+    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer.path)}")
+    if indexed.exists(prefix):
+        try:  # a cache entry is ours to rebuild: one damaged on disk is tokenized again, nothing is lost
+            indexed.check_token_ids(indexed.IndexedDataset(prefix), tokenizer.vocab_size, cache_dir,
+                                    "cache entry")
+            return prefix
+        except indexed.IndexedFormatError as e:
+            log.warning("%s; tokenizing %s again", e, ", ".join(files))
+    preprocess(files, prefix, tokenizer.path, workers=workers, progress=progress)
     return prefix
