@@ -18,6 +18,7 @@ processes (or with more grain workers) continues the same global sequence exactl
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -125,18 +126,23 @@ def _rows_of_process(ds, start: int, global_batch: int, process_index: int, proc
     return ds[start:].batch(local, drop_remainder=True)[process_index::process_count].map(_as_batch)
 
 
-def die_with_parent(worker_index: int = 0, worker_count: int = 1, poll_secs: float = 0.5) -> None:
+def die_with_parent(worker_index: int = 0, worker_count: int = 1, *, parent_pid: int | None = None,
+                    poll_secs: float = 0.5) -> None:
     """grain worker initialiser: the worker exits within `poll_secs` of its parent's death (kill -9 included),
     instead of lingering for minutes with its buffers (and keeping multiprocessing's resource tracker alive).
     A thread watches the parent pid: PR_SET_PDEATHSIG would fire when the parent *thread* that started the worker
-    ends, and grain starts workers from threads of its own."""
-    parent = os.getppid()
+    ends, and grain starts workers from threads of its own. `parent_pid` is the trainer's pid, bound before the
+    worker is spawned: a worker still importing when its parent dies is already re-parented when this runs, and
+    must exit at once rather than watch its new parent."""
+    parent = os.getppid() if parent_pid is None else parent_pid
 
     def watch():
         while os.getppid() == parent:
             time.sleep(poll_secs)
         os._exit(0)
 
+    if os.getppid() != parent:
+        os._exit(0)
     threading.Thread(target=watch, name="neox_jax-die-with-parent", daemon=True).start()
 
 
@@ -184,7 +190,7 @@ class TrainIterator:
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; scripts may not use absl
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers),
-                                worker_init_fn=die_with_parent)
+                                worker_init_fn=functools.partial(die_with_parent, parent_pid=os.getpid()))
         self._it = iter(ds)
 
     def __iter__(self) -> Iterator[dict]:
