@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from neox_jax import errors
 from neox_jax import model as model_lib
 from neox_jax.config import DTYPES
 
@@ -45,7 +46,8 @@ class Sampling:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
         ):
             if not ok:
-                raise ValueError(f"sampling option {field} must be {expected}, got {getattr(self, field)!r}")
+                raise errors.InputError(
+                    f"sampling option {field} must be {expected}, got {getattr(self, field)!r}")
 
 
 @dataclasses.dataclass
@@ -168,14 +170,7 @@ class Generator:
         new_text)` streaming. Batches of `batch_size` rows (default: all at once); results in prompt order."""
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
-        if sampling.stop_strings and decode is None:
-            raise ValueError("generate: stop_strings need a `decode` function (a tokenizer)")
-        longest = max(len(p) for p in prompts)
-        if longest + sampling.max_new_tokens > self.m.max_position_embeddings:
-            raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
-                             f"exceeds the model's max_position_embeddings={self.m.max_position_embeddings}")
+        self.check(prompts, sampling, decode)
         batch_size = self.rows(batch_size or len(prompts))
         out: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
@@ -183,6 +178,19 @@ class Generator:
             stream = None if on_text is None else (lambda row, text, s=start: on_text(s + row, text))
             out += self._generate_batch(chunk, sampling, decode, stream, batch_size)
         return out
+
+    def check(self, prompts: Sequence[Sequence[int]], sampling: Sampling, decode=None) -> None:
+        """Refuse, naming the prompt, what `generate` cannot do: an empty prompt, one longer than the context."""
+        if any(len(p) == 0 for p in prompts):
+            raise errors.InputError("generate: every prompt needs at least one token")
+        if sampling.stop_strings and decode is None:
+            raise errors.InputError("generate: stop_strings need a `decode` function (a tokenizer)")
+        longest = int(np.argmax([len(p) for p in prompts]))
+        if len(prompts[longest]) + sampling.max_new_tokens > self.m.max_position_embeddings:
+            raise errors.InputError(
+                f"generate: prompt {longest} has {len(prompts[longest])} tokens, and with max_new_tokens="
+                f"{sampling.max_new_tokens} that exceeds the model's context of max_position_embeddings="
+                f"{self.m.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens")
 
     def _generate_batch(self, prompts, sampling, decode, on_text, batch_size):
         n, greedy = len(prompts), sampling.temperature == 0.0
@@ -332,7 +340,8 @@ def _round_up(n: int, multiple: int) -> int:
 def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model config, params) from an HF GPTNeoX directory or a neox_jax params dir / training workdir."""
     if (hf is None) == (checkpoint is None):
-        raise ValueError("give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
+        raise errors.InputError(
+            "give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
     from neox_jax import convert
 
     if hf is not None:
@@ -359,7 +368,7 @@ def _with_dtype(m, dtype: str):
     import ml_collections
 
     if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
+        raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
     m = ml_collections.ConfigDict(m.to_dict())
     m.dtype = m.param_dtype = dtype
     return m
@@ -392,10 +401,10 @@ def read_prompts(path: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+                raise errors.InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}, line {number}: expected an object with a string "prompt" field')
+                raise errors.InputError(f'{path}, line {number}: expected an object with a string "prompt" field')
             prompts.append(record["prompt"])
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise errors.InputError(f"prompt file {path} holds no prompts")
     return prompts

@@ -308,7 +308,7 @@ def test_missing_files(hf_copy, tmp_path):
 def test_save_hf_refuses_to_mix_with_existing_weights(tmp_path):
     config, params = convert.load_hf(reference_dir())
     convert.save_hf(config, params, tmp_path)
-    with pytest.raises(convert.ConversionError, match="already holds weights"):
+    with pytest.raises(convert.ConversionError, match="is not empty .*model.safetensors.*--overwrite"):
         convert.save_hf(config, params, tmp_path)
 
 

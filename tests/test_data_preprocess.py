@@ -292,8 +292,8 @@ def test_cli_reports_bad_input(tmp_path):
     path = write_jsonl(str(tmp_path / "bad.jsonl"), [doc("a"), "{"])
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess_data.py"), path,
                           "--workers", "1", "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True)
-    assert out.returncode == 1
-    assert out.stderr.strip() == (f"error: {path}:2: malformed JSON (Expecting property name enclosed in double "
+    assert out.returncode == 2  # bad input (README, "When something goes wrong")
+    assert out.stderr.strip() == (f"FATAL: {path}:2: malformed JSON (Expecting property name enclosed in double "
                                   "quotes at column 2) (--skip-bad skips and counts bad lines)")
 
 

@@ -188,5 +188,7 @@ def test_generate_script_writes_jsonl(tiny, tmp_path, capsys):
     assert all(len(r["tokens"]) == 5 and r["finish_reason"] == "length" for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(bad)])
+    assert e.value.code == 2 and "bad.jsonl, line 2" in capsys.readouterr().err

@@ -203,6 +203,21 @@ def test_a_run_derives_its_setup_once(reference, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_resume_past_a_damaged_latest_checkpoint(reference, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    meta = workdir / "checkpoints" / "8" / "data" / "metadata"
+    damaged = meta.read_bytes()[:12]
+    meta.write_bytes(damaged)  # a truncated copy of the data-iterator state
+    last = trainer.train(_config(), str(workdir))
+    assert "at step 6" in capsys.readouterr().out and last["step"] == STEPS
+    got = _train_losses(workdir)
+    assert [got[s][-1] for s in (7, 8)] == [reference[1][7], reference[1][8]]  # bit for bit, from step 6
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "8", "8.damaged"]  # kept, not deleted
+    assert (workdir / "checkpoints" / "8.damaged" / "data" / "metadata").read_bytes() == damaged
+
+
+@pytest.mark.slow
 def test_export_params_then_hf(reference, tmp_path):
     workdir = reference[0]
     config, params = ckpt.load_workdir_params(str(workdir))

@@ -16,7 +16,7 @@ _EXPORTS = {
     "prepare_dataset": "preprocess", "iter_documents": "documents", "DataError": "documents",
     "IndexedDataset": "indexed", "IndexedWriter": "indexed", "IndexedFormatError": "indexed",
     "make_train_iterator": "dataset", "make_val_batches": "dataset", "resolve_paths": "dataset",
-    "TrainIterator": "dataset", "steps_batches": "dataset",
+    "TrainIterator": "dataset", "steps_batches": "dataset", "tokenizes_text": "dataset", "run_datasets": "dataset",
     "dedup_report": "dedup",
 }
 

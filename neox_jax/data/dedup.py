@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from neox_jax import errors
 from neox_jax.data.documents import iter_documents
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -89,7 +90,7 @@ def find_duplicates(texts: Iterable[str], ngram: int = 5, num_perm: int = 128, b
                     threshold: float = 0.8, max_candidates: int = 64) -> Iterable[tuple[bool, bool]]:
     """For each text in order: (is an exact duplicate of an earlier one, is a near duplicate of one)."""
     if num_perm % bands:
-        raise ValueError(f"num_perm={num_perm} must be a multiple of bands={bands}")
+        raise errors.InputError(f"num_perm={num_perm} must be a multiple of bands={bands}")
     hasher = MinHasher(num_perm)
     rows = num_perm // bands
     exact_seen: set[bytes] = set()

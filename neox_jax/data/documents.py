@@ -22,11 +22,13 @@ from typing import Iterator, NamedTuple, Sequence
 
 import zstandard
 
+from neox_jax import errors
+
 BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
 TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".txt")
 
 
-class DataError(ValueError):
+class DataError(errors.InputError):
     """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
 
     def __init__(self, path: str, line: int, kind: str, detail: str):
@@ -46,7 +48,8 @@ def is_text_input(path: str) -> bool:
 
 
 def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-    """Comma-separated strings and/or lists of files or globs -> the files, in order (globs sorted)."""
+    """Comma-separated strings and/or lists of files, globs or directories -> the files, in order (globs sorted;
+    a directory gives its Pile-format files, sub-directories included, sorted by path)."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     files = []
     for item in items:
@@ -61,10 +64,17 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
                 files.extend(found)
             elif os.path.isfile(part):
                 files.append(part)
+            elif os.path.isdir(part):
+                found = sorted(os.path.join(root, name) for root, _, names in os.walk(part) for name in names
+                               if is_text_input(name))
+                if not found:
+                    raise FileNotFoundError(f"input directory {part} holds no Pile-format files "
+                                            f"({', '.join(TEXT_SUFFIXES)})")
+                files.extend(found)
             else:
                 raise FileNotFoundError(f"input file {part} not found")
     if not files:
-        raise ValueError("no input files given")
+        raise errors.InputError("no input files given")
     return files
 
 

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import os
 import re
@@ -25,10 +26,13 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from neox_jax import errors
 from neox_jax.data import indexed
 from neox_jax.data.dedup import text_key
 from neox_jax.data.documents import BAD_KINDS, Document, expand_inputs, iter_documents
 from neox_jax.data.tokenizer import load_tokenizer
+
+log = logging.getLogger("neox_jax")
 
 PREPROCESS_VERSION = 1  # part of the cache key: bump when the output for the same input changes
 _CHUNK_BYTES = 1 << 20
@@ -189,17 +193,17 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
         while in_flight:
             c, fut = in_flight.popleft()
             write(c, *fut.result())
-        if not writers:
-            writer_for("unknown")  # no documents: still produce a valid, empty pair
+        if not writers:  # an empty dataset trains nothing: refuse before any file appears
+            skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
+                f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
+            files = expand_inputs(inputs)
+            where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
+            raise errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 # ---- cached on-the-fly preprocessing ---------------------------------------------------------------------
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neox_jax")
-
 
 def _file_digest(path: str, h) -> None:
     with open(path, "rb") as f:
@@ -228,10 +232,16 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = No
     the caller's main module, so only scripts with an `if __name__ == "__main__":` guard may ask for that.
     """
     files = expand_inputs(inputs)
-    tokenizer_path = load_tokenizer(tokenizer_path).path
-    cache_dir = cache_dir or default_cache_dir()
+    tokenizer = load_tokenizer(tokenizer_path)
+    cache_dir = cache_dir or indexed.default_cache_dir()
     stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(files[0])) or "data"
-    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer_path)}")
-    if not indexed.exists(prefix):
-        preprocess(files, prefix, tokenizer_path, workers=workers, progress=progress)
+    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer.path)}")
+    if indexed.exists(prefix):
+        try:  # a cache entry is ours to rebuild: one damaged on disk is tokenized again, nothing is lost
+            indexed.check_token_ids(indexed.IndexedDataset(prefix), tokenizer.vocab_size, cache_dir,
+                                    "cache entry")
+            return prefix
+        except indexed.IndexedFormatError as e:
+            log.warning("%s; tokenizing %s again", e, ", ".join(files))
+    preprocess(files, prefix, tokenizer.path, workers=workers, progress=progress)
     return prefix

@@ -13,13 +13,14 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 import tokenizers
 
+from neox_jax import errors
 from neox_jax.data import default_paths
 from neox_jax.data.documents import iter_documents
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(errors.InputError):
     """A tokenizer file that can't be used; the message names the file."""
 
 
@@ -121,21 +122,34 @@ def train_sentencepiece(inputs: Sequence[str], model_prefix: str, vocab_size: in
     No normalization and byte fallback: every input is encodable and decodes back to itself, as with a
     byte-level BPE.
     """
+    failed = []  # sentencepiece turns an exception of the iterator into a RuntimeError: keep the original
+
     def lines():
-        for n, doc in enumerate(iter_documents(inputs, skip_bad=skip_bad)):
-            if max_docs is not None and n >= max_docs:
-                return
-            for line in doc.text.splitlines():
-                if line.strip():
-                    yield line
+        try:
+            for n, doc in enumerate(iter_documents(inputs, skip_bad=skip_bad)):
+                if max_docs is not None and n >= max_docs:
+                    return
+                for line in doc.text.splitlines():
+                    if line.strip():
+                        yield line
+        except Exception as e:  # noqa: BLE001 - re-raised below, as itself
+            failed.append(e)
+            raise
 
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-        eos_id=0, pad_id=1, unk_id=2, bos_id=-1, eos_piece="<|endoftext|>", pad_piece="<|padding|>",
-        byte_fallback=True, character_coverage=character_coverage, minloglevel=2,
-        # keep text as is (code indentation, newlines via byte fallback) so decode(encode(x)) == x
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+            eos_id=0, pad_id=1, unk_id=2, bos_id=-1, eos_piece="<|endoftext|>", pad_piece="<|padding|>",
+            byte_fallback=True, character_coverage=character_coverage, minloglevel=2,
+            # keep text as is (code indentation, newlines via byte fallback) so decode(encode(x)) == x
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            split_digits=True,
+        )
+    except RuntimeError as e:  # sentencepiece's verdict on its input, e.g. a vocabulary larger than the text allows
+        if failed:
+            raise failed[0] from None
+        where = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(map(str, inputs))
+        raise TokenizerError(f"training a {vocab_size}-id tokenizer on {where}: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
     return model_prefix + ".model"
