@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from jax.experimental import multihost_utils
 
 from neox_jax import config as cfg
 from neox_jax import errors
@@ -96,8 +98,6 @@ def damage(step_dir: str) -> str | None:
 
 def _ocdbt_damage(state: str) -> str | None:
     """Walk the B+tree of the state's (merged) OCDBT database and check the file of every node and value."""
-    import tensorstore as ts
-
     base = ts.KvStore.open(f"file://{os.path.abspath(state)}/").result()
     where = os.path.basename(state)
     try:
@@ -310,8 +310,6 @@ def _move_aside(step_dirs: list[str]) -> list[str]:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

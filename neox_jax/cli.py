@@ -3,6 +3,7 @@ the user can cause becomes one `FATAL:` line in `errors.guarded`.)"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import json
@@ -56,8 +57,6 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a batch size, a device count), refused as a usage error otherwise."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -83,8 +82,6 @@ def check_writable(path: str | None, flag: str) -> None:
 def parse_absl_flags(argv):
     """absl's flag parsing with a bad flag value (`--config.train.steps=abc`) as one line and exit status 2
     (absl itself exits 1 with its usage hint)."""
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -307,8 +307,6 @@ def run_datasets(config, spec: str, field: str) -> list[str]:
 def tokenizes_text(config) -> bool:
     """Whether the run tokenizes text on the fly (the bundled sample, or Pile-format files in its paths): only
     then does the tokenizer have to fit the model (pre-tokenized data is checked by its ids instead)."""
-    from neox_jax.data.preprocess import is_text_input
-
     d = config.data
     return not d.train_paths or any(is_text_input(e.strip()) for spec in (d.train_paths, d.val_paths)
                                     for e in spec.split(","))
