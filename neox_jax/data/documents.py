@@ -1,9 +1,11 @@
-"""Pile-format documents: the readers every other data module uses (a leaf: it imports no sibling module).
+"""Pile-format documents: the readers every other data module uses (a leaf: it imports no sibling module, only
+neox_jax.errors).
 
 Input: `.jsonl`, `.jsonl.zst`, `.jsonl.gz` with one `{"text": ..., "meta": {"pile_set_name": ...}}` a line, or a
-plain `.txt` file (the whole file is one document). `iter_documents` yields every good document in order; bad input
-(a malformed JSON line, invalid UTF-8, no "text" string, an empty document, a truncated compressed stream) raises
-`DataError` naming the file and line, or with `skip_bad=True` is skipped and counted by kind (`BAD_KINDS`).
+plain `.txt` file (the whole file is one document); a directory stands for the Pile-format files below it
+(`expand_inputs`). `iter_documents` yields every good document in order; bad input (a malformed JSON line, invalid
+UTF-8, no "text" string, an empty document, a truncated compressed stream) raises `DataError` (a `UserError`: one
+line from a script) naming the file and line, or with `skip_bad=True` is skipped and counted by kind (`BAD_KINDS`).
 
 Empty documents: by default a document whose text is empty or only whitespace is bad input. GPT-NeoX's
 preprocess_data.py drops empty strings but tokenizes whitespace-only text as a document;

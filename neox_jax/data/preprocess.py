@@ -3,7 +3,8 @@
 The main thread reads and checks documents (`neox_jax.data.documents`: the input formats, bad input and empty
 documents), encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
 tokenizer's batched encoder, and the results are written in input order, an end-of-document id after each
-document. Outputs are written atomically. With `keep_whitespace_docs=True` whitespace-only texts are documents,
+document. Outputs are written atomically; input that holds no document at all is refused before any file
+appears (an empty dataset trains nothing). With `keep_whitespace_docs=True` whitespace-only texts are documents,
 as in GPT-NeoX's preprocess_data.py, so both tools write the same files.
 """
 
