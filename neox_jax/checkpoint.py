@@ -29,9 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from jax.experimental import multihost_utils
 
 from neox_jax import config as cfg
 from neox_jax import errors
+from neox_jax.pytree import path_name
 
 STATE, DATA, CONFIG = "state", "data", "config"
 DAMAGED_SUFFIX = ".damaged"
@@ -95,8 +98,6 @@ def damage(step_dir: str) -> str | None:
 
 def _ocdbt_damage(state: str) -> str | None:
     """Walk the B+tree of the state's (merged) OCDBT database and check the file of every node and value."""
-    import tensorstore as ts
-
     base = ts.KvStore.open(f"file://{os.path.abspath(state)}/").result()
     where = os.path.basename(state)
     try:
@@ -309,23 +310,7 @@ def _move_aside(step_dirs: list[str]) -> list[str]:
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
-
-
-def path_name(path) -> str:
-    """'train/params/layers/mlp/dense_h_to_4h/kernel': one spelling for dict keys, attributes and indices, so a
-    stored tree (all dicts) and a live one (dataclasses, named tuples) name their leaves alike."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
 
 
 def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
@@ -344,7 +329,7 @@ def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
                 "new --workdir)")
 
 
-def load_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
+def load_workdir_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
     """(run config, params as host numpy arrays) of a training workdir's latest (or `step`) checkpoint.
 
     Only the weights are read (not the optimizer's moments): the fp32 master of a run with

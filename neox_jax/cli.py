@@ -3,10 +3,13 @@ the user can cause becomes one `FATAL:` line in `errors.guarded`.)"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import json
 import os
+
+from absl import flags
 
 from neox_jax import config as cfg
 from neox_jax import errors
@@ -54,8 +57,6 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (a batch size, a device count), refused as a usage error otherwise."""
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -81,8 +82,6 @@ def check_writable(path: str | None, flag: str) -> None:
 def parse_absl_flags(argv):
     """absl's flag parsing with a bad flag value (`--config.train.steps=abc`) as one line and exit status 2
     (absl itself exits 1 with its usage hint)."""
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -93,8 +92,6 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
     """Reject unknown flags and unknown --config.* fields before absl parses them, naming the near names
     (absl and ml_collections would otherwise fail with a bare message or a traceback). Call it before the
     script defines its config flag: ml_collections applies --config.* overrides as soon as it is defined."""
-    from absl import flags
-
     known = sorted({flag, *own_flags} | {f for f in flags.FLAGS if not f.startswith("?")})
 
     spec, fields = default_config, []

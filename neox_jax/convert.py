@@ -244,7 +244,7 @@ def tensor_rules(m) -> list[TensorRule]:
             + [TensorRule("embed_out.weight", ("embed_out",), (v, h), True)])
 
 
-def param_shapes(m) -> dict[tuple[str, ...], tuple[int, ...]]:
+def flat_param_shapes(m) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {path: shape} of the model's params, from the model itself (jax.eval_shape, nothing allocated)."""
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(M.param_shapes(m))).items()}
 
@@ -353,7 +353,7 @@ def load_hf(path) -> tuple[ml_collections.ConfigDict, dict]:
         raise ConversionError(f"HF checkpoint directory {path} not found")
     config = config_from_hf(_read_json(path / CONFIG_FILE), path / CONFIG_FILE)
     m = config.model
-    shapes = param_shapes(m)
+    shapes = flat_param_shapes(m)
     dtype = np.dtype(m.param_dtype)
     flat = {p: np.empty(s, dtype) for p, s in shapes.items()}  # every slot is filled or we raise below
     by_name = {}
@@ -401,7 +401,7 @@ def _pin_padded_vocab(config, params) -> ml_collections.ConfigDict:
 
 def check_params(m, params, source="params", config_name="its config") -> None:
     """Raise ConversionError naming the first param whose shape differs from what config `m` builds."""
-    expected = param_shapes(m)
+    expected = flat_param_shapes(m)
     found = traverse_util.flatten_dict(params)
     for path, shape in expected.items():
         if path not in found:
@@ -529,7 +529,7 @@ def load_params(directory) -> tuple[ml_collections.ConfigDict, dict]:
     file = directory / PARAMS_FILE
     if not file.is_file():
         raise ConversionError(f"{file} not found")
-    expected = param_shapes(config.model)
+    expected = flat_param_shapes(config.model)
     flat = {}
     with _open_safetensors(file) as f:
         names = set(f.keys())

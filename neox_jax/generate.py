@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
@@ -24,12 +23,7 @@ import numpy as np
 
 from neox_jax import errors
 from neox_jax import model as model_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZERS = (
-    pathlib.Path(__file__).resolve().parent / "assets" / "20B_tokenizer.json",
-    ROOT.parent / "shared" / "data" / "tokenizers" / "20B_tokenizer.json",
-)
+from neox_jax.config import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,10 +353,7 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
     elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
         from neox_jax import checkpoint as ckpt
 
-        if not hasattr(ckpt, "load_params"):
-            raise NotImplementedError(f"checkpoint={checkpoint} is a training workdir, but this build's "
-                                      "neox_jax.checkpoint has no load_params(workdir); export a params dir instead")
-        config, params = ckpt.load_params(checkpoint)
+        config, params = ckpt.load_workdir_params(checkpoint)
     else:
         raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
                                 "or a training workdir (with a checkpoints/ folder)")
@@ -376,8 +367,8 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
 def _with_dtype(m, dtype: str):
     import ml_collections
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise errors.InputError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
     m = ml_collections.ConfigDict(m.to_dict())
     m.dtype = m.param_dtype = dtype
     return m
@@ -390,9 +381,7 @@ def load_tokenizer(hf: str | None = None, path: str | None = None):
 
     if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
         path = os.path.join(hf, "tokenizer.json")
-    if not path:
-        path = next((str(p) for p in DEFAULT_TOKENIZERS if p.is_file()), None)
-    return tok_lib.load_tokenizer(path)
+    return tok_lib.load_tokenizer(path)  # None: the bundled 20B tokenizer
 
 
 def read_prompts(path: str) -> list[str]:

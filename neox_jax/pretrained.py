@@ -36,7 +36,7 @@ def _kind(path: str, what: str = FIELD) -> str:
 def load(path: str, what: str = FIELD):
     """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir; errors name
     `what` (the config field or flag that gave the path)."""
-    readers = {"params": convert.load_params, "workdir": checkpoint.load_params, "hf": convert.load_hf}
+    readers = {"params": convert.load_params, "workdir": checkpoint.load_workdir_params, "hf": convert.load_hf}
     kind = _kind(path, what)
     try:
         return readers[kind](path)
@@ -60,7 +60,7 @@ def model_config(path: str):
 
 def params_for(m, path: str):
     """The params stored at `path`, checked against the run's model config `m` (its vocabulary padded for the
-    mesh, `train.model_config`): one ConfigError naming the first field or parameter that does not fit."""
+    mesh, `RunSetup.model`): one ConfigError naming the first field or parameter that does not fit."""
     stored, params = load(path)
     s = stored.model
     for field in _UNSEEN_FIELDS:

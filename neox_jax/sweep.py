@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shlex
@@ -202,8 +203,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def summarize(runs_dir: str) -> tuple[list[str], list[dict]]:
     """(columns, one row per run) for every workdir under `runs_dir` holding a metrics.jsonl: the config
     fields that differ between the runs, then the final train loss, the last validation loss and the step."""
-    import json
-
     workdirs = sorted(d for d, _, files in os.walk(runs_dir) if "metrics.jsonl" in files)
     if not workdirs:
         raise SweepError(f"{runs_dir}: no run folders with a metrics.jsonl below it")

@@ -20,14 +20,17 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
-from neox_jax import pretrained, sharding
+from neox_jax import pretrained, setup, sharding
 from neox_jax import train as train_lib
+from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
+                           tokenizes_text)
 
 log = logging.getLogger("neox_jax")
 
@@ -99,8 +102,6 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
 def _check_tokenizer(config, model) -> None:
     """Refuse a tokenizer whose ids don't fit the padded embedding, when text is tokenized on the fly (pre-tokenized
     data is checked by its ids when it is opened: the default tokenizer has nothing to say about it)."""
-    from neox_jax.data import check_vocab, default_paths, tokenizes_text
-
     if tokenizes_text(config):
         check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
 
@@ -118,8 +119,6 @@ def evaluate(eval_step, params, val_batches, mesh) -> float:
 def unigram_baseline(train_it, val_batches, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Validation loss of the context-free unigram model fitted on the training data (the first `max_tokens` of
     each training dataset, mixed by its weight), on exactly the targets the validation loss is measured on."""
-    from neox_jax.data import IndexedDataset
-
     train = [IndexedDataset(p).tokens[:max_tokens] for p in train_it.prefixes]
     targets = np.concatenate([np.asarray(b["tokens"])[:, 1:].ravel() for b in val_batches])
     return metrics_lib.unigram_cross_entropy(train, targets, vocab_size, weights=train_it.weights)
@@ -129,8 +128,6 @@ def _any_process(flag: bool) -> bool:
     """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -141,13 +138,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     `stop_after` ends the run after that many steps of this invocation exactly as a preemption signal would
     (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
     """
-    from neox_jax.data import make_train_iterator, make_val_batches
-
     cfg.validate(config)
     t = config.train
     mesh = sharding.make_mesh(config)
-    config = sharding.with_mesh_sizes(config, mesh)
-    model = cfg.resolve_model(config)
+    run = setup.build(config, mesh)  # the model, optimizer and placement, derived once for the whole run
+    config, model = run.config, run.model
     is_main = jax.process_index() == 0
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)
@@ -176,20 +171,20 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
         if checkpointer.latest_step() is not None:
-            abstract = {"train": train_lib.state_shapes(config, mesh),
+            abstract = {"train": train_lib.state_shapes(run),
                         "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
             restored, data_state, _ = checkpointer.restore(abstract, move_aside=True)
             state, rng = restored["train"], restored["rng"]
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
         else:
-            params = pretrained.params_for(train_lib.model_config(config, mesh), t.init_from) if t.init_from else None
-            state = train_lib.init_train_state(config, mesh, rng, params)
+            params = pretrained.params_for(model, t.init_from) if t.init_from else None
+            state = train_lib.init_train_state(run, rng, params)
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
             del params
-        step_fn = train_lib.make_train_step(config, mesh)
-        eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
+        step_fn = train_lib.make_train_step(run)
+        eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
         if is_main:
             with open(f"{workdir}/config.json", "w") as f:
                 f.write(config.to_json(indent=1))

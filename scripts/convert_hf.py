@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from neox_jax import convert, errors, pretrained
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -19,7 +20,7 @@ def parse(argv):
     p.add_argument("--out", help="params dir to write (config.json + params.safetensors)")
     p.add_argument("--params_dir", help="params dir or training workdir (latest checkpoint) to read (with --hf_out)")
     p.add_argument("--hf_out", help="HF directory to write")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="tensor dtype of the HF output (default float32)")
     p.add_argument("--max_shard_gb", type=float, default=4.0, help="largest HF safetensors shard, GiB")
     p.add_argument("--overwrite", action="store_true", help="write into an output directory that is not empty")

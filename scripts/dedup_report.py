@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Exact- and near-duplicate documents per pile_set_name.
 
-  python scripts/dedup_report.py ../shared/data/pile_sample/train.jsonl.zst [--json report.json]
+  python scripts/dedup_report.py neox_jax/assets/train.jsonl.zst [--json report.json]
 Drop exact duplicates while preprocessing with `scripts/preprocess_data.py --dedup`.
 """
 
 import argparse
 import json
 
-from neox_jax.data.dedup import dedup_report, format_report
 from neox_jax import errors
+from neox_jax.data.dedup import dedup_report, format_report
 
 
 @errors.guarded

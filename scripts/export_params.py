@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="write into an --out directory that is not empty")
     args = p.parse_args(argv)
     convert.output_dir(args.out, args.overwrite, create=False)  # before reading the checkpoint
-    config, params = checkpoint.load_params(args.workdir, args.step)
+    config, params = checkpoint.load_workdir_params(args.workdir, args.step)
     convert.save_params(config, params, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{convert.describe(config, params)}")
 

@@ -16,6 +16,7 @@ import sys
 
 from neox_jax import cli, errors
 from neox_jax import generate as G
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -36,7 +37,7 @@ def parse(argv):
     p.add_argument("--stop_token_id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--ignore_eod", action="store_true", help="don't stop at the end-of-document token")
     p.add_argument("--batch_size", type=cli.positive_int, default=8)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as stored)")
+    p.add_argument("--dtype", choices=DTYPES, help="compute/param dtype (default: as stored)")
     p.add_argument("--tensor_parallel", type=cli.positive_int, default=1,
                    help="split the weights over this many devices")
     args = p.parse_args(argv)

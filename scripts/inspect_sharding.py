@@ -21,8 +21,10 @@ import math
 import os
 import sys
 
-MESH_AXES = ("stage", "data", "fsdp", "tensor")
-PRECISIONS = ("fp32_params", "master_weights")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_jax import errors  # noqa: E402  (these two import no JAX: flags are set below first)
+from neox_jax.config import MESH_AXES, PRECISION_MODES  # noqa: E402
 
 
 def parse_layout(spec: str) -> dict:
@@ -30,12 +32,13 @@ def parse_layout(spec: str) -> dict:
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        if key == "precision" and value in PRECISIONS:
+        if key == "precision" and value in PRECISION_MODES:
             out[key] = value
             continue
         if key not in (*MESH_AXES, "zero_stage") or not value.isdigit() or int(value) < (key != "zero_stage"):
             errors.fatal(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
-                         f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISIONS)}, e.g. data=12,tensor=2")
+                         f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISION_MODES)}, "
+                         "e.g. data=12,tensor=2")
         out[key] = int(value)
     return out
 
@@ -54,9 +57,6 @@ def _devices_needed(argv) -> int:
     sizes = [parse_layout(v) for f in ("mesh", "compare") for v in _flag_values(argv, f)] or [{}]
     return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from neox_jax import errors  # noqa: E402 - imports no JAX
 
 OWN_FLAGS = ("mesh", "zero_stage", "remat", "batch_size", "micro_batches", "compare", "target", "format", "plot",
              "device_memory", "compile", "compile_layers", "cpu_hoisting")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Tokenize Pile-format text into GPT-NeoX .bin/.idx files.
 
-  python scripts/preprocess_data.py ../shared/data/pile_sample/train.jsonl.zst
+  python scripts/preprocess_data.py neox_jax/assets/train.jsonl.zst
   python scripts/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix data/pile --workers 8
   python scripts/preprocess_data.py data/ --output-prefix data/pile    # every Pile-format file under data/
 
@@ -17,7 +17,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import errors  # noqa: E402
-from neox_jax.data.preprocess import DataError, preprocess  # noqa: E402
+from neox_jax.data.documents import DataError  # noqa: E402
+from neox_jax.data.preprocess import preprocess  # noqa: E402
 
 
 def parse_args(argv=None):

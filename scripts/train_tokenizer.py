@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a sentencepiece BPE tokenizer on Pile-format text (EOD = id 0, padding = 1, byte fallback).
 
-  python scripts/train_tokenizer.py ../shared/data/pile_sample/train.jsonl.zst --vocab-size 8000 \
+  python scripts/train_tokenizer.py neox_jax/assets/train.jsonl.zst --vocab-size 8000 \
       --output-prefix runs/tok/pile8k      # writes runs/tok/pile8k.model and .vocab
 """
 

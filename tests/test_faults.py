@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FIXTURES, ROOT
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, errors, metrics, trainer
+from neox_jax import convert, errors, metrics, trainer
 from neox_jax.data import dataset, indexed, preprocess
+from tiny_configs import TINY_PY, tiny_py
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-TINY = str(ROOT / "configs" / "tiny.py")
+TINY_HF = FIXTURES / "hf_reference" / "tiny-gpt-neox-parallel"  # max_position_embeddings 64
 
 
 def _script(name):
@@ -74,9 +75,8 @@ def _pair(prefix, docs, dtype=np.uint16):
 
 
 def _config(**fields):
-    small = {"model.hidden_size": 32, "model.num_layers": 1, "model.num_heads": 2, "train.seq_len": 8,
-             "train.batch_size": 4}
-    return cli.load_config(TINY, {**small, **fields})
+    """configs/tiny.py, the tiny model, on datasets of a few dozen tokens."""
+    return tiny_py(**{"train.seq_len": 8, "train.batch_size": 4, **fields})
 
 
 # ---- 1. token ids beyond the model's vocabulary ------------------------------------------------------------
@@ -355,7 +355,7 @@ def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path):
     assert (tmp_path / "w" / "metrics.jsonl").read_text() == '{"split": "train", "step": 1}\n'
     line = _one_fatal_line(_run(ROOT / "scripts/train.py", "--config.train.steps=abc"))
     assert "--config.train.steps=abc" in line
-    line = _one_fatal_line(_run(ROOT / "scripts/inspect_sharding.py", "--config", TINY, "--mesh", "data=1",
+    line = _one_fatal_line(_run(ROOT / "scripts/inspect_sharding.py", "--config", TINY_PY, "--mesh", "data=1",
                                 "--config.model.hiden_size=3"))
     assert "did you mean 'model.hidden_size'" in line
 
@@ -373,9 +373,9 @@ def test_a_damaged_cache_entry_is_tokenized_again(tmp_path, caplog):
         caplog.clear()
 
 
-def _hf_copy(shared_data, tmp_path):
+def _hf_copy(tmp_path):
     d = tmp_path / "hf"
-    shutil.copytree(shared_data / "hf_reference" / "tiny-gpt-neox-parallel", d)
+    shutil.copytree(TINY_HF, d)
     for p in d.iterdir():
         p.chmod(0o644)
     return d
@@ -389,8 +389,8 @@ def _first_f32_tensor(file):
     return raw, name, 8 + n + info["data_offsets"][0]
 
 
-def test_damaged_safetensors_are_one_line_in_convert_and_evaluate(shared_data, tmp_path, capsys):
-    hf = _hf_copy(shared_data, tmp_path)
+def test_damaged_safetensors_are_one_line_in_convert_and_evaluate(tmp_path, capsys):
+    hf = _hf_copy(tmp_path)
     weights = hf / "model.safetensors"
     whole = weights.read_bytes()
     convert_hf, evaluate = _script("convert_hf"), _script("evaluate")
@@ -403,9 +403,9 @@ def test_damaged_safetensors_are_one_line_in_convert_and_evaluate(shared_data, t
 
 
 @pytest.mark.slow
-def test_generate_empty_and_too_long_prompts(shared_data, tmp_path, capsys):
+def test_generate_empty_and_too_long_prompts(tmp_path, capsys):
     generate = _script("generate")
-    hf = str(shared_data / "hf_reference" / "tiny-gpt-neox-parallel")  # max_position_embeddings 64
+    hf = str(TINY_HF)
     line = _fails(generate.main, ["--hf", hf, "--prompt", "a " * 80, "--max_new_tokens", "2"], capsys)
     assert re.search(r"prompt 0 has 8\d tokens, .* max_position_embeddings=64", line)
     assert capsys.readouterr().out == ""  # refused before the prompt is echoed
@@ -418,7 +418,7 @@ def test_other_scripts_refuse_bad_input_in_one_line(tmp_path, capsys):
     (tmp_path / "sweep.py").write_text("def get_sweep():\n    raise KeyError('lr')\n")
     line = _fails(_script("sweep").main, ["--sweep", str(tmp_path / "sweep.py")], capsys)
     assert line == f"FATAL: sweep file {tmp_path / 'sweep.py'}: KeyError: 'lr'"
-    plan = ["--config", TINY, "--device", "A100", "--devices", "8", "--mfu", "0.4"]
+    plan = ["--config", TINY_PY, "--device", "A100", "--devices", "8", "--mfu", "0.4"]
     assert "--json /no/dir/p.json: the folder /no/dir does not exist" in _fails(
         _script("plan_run").main, plan + ["--json", "/no/dir/p.json"], capsys)
     assert "unknown size '7b'" in _fails(_script("plan_run").main, ["--config", "configs/pythia.py:7b"] + plan[2:],
@@ -432,23 +432,23 @@ def test_other_scripts_refuse_bad_input_in_one_line(tmp_path, capsys):
 
 # ---- 5. silent damage in conversion ----------------------------------------------------------------------------
 
-def test_non_finite_weights_are_refused_naming_the_tensor(shared_data, tmp_path):
-    hf = _hf_copy(shared_data, tmp_path)
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    hf = _hf_copy(tmp_path)
     raw, name, start = _first_f32_tensor(hf / "model.safetensors")
     raw[start:start + 4 * 37] = b"\x00\x00\xc0\x7f" * 37  # 37 NaNs behind an intact header
     (hf / "model.safetensors").write_bytes(bytes(raw))
     with pytest.raises(convert.ConversionError, match=rf"tensor '{name}' holds 37 non-finite values"):
         convert.load_hf(hf)
-    config, params = convert.load_hf(shared_data / "hf_reference" / "tiny-gpt-neox-parallel")
+    config, params = convert.load_hf(TINY_HF)
     params["final_layer_norm"]["bias"] = np.full_like(params["final_layer_norm"]["bias"], np.inf)
     convert.save_params(config, params, tmp_path / "p")
     with pytest.raises(convert.ConversionError, match="tensor 'final_layer_norm/bias' holds 64 non-finite"):
         convert.load_params(tmp_path / "p")
 
 
-def test_outputs_are_not_overwritten_without_overwrite(shared_data, tmp_path, capsys):
+def test_outputs_are_not_overwritten_without_overwrite(tmp_path, capsys):
     convert_hf, export = _script("convert_hf"), _script("export_params")
-    src = str(shared_data / "hf_reference" / "tiny-gpt-neox-parallel")
+    src = str(TINY_HF)
     workdir = tmp_path / "run"  # a training workdir's config.json must survive a mistyped --out
     workdir.mkdir()
     (workdir / "config.json").write_text('{"mine": 1}')
@@ -533,9 +533,8 @@ def test_readme_commands_name_the_venv_python():
     assert not bare, bare
 
 
-def test_convert_hf_takes_a_training_workdir(shared_data, tmp_path, capsys):
-    src = shared_data / "hf_reference" / "tiny-gpt-neox-parallel"
-    config, params = convert.load_hf(src)
+def test_convert_hf_takes_a_training_workdir(tmp_path, capsys):
+    config, params = convert.load_hf(TINY_HF)
     c = ckpt.Checkpointer(str(tmp_path / "run"), async_save=False)
     c.save(3, {"train": {"params": params}}, {}, json.loads(config.to_json()))
     c.close()

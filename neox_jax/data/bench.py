@@ -18,6 +18,8 @@ import time
 import numpy as np
 
 from neox_jax.data import default_paths, indexed, neox_index
+from neox_jax.data.dataset import TrainIterator
+from neox_jax.data.preprocess import preprocess
 
 
 @contextlib.contextmanager
@@ -42,8 +44,6 @@ def synthetic_dataset(prefix: str, num_tokens: int, vocab: int = 50277, doc_len:
 
 
 def loader_throughput(prefix: str, seq_len: int, batch_size: int, batches: int, seed: int = 0) -> dict:
-    from neox_jax.data.dataset import TrainIterator
-
     with _one_core() as core:
         it = TrainIterator([prefix], [1.0], seq_len=seq_len, global_batch=batch_size, seed=seed, read_threads=1)
         next(it)  # start-up (threads, first reads) is not throughput
@@ -65,8 +65,6 @@ def _cpu_seconds() -> float:
 
 
 def preprocess_throughput(inputs: str, workers: int, tokenizer: str | None = None) -> dict:
-    from neox_jax.data.preprocess import preprocess
-
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), _cpu_seconds()
         s = preprocess(inputs, os.path.join(tmp, "bench"), tokenizer, workers=workers, progress=False)

@@ -25,9 +25,12 @@ import time
 from typing import Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
 from neox_jax import errors
-from neox_jax.data import indexed, neox_index
+from neox_jax.data import default_paths, indexed, neox_index
+from neox_jax.data.documents import is_text_input
+from neox_jax.data.preprocess import prepare_dataset
 
 STATE_VERSION = 1
 
@@ -185,8 +188,6 @@ class TrainIterator:
         ds = self.local_batches(self.samples).to_iter_dataset(
             grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch))
         if self.workers > 0:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; scripts may not use absl
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers),
@@ -265,8 +266,6 @@ def resolve_paths(spec: str, tokenizer: str = "", cache_dir: str = "", field: st
                   workers: int = 1) -> list[str]:
     """Comma-separated `.bin/.idx` prefixes or Pile-format files (globs allowed, one dataset per entry)
     -> prefixes, preprocessing text inputs into the cache on first use."""
-    from neox_jax.data.preprocess import is_text_input, prepare_dataset
-
     prefixes = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -308,8 +307,6 @@ def run_datasets(config, spec: str, field: str) -> list[str]:
 def tokenizes_text(config) -> bool:
     """Whether the run tokenizes text on the fly (the bundled sample, or Pile-format files in its paths): only
     then does the tokenizer have to fit the model (pre-tokenized data is checked by its ids instead)."""
-    from neox_jax.data.preprocess import is_text_input
-
     d = config.data
     return not d.train_paths or any(is_text_input(e.strip()) for spec in (d.train_paths, d.val_paths)
                                     for e in spec.split(","))
@@ -340,8 +337,6 @@ def _process(process_index, process_count):
 
 
 def _train_spec(config) -> str:
-    from neox_jax.data import default_paths
-
     return config.data.train_paths or default_paths()["train"]
 
 
@@ -433,8 +428,6 @@ def make_val_batches(config, process_index: int | None = None, process_count: in
 
     With the gpt_neox order and a `data.split`, they are the first batches of GPT-NeoX's valid dataset
     (its documents in GPT-NeoX's order, built for (train_iters // eval_every + 1) x eval_batches batches)."""
-    from neox_jax.data import default_paths
-
     d, t = config.data, config.train
     process_index, process_count = _process(process_index, process_count)
     num_batches = t.eval_batches if num_batches is None else num_batches

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from neox_jax import errors
+from neox_jax.data.documents import iter_documents
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd constant: the n-gram hash is a base-M polynomial
@@ -118,8 +119,6 @@ def find_duplicates(texts: Iterable[str], ngram: int = 5, num_perm: int = 128, b
 def dedup_report(inputs: str | Sequence[str], *, ngram: int = 5, num_perm: int = 128, bands: int = 16,
                  threshold: float = 0.8, skip_bad: bool = False) -> dict:
     """Per pile_set_name: documents, exact and near duplicates (of any earlier document) and their rates."""
-    from neox_jax.data.preprocess import iter_documents
-
     docs = list(iter_documents(inputs, skip_bad=skip_bad))
     stats: dict[str, ComponentStats] = collections.defaultdict(ComponentStats)
     total = ComponentStats()

@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+import tokenizers
+
 from neox_jax import errors
+from neox_jax.data import default_paths
+from neox_jax.data.documents import iter_documents
 
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
@@ -28,11 +33,9 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: str, add_special_tokens: bool = False):
-        from tokenizers import Tokenizer
-
         self.path, self.add_special_tokens = path, add_special_tokens
         try:
-            self._tok = Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{path}: not a valid HF tokenizers JSON file ({e})") from None
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -62,8 +65,6 @@ class SentencePieceTokenizer:
     add_special_tokens = False
 
     def __init__(self, path: str):
-        import sentencepiece as spm
-
         self.path = path
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
@@ -90,8 +91,6 @@ Tokenizer = HFTokenizer | SentencePieceTokenizer
 def load_tokenizer(path: str | None = None, add_special_tokens: bool = False) -> Tokenizer:
     """Load an HF JSON tokenizer or a sentencepiece model; None or "" -> the bundled 20B tokenizer."""
     if not path:
-        from neox_jax.data import default_paths
-
         path = default_paths()["tokenizer"]
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -123,10 +122,6 @@ def train_sentencepiece(inputs: Sequence[str], model_prefix: str, vocab_size: in
     No normalization and byte fallback: every input is encodable and decodes back to itself, as with a
     byte-level BPE.
     """
-    import sentencepiece as spm
-
-    from neox_jax.data.preprocess import iter_documents
-
     failed = []  # sentencepiece turns an exception of the iterator into a RuntimeError: keep the original
 
     def lines():
