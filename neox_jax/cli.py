@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
-import json
 import os
+import sys
 
-from absl import flags
+from absl import app, flags
 
 from neox_jax import config as cfg
 from neox_jax import errors
@@ -24,11 +24,12 @@ def import_file(path: str, prefix: str):
     return module
 
 
-def load_config(spec: str, overrides: dict | None = None):
-    """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied."""
+def load_config(spec: str, overrides: dict | None = None, flag: str | None = None):
+    """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied (text
+    values typed by their fields; errors name `flag`.FIELD=VALUE when the overrides came from that flag)."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
+        raise cfg.ConfigError(f"config file {path} not found (from {spec!r})")
     try:  # a config file is the user's code: whatever it raises is a bad config spec
         module = import_file(path, "_neox_config_")
         c = module.get_config(arg) if arg else module.get_config()
@@ -38,21 +39,66 @@ def load_config(spec: str, overrides: dict | None = None):
         raise cfg.ConfigError(str(e)) from e
     except Exception as e:  # noqa: BLE001
         raise cfg.ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
-    return cfg.merge(c, overrides or {})
+    return cfg.merge(c, overrides or {}, flag)
 
 
-def parse_overrides(pairs, flag: str = "--set") -> dict:
-    """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"}: values parsed as JSON where they are JSON, else kept as text."""
+def parse_overrides(pairs, flag: str) -> dict:
+    """["a.b=1", "c=x"] -> {"a.b": "1", "c": "x"}; `config.merge` types each value by its field."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise errors.InputError(f"{flag} expects field=value, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+        out[key] = value
     return out
+
+
+def split_config_args(argv: list[str], flag: str = "config") -> tuple[str | None, dict, list[str]]:
+    """`--config SPEC` and `--config.FIELD=VALUE` (either with `=` or the value as the next argument) taken out of
+    `argv`: (SPEC or None, {FIELD: VALUE as given}, the other arguments in order). Every script that takes a config
+    reads it this way; `load_config(spec, overrides, "--config")` then types the values by the config's fields."""
+    spec, overrides, rest = None, {}, []
+    args = iter(argv)
+    for arg in args:
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name != flag and not name.startswith(flag + "."):
+            rest.append(arg)
+            continue
+        if not sep:
+            value = next(args, None)
+            if value is None:
+                raise errors.InputError(f"--{name} expects a value")
+        if name == flag:
+            spec = value
+        else:
+            overrides[name[len(flag) + 1:]] = value
+    return spec, overrides, rest
+
+
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str], default: str | None = None):
+    """`parser.parse_args` for an argparse script that takes a config: `--config SPEC` and `--config.FIELD=VALUE`
+    read as every script reads them (`split_config_args`; the parser's own `--config` is there for its help), the
+    rest by `parser`. Sets args.config (SPEC, else `default`) and args.overrides ({FIELD: VALUE})."""
+    spec, overrides, rest = split_config_args(list(argv))
+    args = parser.parse_args(rest)
+    args.config, args.overrides = spec or default, overrides
+    return args
+
+
+def run_with_config(main, default_config: str) -> None:
+    """`app.run` for an absl script that takes a config: `main(argv, config, spec)`, the config loaded once from
+    `--config SPEC` (default `default_config`) with its `--config.FIELD=VALUE` overrides; the script's own flags
+    are absl's. Bad input of either kind is one `FATAL:` line and exit status 2."""
+    with errors.one_line_errors():
+        spec, overrides, rest = split_config_args(sys.argv)
+    spec = spec or default_config
+
+    def run(argv):
+        with errors.one_line_errors():
+            config = load_config(spec, overrides, "--config")
+        return main(argv, config, spec)
+
+    app.run(run, argv=rest, flags_parser=parse_absl_flags)
 
 
 def positive_int(text: str) -> int:
@@ -80,50 +126,19 @@ def check_writable(path: str | None, flag: str) -> None:
 
 
 def parse_absl_flags(argv):
-    """absl's flag parsing with a bad flag value (`--config.train.steps=abc`) as one line and exit status 2
-    (absl itself exits 1 with its usage hint)."""
+    """absl's flag parsing with a bad flag (`--wokdir`, `--steps=abc`) as one line naming the near names, exit
+    status 2 (absl itself exits 1 with its usage hint)."""
     try:
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        own = sorted({f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
+                      if not module.startswith("absl") for f in defined})
+        near = difflib.get_close_matches(e.flagname, own, n=3, cutoff=0.6)
+        errors.fatal(f"unknown flag --{e.flagname}" + (f"; did you mean {', '.join('--' + n for n in near)}?"
+                                                      if near else "")
+                     + f" (this script's flags: {', '.join('--' + n for n in ['config', 'config.FIELD', *own])})", 2)
     except flags.Error as e:
         errors.fatal(str(e), 2)
-
-
-def check_config_overrides(argv: list[str], default_config: str, own_flags: tuple = (), flag: str = "config") -> None:
-    """Reject unknown flags and unknown --config.* fields before absl parses them, naming the near names
-    (absl and ml_collections would otherwise fail with a bare message or a traceback). Call it before the
-    script defines its config flag: ml_collections applies --config.* overrides as soon as it is defined."""
-    known = sorted({flag, *own_flags} | {f for f in flags.FLAGS if not f.startswith("?")})
-
-    spec, fields = default_config, []
-    args = iter(argv[1:])
-    for arg in args:
-        if not arg.startswith("--") or arg == "--":
-            continue
-        name, has_value, value = arg[2:].partition("=")
-        if name == flag:
-            spec = value if has_value else next(args, spec)
-        elif name.startswith(flag + "."):
-            fields.append(name[len(flag) + 1:])
-        elif name not in known and not (name.startswith("no") and name[2:] in known) \
-                and name not in ("help", "helpfull", "helpshort", "helpxml"):
-            near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            errors.fatal(f"unknown flag --{name}"
-                         + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
-                         + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
-    if not fields and spec == default_config:
-        return
-    try:
-        config = load_config(spec)
-    except (FileNotFoundError, cfg.ConfigError) as e:
-        errors.fatal(f"--{flag}: {e}")
-    for field in fields:
-        node, parts = config, field.split(".")
-        for i, part in enumerate(parts):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                errors.fatal(f"--{flag}.{field}: "
-                             + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
-            node = node[part]
 
 
 def default_workdir(config_spec: str) -> str:

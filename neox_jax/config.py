@@ -10,6 +10,7 @@ other module recomputes them.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from typing import Any, Mapping
 
@@ -152,8 +153,11 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Apply {"a.b.c": value} overrides, refusing unknown keys with near names."""
+def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], flag: str | None = None
+          ) -> ml_collections.ConfigDict:
+    """Apply {"a.b.c": value} overrides, refusing unknown keys with near names. A text value for a field that
+    is not text is read as the field's type (`"3e-4"` for a float, `"true"` for a bool), as a command line gives
+    it; errors name `flag`.a.b.c=value when the overrides came from that flag."""
     c = ml_collections.ConfigDict(base.to_dict())
     for dotted, value in overrides.items():
         node = c
@@ -163,10 +167,34 @@ def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_c
             if part not in keys:
                 raise ConfigError(_unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
             if i == len(parts) - 1:
-                node[part] = value
+                where = f"{flag}.{dotted}={value}" if flag else f"config field {dotted}"
+                node[part] = typed(node[part], value, where)
             else:
                 node = node[part]
     return c
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def typed(current: Any, value: Any, where: str) -> Any:
+    """`value` for a field now holding `current`: text read as the field's type, anything else as it is."""
+    if not isinstance(value, str) or isinstance(current, str):
+        return value
+    if isinstance(current, bool):
+        if value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        raise ConfigError(f"{where}: expected true or false")
+    for kind, name in ((int, "an integer"), (float, "a number")):
+        if isinstance(current, kind):
+            try:
+                return kind(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected {name}") from None
+    try:  # a field without a value yet (None): JSON where it is JSON, else the text
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _unknown(field: str, keys, parent: str) -> str:

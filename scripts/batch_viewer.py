@@ -19,16 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from neox_jax import cli, errors  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-OWN_FLAGS = ("steps", "rows", "json", "npy", "chars")
-if __name__ == "__main__":
-    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG, own_flags=OWN_FLAGS)
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path[:arg]).", lock_config=True)
 _STEPS = flags.DEFINE_string("steps", "0", "train step K, or A:B for steps A .. B - 1")
 _ROWS = flags.DEFINE_string("rows", "", "rows of each global batch, A:B (default: all)")
 _JSON = flags.DEFINE_string("json", None, "write one JSON object per row (step, row, tokens, text) to this file")
@@ -48,7 +43,7 @@ def _range(spec: str, flag: str, limit: int | None = None) -> range:
 
 
 @errors.guarded
-def main(argv):
+def main(argv, config, config_spec):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     import numpy as np
@@ -56,7 +51,6 @@ def main(argv):
     from neox_jax.config import validate
     from neox_jax.data import load_tokenizer, steps_batches
 
-    config = _CONFIG.value
     validate(config)
     for flag in (_JSON, _NPY):
         cli.check_writable(flag.value, f"--{flag.name}")
@@ -84,4 +78,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_absl_flags)
+    cli.run_with_config(main, DEFAULT_CONFIG)

@@ -58,8 +58,6 @@ def _devices_needed(argv) -> int:
     return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
 
-OWN_FLAGS = ("mesh", "zero_stage", "remat", "batch_size", "micro_batches", "compare", "target", "format", "plot",
-             "device_memory", "compile", "compile_layers", "cpu_hoisting")
 if __name__ == "__main__":
     from neox_jax import targets
 
@@ -75,15 +73,11 @@ if __name__ == "__main__":
 
 import json  # noqa: E402
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from neox_jax import cli  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny.py"
-if __name__ == "__main__":
-    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG, own_flags=OWN_FLAGS)
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "config file, optionally path.py:arg")
 _MESH = flags.DEFINE_string("mesh", None, "layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
 _ZERO = flags.DEFINE_integer("zero_stage", None, "ZeRO stage 0/1/3 (default: the config's)")
 _REMAT = flags.DEFINE_string("remat", None, "model.remat_policy (none/full/dots/...)")
@@ -123,7 +117,7 @@ def compared(first: dict, spec: str) -> dict:
 
 
 @errors.guarded
-def main(argv):
+def main(argv, config, config_spec):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     if not _MESH.value:
@@ -131,7 +125,7 @@ def main(argv):
     from neox_jax import layout, targets
     from neox_jax.config import ConfigError
 
-    config = _CONFIG.value.copy_and_resolve_references()
+    config = config.copy_and_resolve_references()
     for field, flag in (("model.remat_policy", _REMAT), ("train.batch_size", _BATCH),
                         ("train.micro_batches", _MICRO)):
         if flag.value is not None:
@@ -168,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_absl_flags)
+    cli.run_with_config(main, DEFAULT_CONFIG)

@@ -5,7 +5,7 @@
     python scripts/plan_run.py --config configs/neox_20b.py --device A100 --devices 96 --tflops 117
     python scripts/plan_run.py --config configs/pythia.py:410m --device H100 --devices 8 --mfu 0.45
     python scripts/plan_run.py --sweep configs/sweeps/lr.py --device H100 --devices 64 --benchmark bench.json
-    python scripts/plan_run.py --config configs/pythia.py:1b --set train.steps=10000 --device H200 --devices 8 \\
+    python scripts/plan_run.py --config configs/pythia.py:1b --config.train.steps=10000 --device H200 --devices 8 \\
         --mfu 0.5 --utilisation 0.8 --pue 1.2 --carbon_intensity 200 --json plan.json
 
 Exit status: 0 ok, 2 bad flag, config or sweep file.
@@ -24,11 +24,9 @@ from neox_jax import plan as P  # noqa: E402
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--config", help="config spec, e.g. configs/pythia.py:410m")
-    what.add_argument("--sweep", help="sweep file: one row per run")
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="config override (of every run with --sweep), repeatable")
+    p.add_argument("--config", help="config spec, e.g. configs/pythia.py:410m; --config.FIELD=VALUE overrides a "
+                   "field (of every run with --sweep), repeatable")
+    p.add_argument("--sweep", help="sweep file: one row per run")
     p.add_argument("--device", required=True, help="device kind, e.g. A100, H100, H200, 'TPU v5p'")
     p.add_argument("--devices", type=int, required=True, help="number of devices")
     rate = p.add_mutually_exclusive_group(required=True)
@@ -42,7 +40,12 @@ def parse(argv):
     p.add_argument("--pue", type=float, help="data-centre PUE (default: the config's energy.pue)")
     p.add_argument("--carbon_intensity", type=float, help="g CO2e/kWh (default: from the config's energy.* fields)")
     p.add_argument("--json", help="also write the rows here")
-    return p.parse_args(argv)
+    args = cli.parse_args_with_config(p, sys.argv[1:] if argv is None else argv)
+    if args.sweep and args.config:
+        p.error("give --config or --sweep, not both (--config.FIELD=VALUE overrides apply to every run of a sweep)")
+    if not args.sweep and not args.config:
+        p.error("give --config SPEC or --sweep FILE")
+    return args
 
 
 @errors.guarded
@@ -53,11 +56,11 @@ def main(argv=None) -> int:
     kwargs = dict(mfu=mfu, tflops=args.tflops, peak_tflops=args.peak_tflops, watts=args.watts,
                   utilisation=args.utilisation, pue=args.pue, carbon_intensity=args.carbon_intensity,
                   steps=args.steps)
-    overrides = cli.parse_overrides(args.set)
+    overrides = args.overrides
     if args.sweep:
         plans = P.estimate_sweep(args.sweep, args.device, args.devices, overrides, **kwargs)
     else:
-        config = cli.load_config(args.config, overrides)
+        config = cli.load_config(args.config, overrides, "--config")
         plans = [P.estimate(config, args.device, args.devices, name=args.config, **kwargs)]
     if source:
         print(f"MFU {mfu:.1%} from {args.benchmark} ({source})")

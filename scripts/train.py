@@ -16,16 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 from neox_jax import cli, errors  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-if __name__ == "__main__":
-    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG,
-                               own_flags=("workdir", "coordinator_address", "num_processes", "process_id"))
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Config file (path[:arg]).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots); default runs/<config>.")
 # multi-process runs without a cluster launcher that JAX detects (SLURM, Open MPI): see README "Running on a cluster"
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
@@ -34,7 +29,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 
 
 @errors.guarded
-def main(argv):
+def main(argv, config, config_spec):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     from neox_jax import xla_flags
@@ -47,8 +42,7 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
+    workdir = _WORKDIR.value or cli.default_workdir(config_spec)
     logging.info("workdir %s", workdir)
     try:
         last = trainer.train(config, workdir)
@@ -61,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.parse_absl_flags)
+    cli.run_with_config(main, DEFAULT_CONFIG)

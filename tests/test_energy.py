@@ -438,12 +438,12 @@ def test_plan_run_script_paper_check_and_sweep(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "37.5%" in out and "63.2" in out and "145,603" in out
     assert _plan_run("--sweep", "configs/sweeps/tiny.py", "--device", "H100", "--devices", "8", "--mfu", "0.4",
-                     "--set", "train.steps=100", "--json", str(tmp_path / "p.json")) == 0
+                     "--config.train.steps=100", "--json", str(tmp_path / "p.json")) == 0
     rows = json.loads((tmp_path / "p.json").read_text())
     assert [r["name"] for r in rows] == ["lr=0.001,seed=0", "lr=0.001,seed=1", "lr=0.003,seed=0", "lr=0.003,seed=1"]
     assert all(r["steps"] == 100 and r["tokens"] == 100 * 8 * 16 for r in rows)
     with pytest.raises(SystemExit) as e:
-        _plan_run("--config", "configs/tiny.py", "--set", "train.stepz=3", "--device", "A100", "--devices", "1",
+        _plan_run("--config", "configs/tiny.py", "--config.train.stepz=3", "--device", "A100", "--devices", "1",
                   "--mfu", "0.5")
     assert e.value.code == 2 and "FATAL: unknown config field 'train.stepz'" in capsys.readouterr().err
 
