@@ -1,10 +1,12 @@
 """Text generation with a KV cache: batched prefill, one compiled decode step, sampling.
 
-Prompts of different lengths are left-padded to a power-of-two bucket so they share cache slots; the pads are
-masked out of attention and the rotary positions count only real tokens (`cumsum(mask) - 1`), so every row
-sees exactly what it would see alone. The cache is an explicit pytree (`model.init_cache`) threaded through
-two jitted pure functions, `prefill` and `decode_step`; the Python loop around the step only checks stop
-conditions and streams text, so the step compiles once per (batch, cache length).
+Prompts of different lengths are left-padded to a bucket (two lengths per power of two: 64, 96, 128, ...) so
+they share cache slots; the pads are masked out of attention and the rotary positions count only real tokens
+(`cumsum(mask) - 1`), so every row sees exactly what it would see alone. The cache is an explicit pytree
+(`model.init_cache`) threaded through jitted pure functions, `prefill` and `decode_step`, compiled once per
+(batch, cache length). Without streaming the picks run on the device: all of them in one loop, or, with stop
+strings to check on the host, DECODE_CHUNK at a time (stopping at the first chunk after every row has stopped);
+with streaming a Python loop around the step checks stop conditions and streams text token by token.
 
 Also here: `load_model` / `load_tokenizer`, shared by scripts/generate.py and the lm-eval adapter.
 """
@@ -61,9 +63,13 @@ class Completion:
     finish_reason: str  # "stop_token", "stop_string" or "length"
 
 
-def bucket_length(n: int, minimum: int = 16, maximum: int | None = None) -> int:
-    """The next power of two >= n (at least `minimum`, at most `maximum` when that still holds n)."""
+def bucket_length(n: int, minimum: int = 16, maximum: int | None = None, per_octave: int = 1) -> int:
+    """The smallest of `per_octave` evenly spaced lengths per power of two that is >= n (per_octave 1: the next
+    power of two; 2: ..., 64, 96, 128, 192, ...), at least `minimum`, at most `maximum` when that still holds n."""
     b = max(minimum, 1 << max(n - 1, 0).bit_length())
+    if per_octave > 1 and b > minimum:
+        step = max(b // 2 // per_octave, 1)
+        b = max(minimum, -(-n // step) * step)
     return min(b, maximum) if maximum is not None and maximum >= n else b
 
 
@@ -119,22 +125,44 @@ def pick_tokens(logits, key, *, vocab_limit: int, temperature, top_k: int, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _pick_and_feed(m, params, key, start, **options):
+    """The loop body of the on-device decoders: pick number start + i, feed it back through the model."""
+    pick = functools.partial(pick_tokens, **options)
+
+    def body(i, carry):
+        logits, positions, cache, out = carry
+        tokens = pick(logits, jax.random.fold_in(key, start + i))
+        logits, cache = decode_step(m, params, tokens, positions + 1, cache)
+        return logits, positions + 1, cache, out.at[:, i].set(tokens)
+
+    return pick, body
+
+
 def decode_loop(m, params, logits, positions, cache, key, *, steps: int, vocab_limit: int, temperature, top_k: int,
                 top_p: float, greedy: bool):
     """All `steps` picks on the device (`lax.fori_loop`): no host round trip per token. Same keys, so the same
     tokens, as the streaming loop. Returns ids [B, steps]."""
-    pick = functools.partial(pick_tokens, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k, top_p=top_p,
-                             greedy=greedy)
-
-    def body(i, carry):
-        logits, positions, cache, out = carry
-        tokens = pick(logits, jax.random.fold_in(key, i))
-        logits, cache = decode_step(m, params, tokens, positions + 1, cache)
-        return logits, positions + 1, cache, out.at[:, i].set(tokens)
-
+    pick, body = _pick_and_feed(m, params, key, 0, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k,
+                                top_p=top_p, greedy=greedy)
     out = jnp.zeros((logits.shape[0], steps), jnp.int32)
     logits, _, _, out = jax.lax.fori_loop(0, steps - 1, body, (logits, positions, cache, out))
     return out.at[:, steps - 1].set(pick(logits, jax.random.fold_in(key, steps - 1)))
+
+
+def decode_chunk(m, params, logits, positions, cache, key, start, *, steps: int, vocab_limit: int, temperature,
+                 top_k: int, top_p: float, greedy: bool):
+    """Picks start .. start + steps - 1 on the device, each fed back (the cache needs `steps` free slots).
+    Returns (ids [B, steps], logits, positions, cache) to continue from: with stop strings the host checks the
+    text between chunks, one round trip per DECODE_CHUNK tokens instead of per token."""
+    _, body = _pick_and_feed(m, params, key, start, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k,
+                             top_p=top_p, greedy=greedy)
+    out = jnp.zeros((logits.shape[0], steps), jnp.int32)
+    logits, positions, cache, out = jax.lax.fori_loop(0, steps, body, (logits, positions, cache, out))
+    return out, logits, positions, cache
+
+
+PROMPT_BUCKETS_PER_OCTAVE = 2  # prompt lengths 16, 24, 32, 48, 64, 96, ...: prefill pads at most a third
+DECODE_CHUNK = 16  # picks per on-device loop between the host's stop-string checks
 
 
 class Generator:
@@ -159,6 +187,8 @@ class Generator:
         # The loop returns only tokens, so donating the cache would free nothing (JAX warns it is unusable).
         self._loop = jax.jit(functools.partial(decode_loop, m),
                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
+        self._chunk = jax.jit(functools.partial(decode_chunk, m), donate_argnums=(3,),
+                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         return model_lib.init_cache(self.m, batch, max_len, stacked=self.stacked)
@@ -191,11 +221,12 @@ class Generator:
         return out
 
     def _generate_batch(self, prompts, sampling, decode, on_text, batch_size):
-        n, greedy = len(prompts), sampling.temperature == 0.0
-        length = bucket_length(max(len(p) for p in prompts))
+        n, greedy, new = len(prompts), sampling.temperature == 0.0, sampling.max_new_tokens
+        length = bucket_length(max(len(p) for p in prompts), per_octave=PROMPT_BUCKETS_PER_OCTAVE)
         ids, mask = left_pad(prompts, length, batch_size)
         mask[n:, -1] = True  # filler rows attend to one token so their softmax stays finite
-        cache = self.init_cache(batch_size, length + sampling.max_new_tokens)
+        chunked = on_text is None and bool(sampling.stop_strings)
+        cache = self.init_cache(batch_size, length + (_round_up(new, DECODE_CHUNK) if chunked else new))
         ids, mask, cache = put_batch((ids, mask, cache), self.mesh)
         with tracing_context(self.m, self.mesh):
             logits, cache, positions = self._prefill(self.params, ids, mask, cache)
@@ -211,6 +242,17 @@ class Generator:
             for row, tokens in zip(rows, np.asarray(out)):
                 for token in tokens:
                     row.add(int(token))
+            return [r.result() for r in rows]
+        if chunked:  # stop strings, nothing streamed: chunks of picks on the device, stop checks in between
+            for start in range(0, new, DECODE_CHUNK):
+                with tracing_context(self.m, self.mesh):
+                    out, logits, positions, cache = self._chunk(self.params, logits, positions, cache, root,
+                                                                jnp.int32(start), steps=DECODE_CHUNK, **options)
+                for row, tokens in zip(rows, np.asarray(out)[:, :new - start]):
+                    for token in tokens:
+                        row.add(int(token))
+                if all(r.finish_reason for r in rows):
+                    break
             return [r.result() for r in rows]
         for step in range(sampling.max_new_tokens):
             tokens = pick(logits, jax.random.fold_in(root, step))
