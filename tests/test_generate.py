@@ -1,5 +1,6 @@
 """KV-cache generation against references: full recomputation of the logits, HF `generate`, single-device runs."""
 
+import dataclasses
 import functools
 import json
 
@@ -156,6 +157,24 @@ def test_stop_tokens_stop_strings_and_streaming(tiny):
         gen.generate(PROMPTS, G.Sampling(max_new_tokens=200))
     with pytest.raises(ValueError, match="top_p"):
         G.Sampling(top_p=0.0)
+
+
+def test_stop_strings_on_device_in_chunks_equal_streaming(tiny):
+    """Stop strings without streaming: DECODE_CHUNK picks at a time on the device, checked between chunks; the
+    same tokens, texts and finish reasons as the token-by-token loop, greedy and sampled, stopping past the
+    first chunk and at a max_new_tokens that is no multiple of the chunk."""
+    m, params = tiny
+    gen = G.Generator(m, params)
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    for sampling in (G.Sampling(max_new_tokens=37), G.Sampling(max_new_tokens=37, temperature=1.0, seed=2)):
+        free = gen.generate(PROMPTS, sampling, decode=decode)
+        stop = free[1].text[G.DECODE_CHUNK + 3:G.DECODE_CHUNK + 6]
+        stopping = dataclasses.replace(sampling, stop_strings=(stop,))
+        chunked = gen.generate(PROMPTS, stopping, decode=decode)
+        streamed = gen.generate(PROMPTS, stopping, decode=decode, on_text=lambda row, text: None)
+        assert [(c.tokens, c.text, c.finish_reason) for c in chunked] == \
+            [(c.tokens, c.text, c.finish_reason) for c in streamed]
+        assert chunked[1].finish_reason == "stop_string" and len(chunked[1].tokens) > G.DECODE_CHUNK
 
 
 def test_sharded_generation_equals_single_device(tiny):
