@@ -70,8 +70,9 @@ class Stats:
 
 
 class _Group:
-    """A context and the prefix tree of its continuations: node i holds token tokens[i] at depth[i] under
-    parent[i]; `chains` are runs of nodes that each continue the previous one, (start, end, parent of start)."""
+    """A context and the prefix tree of its continuations: node i (a row slot) holds tokens[i] at position
+    depth[i]; nodes are added in runs that each continue the previous node, `chains` (start, end, parent of start),
+    so every node comes after its ancestors."""
 
     def __init__(self, context: tuple[int, ...]):
         self.context = context

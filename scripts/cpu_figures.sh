@@ -35,7 +35,7 @@ run() {  # run NAME COMMAND...: the command's output to NAME.txt (warnings dropp
   local name=$1
   shift
   echo "== $name: $* (load before: $(cut -d' ' -f1-3 /proc/loadavg))" | tee "$OUT/$name.txt"
-  "$@" 2>&1 | grep -v -i -E "warn|^row |it/s\]|Running |metadata|Custom kwargs" | tee -a "$OUT/$name.txt"
+  "$@" 2>&1 | grep --line-buffered -v -i -E "warn|^row |it/s\]|Running |metadata|Custom kwargs" | tee -a "$OUT/$name.txt"
   echo "== load after: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/$name.txt"
 }
 
