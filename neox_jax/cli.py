@@ -1,14 +1,18 @@
-"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries."""
+"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries. (A fault
+the user can cause becomes one `FATAL:` line in `errors.guarded`.)"""
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import json
 import os
-import sys
+
+from absl import flags
 
 from neox_jax import config as cfg
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 
 
@@ -25,8 +29,15 @@ def load_config(spec: str, overrides: dict | None = None):
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
         raise FileNotFoundError(f"config file {path} not found (from {spec!r})")
-    module = import_file(path, "_neox_config_")
-    c = module.get_config(arg) if arg else module.get_config()
+    try:  # a config file is the user's code: whatever it raises is a bad config spec
+        module = import_file(path, "_neox_config_")
+        c = module.get_config(arg) if arg else module.get_config()
+    except cfg.ConfigError:
+        raise
+    except ValueError as e:
+        raise cfg.ConfigError(str(e)) from e
+    except Exception as e:  # noqa: BLE001
+        raise cfg.ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
     return cfg.merge(c, overrides or {})
 
 
@@ -36,7 +47,7 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"{flag} expects field=value, got {pair!r}")
+            raise errors.InputError(f"{flag} expects field=value, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -44,17 +55,43 @@ def parse_overrides(pairs, flag: str = "--set") -> dict:
     return out
 
 
-def _fail(message: str) -> None:
-    print(f"FATAL: {message}", file=sys.stderr)
-    sys.exit(2)
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a device count), refused as a usage error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def check_writable(path: str | None, flag: str) -> None:
+    """Refuse an output file that could not be written, before the work whose results would go into it."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise errors.InputError(f"{flag} {path} is a directory; expected a file name")
+    if not os.path.isdir(folder):
+        raise errors.InputError(f"{flag} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise errors.InputError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+def parse_absl_flags(argv):
+    """absl's flag parsing with a bad flag value (`--config.train.steps=abc`) as one line and exit status 2
+    (absl itself exits 1 with its usage hint)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        errors.fatal(str(e), 2)
 
 
 def check_config_overrides(argv: list[str], default_config: str, own_flags: tuple = (), flag: str = "config") -> None:
     """Reject unknown flags and unknown --config.* fields before absl parses them, naming the near names
     (absl and ml_collections would otherwise fail with a bare message or a traceback). Call it before the
     script defines its config flag: ml_collections applies --config.* overrides as soon as it is defined."""
-    from absl import flags
-
     known = sorted({flag, *own_flags} | {f for f in flags.FLAGS if not f.startswith("?")})
 
     spec, fields = default_config, []
@@ -70,20 +107,22 @@ def check_config_overrides(argv: list[str], default_config: str, own_flags: tupl
         elif name not in known and not (name.startswith("no") and name[2:] in known) \
                 and name not in ("help", "helpfull", "helpshort", "helpxml"):
             near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-            _fail(f"unknown flag --{name}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
-                  + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
-    if not fields:
+            errors.fatal(f"unknown flag --{name}"
+                         + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
+                         + f" (this script's flags: {', '.join('--' + n for n in sorted({flag, *own_flags}))})")
+    if not fields and spec == default_config:
         return
     try:
         config = load_config(spec)
-    except (FileNotFoundError, ValueError) as e:
-        _fail(f"--{flag}: {e}")
+    except (FileNotFoundError, cfg.ConfigError) as e:
+        errors.fatal(f"--{flag}: {e}")
     for field in fields:
         node, parts = config, field.split(".")
         for i, part in enumerate(parts):
             keys = list(node.keys()) if hasattr(node, "keys") else []
             if part not in keys:
-                _fail(f"--{flag}.{field}: " + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
+                errors.fatal(f"--{flag}.{field}: "
+                             + cfg._unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
             node = node[part]
 
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from neox_jax import errors
+
 ACTIVATIONS = ("gelu", "gelu_fast", "gelu_new", "gelu_pytorch_tanh")
 INITS = ("small_init", "normal")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -27,7 +29,7 @@ MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh
 DATA_ORDERS = ("grain", "gpt_neox", "sequential")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.InputError):
     """A config field holds a value the project cannot use; the message names the field."""
 
 

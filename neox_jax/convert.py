@@ -13,11 +13,14 @@ direction holds a second full copy of the model. Loaded params are host numpy ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
 import math
+import os
 import pathlib
+import tempfile
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -27,9 +30,10 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 from flax import traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from neox_jax import config as C
+from neox_jax import errors
 from neox_jax import model as M
 
 CONFIG_FILE = "config.json"
@@ -38,6 +42,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 PARAMS_FILE = "params.safetensors"
+_FINITE_SLICE = 1 << 24  # elements per isfinite pass (16 MiB of mask)
 
 # HF activations the model implements (exact GELU; the rest are the tanh approximation), kept by name in
 # `model.hidden_act` so save_hf writes back what it read.
@@ -46,7 +51,7 @@ HF_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 LEGACY_BUFFERS = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.InputError):
     """A checkpoint or params dir cannot be converted; the message names the file and what was expected."""
 
 
@@ -239,7 +244,7 @@ def tensor_rules(m) -> list[TensorRule]:
             + [TensorRule("embed_out.weight", ("embed_out",), (v, h), True)])
 
 
-def param_shapes(m) -> dict[tuple[str, ...], tuple[int, ...]]:
+def flat_param_shapes(m) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {path: shape} of the model's params, from the model itself (jax.eval_shape, nothing allocated)."""
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(M.param_shapes(m))).items()}
 
@@ -271,21 +276,53 @@ def _cpu_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+@contextlib.contextmanager
+def _open_safetensors(file: pathlib.Path, framework: str = "np"):
+    """safe_open, with a truncated or garbled file (header, offsets, tensor bytes) as one ConversionError."""
+    try:
+        with safe_open(file, framework=framework) as f:
+            yield f
+    except SafetensorError as e:
+        raise ConversionError(f"{file}: not a readable safetensors file ({e}); it is truncated or damaged") from None
+
+
+def check_finite(x: np.ndarray, name: str, file) -> np.ndarray:
+    """Refuse a tensor holding NaN or infinity (bytes damaged behind an intact header convert without error into
+    weights that make every logit NaN), naming it; scanned in slices so no full-size mask is allocated."""
+    flat = np.asarray(x).reshape(-1)
+    if flat.dtype.kind == "f":
+        for a in range(0, flat.size, _FINITE_SLICE):
+            part = flat[a:a + _FINITE_SLICE]
+            if not np.isfinite(part).all():
+                bad = int(np.count_nonzero(~np.isfinite(flat)))
+                raise ConversionError(f"{file}: tensor {name!r} holds {bad:,} non-finite values (NaN or inf) of "
+                                      f"{flat.size:,}; the file is damaged or the weights diverged")
+    return x
+
+
 def _safetensors_tensors(file: pathlib.Path) -> Iterator[tuple[str, tuple, Any]]:
     """(name, shape, read) per tensor; nothing is read until `read()`. numpy has no bfloat16, so BF16
     tensors go through safetensors' flax reader, kept on the CPU."""
-    with safe_open(file, framework="np") as f:
+    with _open_safetensors(file) as f:
         for name in f.keys():
             tensor = f.get_slice(name)
             if tensor.get_dtype() == "BF16":
                 def read(name=name):
                     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                        with safe_open(file, framework="flax") as fx:
-                            return _cpu_array(fx.get_tensor(name))
+                        with _open_safetensors(file, "flax") as fx:
+                            return _cpu_array(_get_tensor(fx, name, file))
             else:
                 def read(name=name):
-                    return f.get_tensor(name)
+                    return _get_tensor(f, name, file)
             yield name, tuple(tensor.get_shape()), read
+
+
+def _get_tensor(f, name: str, file):
+    try:
+        return f.get_tensor(name)
+    except SafetensorError as e:
+        raise ConversionError(f"{file}: tensor {name!r} cannot be read ({e}); the file is truncated or damaged") \
+            from None
 
 
 def _torch_tensors(file: pathlib.Path) -> Iterator[tuple[str, tuple, Any]]:
@@ -316,7 +353,7 @@ def load_hf(path) -> tuple[ml_collections.ConfigDict, dict]:
         raise ConversionError(f"HF checkpoint directory {path} not found")
     config = config_from_hf(_read_json(path / CONFIG_FILE), path / CONFIG_FILE)
     m = config.model
-    shapes = param_shapes(m)
+    shapes = flat_param_shapes(m)
     dtype = np.dtype(m.param_dtype)
     flat = {p: np.empty(s, dtype) for p, s in shapes.items()}  # every slot is filled or we raise below
     by_name = {}
@@ -338,10 +375,11 @@ def load_hf(path) -> tuple[ml_collections.ConfigDict, dict]:
             raise ConversionError(f"{file}: tensor {name!r} appears twice")
         seen.add(name)
         leaf = flat[rule.path]
+        value = check_finite(read(), name, file)
         if layer is None:
-            leaf[...] = rule.to_ours(read(), leaf.shape)
+            leaf[...] = rule.to_ours(value, leaf.shape)
         else:
-            leaf[layer] = rule.to_ours(read(), leaf.shape[1:])
+            leaf[layer] = rule.to_ours(value, leaf.shape[1:])
     missing = [n for n in by_name if n not in seen]
     if missing:
         raise ConversionError(f"{path}: {len(missing)} tensor(s) missing from the weights, first {missing[0]!r}")
@@ -363,7 +401,7 @@ def _pin_padded_vocab(config, params) -> ml_collections.ConfigDict:
 
 def check_params(m, params, source="params", config_name="its config") -> None:
     """Raise ConversionError naming the first param whose shape differs from what config `m` builds."""
-    expected = param_shapes(m)
+    expected = flat_param_shapes(m)
     found = traverse_util.flatten_dict(params)
     for path, shape in expected.items():
         if path not in found:
@@ -385,21 +423,37 @@ def _hf_tensors_of(m, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
             yield rule.hf_name.format(i), rule.to_hf(value).astype(dtype, copy=False)
 
 
-def save_hf(config, params, path, *, dtype: str = "float32", max_shard_bytes: int = 4 << 30) -> list[pathlib.Path]:
+def output_dir(path, overwrite: bool = False, create: bool = True) -> pathlib.Path:
+    """The directory a conversion writes, created if missing (unless not `create`: a check before a long read).
+    One that holds anything (a params dir, weights, a training workdir's config.json) is refused unless
+    `overwrite` (the scripts' --overwrite): nothing is replaced without being asked for."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConversionError(f"{path} exists and is not a directory; choose a directory to write")
+    held = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if held and not overwrite:
+        listed = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ConversionError(f"{path} is not empty (it holds {listed}); choose a new directory, or pass "
+                              "--overwrite to replace what is written there")
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_hf(config, params, path, *, dtype: str = "float32", max_shard_bytes: int = 4 << 30,
+            overwrite: bool = False) -> list[pathlib.Path]:
     """Write an HF GPTNeoXForCausalLM directory (config.json + safetensors) and return the weight files.
 
     Tensors are converted one at a time and flushed in shards of at most `max_shard_bytes` (a single
-    model.safetensors when it fits, else model-0000i-of-0000N.safetensors + index, HF's convention).
+    model.safetensors when it fits, else model-0000i-of-0000N.safetensors + index, HF's convention). A non-empty
+    `path` is refused unless `overwrite`; then its old weight files are removed once the new ones are complete, so
+    shards of two models never mix.
     """
     config = _pin_padded_vocab(config, params)
     m = config.model if "model" in config else config
     C.validate_model(m)
     check_params(m, params)
-    path = pathlib.Path(path)
-    stale = sorted(path.glob("model*.safetensors*")) + sorted(path.glob("pytorch_model*.bin*"))
-    if stale:
-        raise ConversionError(f"{path} already holds weights ({stale[0].name}); choose an empty directory")
-    path.mkdir(parents=True, exist_ok=True)
+    path = output_dir(path, overwrite)
     np_dtype = jnp.dtype(dtype)
     shards, shard, size = [], {}, 0
     for name, tensor in _hf_tensors_of(m, params, np_dtype):
@@ -408,6 +462,9 @@ def save_hf(config, params, path, *, dtype: str = "float32", max_shard_bytes: in
             shard, size = {}, 0
         shard[name], size = tensor, size + tensor.nbytes
     shards.append(_write_shard(path, len(shards), shard))
+    for stale in sorted(path.glob("model*.safetensors*")) + sorted(path.glob("pytorch_model*.bin*")):
+        if not stale.name.endswith(".tmp"):
+            stale.unlink()
     if len(shards) == 1:
         files = [shards[0][0].rename(path / SAFETENSORS_FILE)]
     else:
@@ -428,16 +485,33 @@ def _write_shard(path, i, tensors):
 
 # ---- params dir ------------------------------------------------------------------------------------------
 
-def save_params(config, params, directory) -> pathlib.Path:
-    """Write `config.json` (the run config) + `params.safetensors` (keys like "layers/attention/dense/kernel")."""
+def save_params(config, params, directory, overwrite: bool = False) -> pathlib.Path:
+    """Write `config.json` (the run config) + `params.safetensors` (keys like "layers/attention/dense/kernel").
+    A non-empty `directory` is refused unless `overwrite`; both files are written under temporary names and
+    renamed when complete, so an interrupted write leaves what was there before."""
     config = C.validate(_pin_padded_vocab(config, params))
     check_params(config.model, params)
-    directory = pathlib.Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = output_dir(directory, overwrite)
     flat = {_fmt(p): np.ascontiguousarray(_cpu_array(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    safetensors.numpy.save_file(flat, directory / PARAMS_FILE, metadata={"format": "neox_jax"})
-    (directory / CONFIG_FILE).write_text(config.to_json(indent=2) + "\n")
+    with _atomic(directory / PARAMS_FILE) as tmp:
+        safetensors.numpy.save_file(flat, tmp, metadata={"format": "neox_jax"})
+    with _atomic(directory / CONFIG_FILE) as tmp:
+        tmp.write_text(config.to_json(indent=2) + "\n")
     return directory
+
+
+@contextlib.contextmanager
+def _atomic(target: pathlib.Path):
+    """A temporary path beside `target`, renamed onto it when the block completes (removed if it fails)."""
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield pathlib.Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_config(file) -> ml_collections.ConfigDict:
@@ -455,9 +529,9 @@ def load_params(directory) -> tuple[ml_collections.ConfigDict, dict]:
     file = directory / PARAMS_FILE
     if not file.is_file():
         raise ConversionError(f"{file} not found")
-    expected = param_shapes(config.model)
+    expected = flat_param_shapes(config.model)
     flat = {}
-    with safe_open(file, framework="np") as f:
+    with _open_safetensors(file) as f:
         names = set(f.keys())
         for path, shape in expected.items():
             name = _fmt(path)
@@ -467,7 +541,7 @@ def load_params(directory) -> tuple[ml_collections.ConfigDict, dict]:
             if found != shape:
                 raise ConversionError(f"{file}: param {name} has shape {list(found)}, expected {list(shape)} "
                                       f"from {directory / CONFIG_FILE}")
-            flat[path] = f.get_tensor(name)
+            flat[path] = check_finite(_get_tensor(f, name, file), name, file)
     extra = sorted(names - {_fmt(p) for p in expected})
     if extra:
         raise ConversionError(f"{file}: unexpected param {extra[0]}")

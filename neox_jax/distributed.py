@@ -20,6 +20,8 @@ import threading
 
 import jax
 
+from neox_jax import errors
+
 log = logging.getLogger("neox_jax")
 
 # Environment variables whose value (> 1) means a multi-process launch that JAX can detect by itself.
@@ -31,7 +33,7 @@ ENV_ADDRESS, ENV_NUM, ENV_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "
 ENV_INIT_TIMEOUT, ENV_HEARTBEAT = "NEOX_JAX_INIT_TIMEOUT", "NEOX_JAX_HEARTBEAT_TIMEOUT"
 
 
-class DistributedError(RuntimeError):
+class DistributedError(errors.UserError, RuntimeError):
     """The multi-process runtime could not start, or lost a peer: the message names the flag or the cause."""
 
 

@@ -11,27 +11,33 @@ that predict a continuation token. `generate_until` runs batches of length-sorte
 fine buckets, through the on-device decode loop (`Generator`), checking stop strings between chunks of tokens.
 
 The task definitions for LAMBADA (OpenAI), PIQA, ARC-Easy/Challenge, WinoGrande and HellaSwag live in
-`configs/eval_tasks/` and read local files from `$NEOX_JAX_EVAL_DATA` (default `../shared/data/eval`).
+`configs/eval_tasks/` and read local files from `$NEOX_JAX_EVAL_DATA` (default: the full sets bundled in
+`neox_jax/assets/eval/`). Any other task name is looked up in lm-eval's own registry, whose tasks download their
+data from the Hugging Face hub.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import os
 import pathlib
 from typing import Any, Sequence
 
+import lm_eval
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from neox_jax import generate as gen_lib
 from neox_jax import scoring
+from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
 
 TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
-DATA_ENV = "NEOX_JAX_EVAL_DATA"
 LOCAL_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
 
 
@@ -155,28 +161,41 @@ class NeoXLM(TemplateLM):
 
 def task_manager(data_dir: str | None = None, include_builtin: bool = False):
     """A TaskManager over configs/eval_tasks (plus the harness's own tasks if asked; ours win on name clashes)."""
-    from lm_eval.tasks import TaskManager
-
     if data_dir is not None:
         os.environ[DATA_ENV] = os.path.abspath(data_dir)
+    return _task_manager(include_builtin)
+
+
+@functools.lru_cache(maxsize=2)
+def _task_manager(include_builtin: bool):
+    # Indexing the harness's ~15k task files takes seconds: done once. The tasks read DATA_ENV when they load.
     return TaskManager(include_path=str(TASK_DIR), include_defaults=include_builtin)
 
 
 def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
              data_dir: str | None = None, include_builtin: bool = False, bootstrap_iters: int = 0,
              seed: int = 1234, log_samples: bool = False) -> dict:
-    """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict."""
-    import lm_eval
-
-    manager = task_manager(data_dir, include_builtin)
+    """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict. A task that is not one of
+    LOCAL_TASKS comes from lm-eval's own registry (its data from the Hugging Face hub)."""
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    manager = task_manager(data_dir, include_builtin or bool(hub))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        known = ", ".join(LOCAL_TASKS) + (" and the harness's own tasks" if include_builtin else "")
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; available: {known} (task files in {TASK_DIR})")
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                   task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed,
-                                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                                   log_samples=log_samples)
+        near = {m for t in unknown for m in difflib.get_close_matches(t, LOCAL_TASKS, n=1)}
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(sorted(near))}?)"
+                         if near else "") + f"; available: {', '.join(LOCAL_TASKS)} (task files in {TASK_DIR}) and "
+                         "lm-eval's own tasks")
+    try:
+        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                                       task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed,
+                                       numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+                                       log_samples=log_samples)
+    except ConnectionError as e:  # what `datasets` raises for a hub it cannot reach (or may not, offline mode)
+        if not hub:
+            raise
+        raise ValueError(f"lm-eval task(s) {', '.join(hub)} download their data from the Hugging Face hub, which "
+                         f"is not reachable ({str(e).splitlines()[0]}); run where it is (with HF_HUB_OFFLINE and "
+                         f"HF_DATASETS_OFFLINE unset), or use the offline tasks {', '.join(LOCAL_TASKS)}") from None
 
 
 def results_table(results: dict) -> str:

@@ -17,20 +17,15 @@ import contextlib
 import dataclasses
 import functools
 import os
-import pathlib
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from neox_jax import errors
 from neox_jax import model as model_lib
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZERS = (
-    pathlib.Path(__file__).resolve().parent / "assets" / "20B_tokenizer.json",
-    ROOT.parent / "shared" / "data" / "tokenizers" / "20B_tokenizer.json",
-)
+from neox_jax.config import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +48,8 @@ class Sampling:
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
         ):
             if not ok:
-                raise ValueError(f"sampling option {field} must be {expected}, got {getattr(self, field)!r}")
+                raise errors.InputError(
+                    f"sampling option {field} must be {expected}, got {getattr(self, field)!r}")
 
 
 @dataclasses.dataclass
@@ -204,14 +200,7 @@ class Generator:
         new_text)` streaming. Batches of `batch_size` rows (default: all at once); results in prompt order."""
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
-        if sampling.stop_strings and decode is None:
-            raise ValueError("generate: stop_strings need a `decode` function (a tokenizer)")
-        longest = max(len(p) for p in prompts)
-        if longest + sampling.max_new_tokens > self.m.max_position_embeddings:
-            raise ValueError(f"generate: prompt of {longest} tokens + max_new_tokens={sampling.max_new_tokens} "
-                             f"exceeds the model's max_position_embeddings={self.m.max_position_embeddings}")
+        self.check(prompts, sampling, decode)
         batch_size = self.rows(batch_size or len(prompts))
         out: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
@@ -219,6 +208,19 @@ class Generator:
             stream = None if on_text is None else (lambda row, text, s=start: on_text(s + row, text))
             out += self._generate_batch(chunk, sampling, decode, stream, batch_size)
         return out
+
+    def check(self, prompts: Sequence[Sequence[int]], sampling: Sampling, decode=None) -> None:
+        """Refuse, naming the prompt, what `generate` cannot do: an empty prompt, one longer than the context."""
+        if any(len(p) == 0 for p in prompts):
+            raise errors.InputError("generate: every prompt needs at least one token")
+        if sampling.stop_strings and decode is None:
+            raise errors.InputError("generate: stop_strings need a `decode` function (a tokenizer)")
+        longest = int(np.argmax([len(p) for p in prompts]))
+        if len(prompts[longest]) + sampling.max_new_tokens > self.m.max_position_embeddings:
+            raise errors.InputError(
+                f"generate: prompt {longest} has {len(prompts[longest])} tokens, and with max_new_tokens="
+                f"{sampling.max_new_tokens} that exceeds the model's context of max_position_embeddings="
+                f"{self.m.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens")
 
     def _generate_batch(self, prompts, sampling, decode, on_text, batch_size):
         n, greedy, new = len(prompts), sampling.temperature == 0.0, sampling.max_new_tokens
@@ -380,7 +382,8 @@ def _round_up(n: int, multiple: int) -> int:
 def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
     """(model config, params) from an HF GPTNeoX directory or a neox_jax params dir / training workdir."""
     if (hf is None) == (checkpoint is None):
-        raise ValueError("give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
+        raise errors.InputError(
+            "give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
     from neox_jax import convert
 
     if hf is not None:
@@ -392,10 +395,7 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
     elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
         from neox_jax import checkpoint as ckpt
 
-        if not hasattr(ckpt, "load_params"):
-            raise NotImplementedError(f"checkpoint={checkpoint} is a training workdir, but this build's "
-                                      "neox_jax.checkpoint has no load_params(workdir); export a params dir instead")
-        config, params = ckpt.load_params(checkpoint)
+        config, params = ckpt.load_workdir_params(checkpoint)
     else:
         raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
                                 "or a training workdir (with a checkpoints/ folder)")
@@ -409,8 +409,8 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
 def _with_dtype(m, dtype: str):
     import ml_collections
 
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype={dtype!r}: expected float32, bfloat16 or float16")
+    if dtype not in DTYPES:
+        raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
     m = ml_collections.ConfigDict(m.to_dict())
     m.dtype = m.param_dtype = dtype
     return m
@@ -423,9 +423,7 @@ def load_tokenizer(hf: str | None = None, path: str | None = None):
 
     if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
         path = os.path.join(hf, "tokenizer.json")
-    if not path:
-        path = next((str(p) for p in DEFAULT_TOKENIZERS if p.is_file()), None)
-    return tok_lib.load_tokenizer(path)
+    return tok_lib.load_tokenizer(path)  # None: the bundled 20B tokenizer
 
 
 def read_prompts(path: str) -> list[str]:
@@ -445,10 +443,10 @@ def read_prompts(path: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+                raise errors.InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}, line {number}: expected an object with a string "prompt" field')
+                raise errors.InputError(f'{path}, line {number}: expected an object with a string "prompt" field')
             prompts.append(record["prompt"])
     if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise errors.InputError(f"prompt file {path} holds no prompts")
     return prompts

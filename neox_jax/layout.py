@@ -22,6 +22,7 @@ import glob
 import math
 import os
 import re
+import tempfile
 import types
 
 import flax.linen as nn
@@ -30,7 +31,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
-from neox_jax import sharding
+from neox_jax import model as model_lib
+from neox_jax import setup, sharding, train
+from neox_jax.pytree import path_name
+from neox_jax.setup import RunSetup
 
 # Named parts of the compiled temp, in the order reports print them.
 STAGE_INPUTS = "pipeline: stage inputs kept per tick"
@@ -59,25 +63,27 @@ def _entry(name, shape, dtype, spec, mesh, logical=None) -> dict:
     return entry
 
 
-def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int, micro_batches: int | None = None,
-                  param_dtype=None, master_weights: bool = False) -> dict:
-    """Per-array placement and per-device bytes of params (`param_dtype`, default their own), optimizer state
-    (the optax state plus, with `master_weights`, an fp32 master copy placed like the moments) and fp32 gradients;
-    with a stage axis also the pipeline: layers per stage and, given `micro_batches`, the bubble fraction."""
-    place = sharding.placement(boxed_params, optimizer, mesh, zero_stage)
+def layout_report(run: RunSetup) -> dict:
+    """Per-array placement and per-device bytes of params (in the train state's dtype), optimizer state (the optax
+    state plus, with master weights, the fp32 master placed like the moments) and fp32 gradients; with a stage
+    axis also the pipeline: layers per stage and the bubble fraction."""
+    config, mesh, place, boxed_params = run.config, run.mesh, run.placement, run.param_shapes
+    zero_stage, micro_batches = config.zero_stage, config.train.micro_batches
+    param_dtype = np.dtype(cfg.state_param_dtype(config))
+    master_weights = config.precision.mode == "master_weights"
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(boxed_params, is_leaf=is_boxed)[0]
     specs = jax.tree.leaves(place.params, is_leaf=is_spec)
-    params = [_entry(sharding.path_name(p), b.value.shape, param_dtype or b.value.dtype, s, mesh, b.names)
+    params = [_entry(path_name(p), b.value.shape, param_dtype, s, mesh, b.names)
               for (p, b), s in zip(flat, specs)]
     shapes = jax.tree.map(lambda b: b.value, boxed_params, is_leaf=is_boxed)
-    opt_flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(optimizer.init, shapes))[0]
+    opt_flat = jax.tree_util.tree_flatten_with_path(jax.eval_shape(run.optimizer.init, shapes))[0]
     opt_specs = jax.tree.leaves(place.opt_state, is_leaf=is_spec)
-    opt = [_entry(sharding.path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
+    opt = [_entry(path_name(p), x.shape, x.dtype, s, mesh) for (p, x), s in zip(opt_flat, opt_specs)]
     if master_weights:
         master_specs = jax.tree.leaves(place.master, is_leaf=is_spec)
-        opt += [_entry("master/" + sharding.path_name(p), b.value.shape, np.float32, s, mesh)
+        opt += [_entry("master/" + path_name(p), b.value.shape, np.float32, s, mesh)
                 for (p, b), s in zip(flat, master_specs)]
     grad_specs = jax.tree.leaves(place.grads, is_leaf=is_spec)
     grads = sum(_entry("", b.value.shape, np.float32, s, mesh)["local_bytes"] for (_, b), s in zip(flat, grad_specs))
@@ -93,10 +99,9 @@ def layout_report(boxed_params, optimizer, mesh: Mesh, zero_stage: int, micro_ba
     stages = sharding.num_stages(mesh)
     if stages > 1:
         layers = next(e["shape"][0] for e in params if e["logical"][0] == "layers")
-        report["pipeline"] = {"schedule": "gpipe", "stages": stages, "layers_per_stage": layers // stages}
-        if micro_batches:
-            report["pipeline"].update(micro_batches=micro_batches,
-                                      bubble_fraction=sharding.bubble_fraction(stages, micro_batches))
+        report["pipeline"] = {"schedule": "gpipe", "stages": stages, "layers_per_stage": layers // stages,
+                              "micro_batches": micro_batches,
+                              "bubble_fraction": sharding.bubble_fraction(stages, micro_batches)}
     return report
 
 
@@ -141,12 +146,11 @@ def _squeeze(shape) -> tuple:
     return tuple(d for d in shape if d != 1)
 
 
-def step_shapes(config, mesh: Mesh, boxed_params, optimizer) -> StepShapes:
-    """The sizes `temp_breakdown` uses to recognise buffers, for this config and mesh."""
-    c, m = config, config.model
-    place = sharding.placement(boxed_params, optimizer, mesh, c.zero_stage)
+def step_shapes(run: RunSetup) -> StepShapes:
+    """The sizes `temp_breakdown` uses to recognise buffers, for this run's config and mesh."""
+    c, m, mesh, place = run.config, run.config.model, run.mesh, run.placement
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
-    boxed = jax.tree.leaves(boxed_params, is_leaf=is_boxed)
+    boxed = jax.tree.leaves(run.param_shapes, is_leaf=is_boxed)
 
     def local(specs):
         return frozenset(_squeeze(NamedSharding(mesh, s).shard_shape(b.value.shape))
@@ -325,7 +329,7 @@ def stand_in(config, platform: str):
     """The config as compiled for `platform`: fp16 compute as bf16 on CPU (XLA:CPU has no fp16 dot) and TPU (no
     fp16 at all), the same bytes; on CPU, standing in for a GPU, attention "auto" (cuDNN flash attention there) as
     "chunked" (memory O(chunk x T) per head like flash attention, where XLA's keeps all T x T scores).
-    Returns (config, notes)."""
+    Returns (config, notes); the config itself when nothing changes."""
     notes = []
     c = config.copy_and_resolve_references()
     if c.model.dtype == "float16" and platform in ("cpu", "tpu"):
@@ -336,7 +340,7 @@ def stand_in(config, platform: str):
         c.model.attention_impl = "chunked"
         notes.append("attention 'auto' (cuDNN flash attention on GPU) compiled as 'chunked' on CPU: the same "
                      "O(chunk x T) memory per head, where XLA's attention would hold all T x T scores")
-    return c, notes
+    return (c if notes else config), notes
 
 
 def inspect(config, devices, platform: str = "cpu", compile: bool = True, compile_layers: int = 0,
@@ -344,29 +348,22 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     """The layout report of `config` on `devices` (len = the mesh size), with the train step compiled for
     `platform`: XLA's memory analysis, the temp's breakdown and the analytic model. `compile_layers` N compiles
     N and 2N layers (per stage) and extrapolates linearly in the layer count (no breakdown then)."""
-    import tempfile
-
-    from neox_jax import model as model_lib
-    from neox_jax import optim, train
-
-    config = cfg.validate(config)
-    mesh = sharding.make_mesh(config, devices)
-    m = train.model_config(config, mesh)
-    boxed, optimizer = model_lib.param_shapes(m), optim.make_optimizer(config)
-    master = config.precision.mode == "master_weights"
-    report = layout_report(boxed, optimizer, mesh, config.zero_stage, micro_batches=config.train.micro_batches,
-                           param_dtype=np.dtype(cfg.state_param_dtype(config)), master_weights=master)
+    mesh = sharding.make_mesh(cfg.validate(config), devices)
+    run = setup.build(config, mesh)
+    config = run.config
+    report = layout_report(run)
     if not compile:
         return report
     compiled_config, notes = stand_in(config, platform)
+    compiled = run if compiled_config is config else setup.build(compiled_config, mesh)
     options = CPU_AS_ACCELERATOR if platform == "cpu" and not cpu_hoisting else {}
     stages = sharding.num_stages(mesh)
     n = compile_layers
     with model_lib.compiling_for(platform), tempfile.TemporaryDirectory() as dump:
         if n and 2 * n * stages < config.model.num_layers:
             # Every compiled size is a + b * layers for a scanned stack: fit a, b from two compiles.
-            small, double = (train.compile_train_step(_with_layers(compiled_config, k * stages), mesh, options)
-                             .memory_analysis() for k in (n, 2 * n))
+            small, double = (train.compile_train_step(setup.build(_with_layers(compiled_config, k * stages), mesh),
+                                                      options).memory_analysis() for k in (n, 2 * n))
             extra = config.model.num_layers // stages - n
             fields = _STATS
             stats = types.SimpleNamespace(refused=False, **{
@@ -378,10 +375,10 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
             options = {**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
                        "xla_dump_hlo_module_re": ".*train_step.*"}
             try:
-                stats = train.compile_train_step(compiled_config, mesh, options).memory_analysis()
+                stats = train.compile_train_step(compiled, options).memory_analysis()
             except jax.errors.JaxRuntimeError as e:
                 stats = _refused(e, report)  # a compiler that checks the device's memory refuses a step too big
-            shapes = step_shapes(compiled_config, mesh, boxed, optimizer)
+            shapes = step_shapes(compiled)
             refused = getattr(stats, "refused", False)
             breakdown = None if refused else temp_breakdown(dump, shapes, stats.temp_size_in_bytes)
             if breakdown is None and not refused:

@@ -19,6 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from neox_jax import config as cfg
+from neox_jax import errors
 
 # Dense bf16 peak TFLOP/s by device kind (datasheets); substring match on jax's device_kind, first hit wins.
 PEAK_TFLOPS = (
@@ -76,8 +77,14 @@ def unigram_cross_entropy(train_tokens: Sequence[np.ndarray], eval_tokens: np.nd
     token unseen in training costs a finite amount."""
     weights = [1.0] * len(train_tokens) if weights is None else list(weights)
     probs = np.zeros(vocab_size, np.float64)
+    for what, tokens in [("training", t) for t in train_tokens] + [("validation", eval_tokens)]:
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+            bad = int(tokens.min() if tokens.min() < 0 else tokens.max())
+            raise errors.InputError(f"unigram baseline: {what} token id {bad} is outside the vocabulary of "
+                                    f"{vocab_size} ids (model.vocab_size)")
     for tokens, w in zip(train_tokens, weights):
-        counts = np.bincount(np.asarray(tokens, np.int64), minlength=vocab_size)[:vocab_size] + alpha
+        counts = np.bincount(np.asarray(tokens, np.int64), minlength=vocab_size) + alpha
         probs += w * counts / counts.sum()
     probs /= probs.sum()
     return float(-np.log(probs[np.asarray(eval_tokens, np.int64)]).mean())

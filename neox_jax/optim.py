@@ -1,6 +1,6 @@
 """The optimizer (AdamW with NeoX's schedule, decay mask and clipping) and dynamic loss scaling.
 
-Both are pure: `make_optimizer(config)` is an optax transformation, and the loss-scale state is a small
+Both are pure: `make_optimizer(config, schedule)` is an optax transformation, and the loss-scale state is a small
 pytree updated by `update_loss_scale(state, finite, precision)` inside the jitted step. Where the
 optimizer state lives on the mesh (ZeRO) is decided in `neox_jax.sharding`, not here.
 """
@@ -48,11 +48,11 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW on the NeoX schedule (the schedule's step is the optimizer's own
-    count, so steps skipped for non-finite gradients do not advance it, as in DeepSpeed)."""
+def make_optimizer(config, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW on the NeoX schedule (default: `lr_schedule(config)`; the schedule's step
+    is the optimizer's own count, so steps skipped for non-finite gradients do not advance it, as in DeepSpeed)."""
     o = config.optimizer
-    adamw = optax.adamw(lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+    adamw = optax.adamw(schedule or lr_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                         mask=decay_mask)
     if o.grad_clip and o.grad_clip > 0:
         return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)

@@ -20,11 +20,12 @@ import json
 from neox_jax import cli
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
+from neox_jax import errors
 from neox_jax import metrics
 from neox_jax import sweep as sweep_lib
 
 
-class PlanError(ValueError):
+class PlanError(errors.InputError):
     """A planner input is missing or unusable; the message names the flag or file."""
 
 

@@ -21,7 +21,7 @@ FIELD = "config field train.init_from"
 _UNSEEN_FIELDS = ("rotary_pct", "rotary_emb_base", "use_parallel_residual", "layernorm_eps")
 
 
-def _kind(path: str) -> str:
+def _kind(path: str, what: str = FIELD) -> str:
     p = pathlib.Path(path)
     if (p / convert.PARAMS_FILE).is_file():
         return "params"
@@ -29,18 +29,19 @@ def _kind(path: str) -> str:
         return "workdir"
     if (p / convert.CONFIG_FILE).is_file():
         return "hf"
-    raise ConfigError(f"{FIELD}: {path} is not an HF GPTNeoX directory (config.json + weights), a params dir "
+    raise ConfigError(f"{what}: {path} is not an HF GPTNeoX directory (config.json + weights), a params dir "
                       f"({convert.PARAMS_FILE}) or a training workdir (checkpoints/)")
 
 
-def load(path: str):
-    """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir."""
-    readers = {"params": convert.load_params, "workdir": checkpoint.load_params, "hf": convert.load_hf}
-    kind = _kind(path)
+def load(path: str, what: str = FIELD):
+    """(run config, fp32 host params) of an HF GPTNeoX directory, a params dir or a training workdir; errors name
+    `what` (the config field or flag that gave the path)."""
+    readers = {"params": convert.load_params, "workdir": checkpoint.load_workdir_params, "hf": convert.load_hf}
+    kind = _kind(path, what)
     try:
         return readers[kind](path)
     except (convert.ConversionError, FileNotFoundError, ConfigError) as e:
-        raise ConfigError(f"{FIELD}: {e}") from e
+        raise ConfigError(f"{what}: {e}") from e
 
 
 def model_config(path: str):
@@ -59,7 +60,7 @@ def model_config(path: str):
 
 def params_for(m, path: str):
     """The params stored at `path`, checked against the run's model config `m` (its vocabulary padded for the
-    mesh, `train.model_config`): one ConfigError naming the first field or parameter that does not fit."""
+    mesh, `RunSetup.model`): one ConfigError naming the first field or parameter that does not fit."""
     stored, params = load(path)
     s = stored.model
     for field in _UNSEEN_FIELDS:

@@ -29,6 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax.config import MESH_AXES, ConfigError
+from neox_jax.pytree import path_name
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (and ZeRO-1 optimizer state)
 STAGE_AXIS = "stage"  # pipeline stages; in the mesh only when there are at least two
@@ -133,13 +134,6 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 
 # ---- parameter and optimizer-state placement -----------------------------------------------------------
 
-def path_name(path) -> str:
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))))
-    return "/".join(parts)
-
-
 def logical_axes(boxed_params):
     """Tree of logical-name tuples from a tree of `nn.LogicallyPartitioned` params (or their shapes)."""
     return jax.tree.map(lambda b: tuple(b.names), boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -194,6 +188,11 @@ class Placement:
     master: Any  # where the weights the optimizer updates live: like the moments (fp32 master, or the params' shard)
     opt_state: Any
     replicated_moments: tuple  # names of moments that no dim could split (ZeRO-1), kept replicated
+
+    def on(self, mesh: Mesh) -> "Placement":
+        """The same placement with NamedShardings on `mesh` for the PartitionSpecs."""
+        return dataclasses.replace(self, **{f: to_shardings(getattr(self, f), mesh)
+                                            for f in ("params", "grads", "master", "opt_state")})
 
 
 def placement(boxed_params, optimizer: optax.GradientTransformation, mesh: Mesh, zero_stage: int) -> Placement:

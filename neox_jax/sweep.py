@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shlex
@@ -20,13 +21,14 @@ from typing import Any, Sequence
 
 from neox_jax import cli
 from neox_jax import config as cfg
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = "scripts/train.py"
 
 
-class SweepError(ValueError):
+class SweepError(errors.InputError):
     """A sweep file or its overrides are malformed: the message names the file and the run."""
 
 
@@ -62,10 +64,16 @@ def load(path: str) -> Sweep:
     """Import a sweep file and check every run's overrides against its base config (one error naming the run)."""
     if not os.path.isfile(path):
         raise SweepError(f"sweep file {path} not found")
-    module = cli.import_file(path, "_neox_sweep_")
-    if not hasattr(module, "get_sweep"):
-        raise SweepError(f"sweep file {path}: defines no get_sweep() (expected one returning neox_jax.sweep.Sweep)")
-    sweep = module.get_sweep()
+    try:  # a sweep file is the user's code: what it raises is a bad sweep file
+        module = cli.import_file(path, "_neox_sweep_")
+        if not hasattr(module, "get_sweep"):
+            raise SweepError(f"sweep file {path}: defines no get_sweep() (expected one returning "
+                             "neox_jax.sweep.Sweep)")
+        sweep = module.get_sweep()
+    except SweepError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise SweepError(f"sweep file {path}: {type(e).__name__}: {e}") from None
     if not isinstance(sweep, Sweep):
         raise SweepError(f"sweep file {path}: get_sweep() returned {type(sweep).__name__}, expected a Sweep")
     if not sweep.runs:
@@ -122,9 +130,16 @@ def plan(sweep: Sweep, runs_dir: str) -> list[Run]:
     return runs
 
 
+def python() -> str:
+    """The interpreter running this, as the emitted commands' python (relative to the working directory when it
+    lies below it, e.g. .venv/bin/python), so that they run without an activated environment."""
+    rel = os.path.relpath(sys.executable)
+    return sys.executable if rel.startswith("..") else rel
+
+
 def commands(sweep: Sweep, runs: list[Run]) -> list[str]:
     """Shell commands, run from the repository root."""
-    return [shlex.join(r.argv(sweep.config)) for r in runs]
+    return [shlex.join(r.argv(sweep.config, python())) for r in runs]
 
 
 def run_local(sweep: Sweep, runs: list[Run], log=print) -> dict[str, int]:
@@ -188,8 +203,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def summarize(runs_dir: str) -> tuple[list[str], list[dict]]:
     """(columns, one row per run) for every workdir under `runs_dir` holding a metrics.jsonl: the config
     fields that differ between the runs, then the final train loss, the last validation loss and the step."""
-    import json
-
     workdirs = sorted(d for d, _, files in os.walk(runs_dir) if "metrics.jsonl" in files)
     if not workdirs:
         raise SweepError(f"{runs_dir}: no run folders with a metrics.jsonl below it")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from neox_jax import errors
+
 # Deviceless CUDA compilation needs a GpuTargetConfig: the fields the compiler reads (SM count, clocks, shared
 # memory, L2, memory size and bandwidth, compute capability), from the vendors' datasheets.
 _GPU = """gpu_device_info {{
@@ -45,7 +47,7 @@ GPU_KINDS = {
 TPU_HBM = {"v4": 32 * 2**30, "v5p": 95 * 2**30, "v5e": 16 * 2**30, "v5litepod": 16 * 2**30, "v6e": 32 * 2**30}
 
 
-class TargetError(ValueError):
+class TargetError(errors.InputError):
     """A --target the host cannot compile for, with what to install or type instead."""
 
 

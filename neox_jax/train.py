@@ -1,7 +1,8 @@
 """TrainState and the sharded train / eval steps.
 
-`train_step(state, batch) -> (state, metrics)` is a pure function of pytrees; `make_train_step` compiles it
-once with explicit in/out shardings (from the logical rules and the ZeRO stage) and donates the state.
+`train_step(state, batch) -> (state, metrics)` is a pure function of pytrees; `make_train_step(run)` compiles it
+once with explicit in/out shardings (from the logical rules and the ZeRO stage) and donates the state. Everything
+derived from the config (model, optimizer, schedule, placement) comes built in `run`, a `neox_jax.setup.RunSetup`.
 The step accumulates fp32 gradients over `train.micro_batches` with `lax.scan`, scales the loss when fp16
 dynamic loss scaling is on, and skips the update (params and optimizer state unchanged) whenever the loss
 or the gradients are not finite.
@@ -20,6 +21,7 @@ import functools
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -30,7 +32,7 @@ from neox_jax import model as model_lib
 from neox_jax import optim
 from neox_jax import pipeline
 from neox_jax import sharding
-from neox_jax.config import ConfigError, check_pipeline, resolve_model
+from neox_jax.setup import RunSetup
 
 
 @flax.struct.dataclass
@@ -49,21 +51,6 @@ def weights(state: TrainState):
     return state.params if state.master is None else state.master
 
 
-def model_config(config, mesh):
-    """The model config for this mesh: vocabulary padded for the actual tensor-parallel size."""
-    return resolve_model(sharding.with_mesh_sizes(config, mesh))
-
-
-def check_batch(config, mesh) -> None:
-    if sharding.num_stages(mesh) > 1:
-        check_pipeline(config, sharding.num_stages(mesh))
-    t, n = config.train, sharding.batch_split(mesh)
-    if (t.batch_size // t.micro_batches) % n:
-        raise ConfigError(
-            f"config field train.batch_size: {t.batch_size} sequences in {t.micro_batches} micro-batches give "
-            f"{t.batch_size // t.micro_batches} per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
-
-
 def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype), tree)
 
@@ -79,39 +66,37 @@ def _init_state(m, optimizer, precision, rng, initial=None) -> TrainState:
                       loss_scale=optim.init_loss_scale(precision), skipped_steps=zero, nonfinite_in_a_row=zero)
 
 
-def state_placement(config, mesh) -> tuple[TrainState, sharding.Placement]:
-    """A TrainState of PartitionSpecs (what the rules and ZeRO stage say) and the full placement."""
-    m = model_config(config, mesh)
-    place = sharding.placement(model_lib.param_shapes(m), optim.make_optimizer(config), mesh, config.zero_stage)
-    scalar = P()
-    master = place.master if config.precision.mode == "master_weights" else None
-    specs = TrainState(step=scalar, params=place.params, master=master, opt_state=place.opt_state,
-                       loss_scale=optim.LossScale(scalar, scalar, scalar), skipped_steps=scalar,
-                       nonfinite_in_a_row=scalar)
-    return specs, place
+def state_specs(run: RunSetup) -> TrainState:
+    """A TrainState of PartitionSpecs: what the rules and the ZeRO stage say (`run.placement`)."""
+    place, scalar = run.placement, P()
+    master = place.master if run.config.precision.mode == "master_weights" else None
+    return TrainState(step=scalar, params=place.params, master=master, opt_state=place.opt_state,
+                      loss_scale=optim.LossScale(scalar, scalar, scalar), skipped_steps=scalar,
+                      nonfinite_in_a_row=scalar)
 
 
-def state_shardings(config, mesh) -> TrainState:
-    return sharding.to_shardings(state_placement(config, mesh)[0], mesh)
+def state_shardings(run: RunSetup) -> TrainState:
+    return sharding.to_shardings(state_specs(run), run.mesh)
 
 
-def state_shapes(config, mesh) -> TrainState:
-    """ShapeDtypeStructs of the train state with their shardings (for AOT compilation; nothing allocated)."""
-    m = model_config(config, mesh)
-    shapes = jax.eval_shape(functools.partial(_init_state, m, optim.make_optimizer(config), config.precision),
-                            jax.random.PRNGKey(0))
+def state_shapes(run: RunSetup) -> TrainState:
+    """ShapeDtypeStructs of the train state with their shardings (for AOT compilation and restoring; nothing
+    allocated). Derived from the params' shapes, so the model is not traced again."""
+    weights = jax.tree.map(lambda b: b.value, run.param_shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    init = functools.partial(_init_state, run.model, run.optimizer, run.config.precision)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(0), weights)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
-                        state_shardings(config, mesh))
+                        state_shardings(run))
 
 
-def init_train_state(config, mesh, rng, params=None) -> TrainState:
+def init_train_state(run: RunSetup, rng, params=None) -> TrainState:
     """The initial state created directly in its sharded layout (no host-side full copy). `params`: start from
     these weights (host or device arrays of the model's shapes, e.g. a converted HF checkpoint) instead of a random
     init (e.g. pretrained weights, `neox_jax.pretrained`; each device receives only its shard of them, and the
     optimizer state starts fresh); with master weights the fp32 master holds them exactly and the params are
     their 16-bit cast."""
-    init = functools.partial(_init_state, model_config(config, mesh), optim.make_optimizer(config), config.precision)
-    shardings = state_shardings(config, mesh)
+    init = functools.partial(_init_state, run.model, run.optimizer, run.config.precision)
+    shardings = state_shardings(run)
     if params is None:
         return jax.jit(init, out_shardings=shardings)(rng)
     target = shardings.params if shardings.master is None else shardings.master
@@ -151,16 +136,15 @@ def _accumulated_grad_sum(params, micro, scale, net, grad_shardings, loss_chunks
     return grad_sum, loss_sum
 
 
-def _pipelined_grad_sum(params, micro, scale, mesh, net, grad_shardings):
+def _pipelined_grad_sum(params, micro, scale, run: RunSetup):
     """The same sums with the micro-batches in flight together through the pipeline stages."""
-    specs = jax.tree.map(lambda s: s.spec, grad_shardings)
-
     def scaled_loss_sum(params):
-        loss_sum = pipeline.loss_sum(net, params, micro, mesh, loss_lib.cross_entropy, grad_specs=specs)
+        loss_sum = pipeline.loss_sum(run.net, params, micro, run.mesh, loss_lib.cross_entropy,
+                                     grad_specs=run.placement.grads)
         return loss_sum * scale, loss_sum
 
     (_, loss_sum), grad_sum = jax.value_and_grad(scaled_loss_sum, has_aux=True)(params)
-    return _placed_fp32(grad_sum, grad_shardings), loss_sum
+    return _placed_fp32(grad_sum, run.shardings.grads), loss_sum
 
 
 def _placed_fp32(grads, grad_shardings):
@@ -187,23 +171,24 @@ def _gathered_cast(w, p, where: NamedSharding):
     return jax.lax.bitcast_convert_type(words, p.dtype).reshape(w.shape)
 
 
-def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, grad_shardings, weight_shardings,
-               param_shardings):
+def train_step(state: TrainState, batch: dict, *, run: RunSetup):
     """One optimizer step over the whole global batch. Pure; see make_train_step for the compiled form.
 
     gradients (params' dtype) -> reduced to their placement -> fp32 -> unscaled (loss scale) -> non-finite check
     -> global-norm clip -> AdamW on the fp32 weights (the master with master weights) -> params (cast to the
-    compute dtype with master weights). The update runs where the optimizer state lives (`weight_shardings`: the
-    ZeRO-1 split), so no whole-model fp32 temporaries exist; the new params are then gathered to their placement."""
+    compute dtype with master weights). The update runs where the optimizer state lives (`run.shardings.master`:
+    the ZeRO-1 split), so no whole-model fp32 temporaries exist; the new params are then gathered to their
+    placement."""
+    config, mesh = run.config, run.mesh
     precision = config.precision
     count = config.train.micro_batches
     with sharding.activation_rules(mesh, config.zero_stage):
         micro = _micro_batches(batch["tokens"], count, mesh)
         scale = state.loss_scale.scale
-        if sharding.num_stages(mesh) > 1:
-            grad_sum, loss_sum = _pipelined_grad_sum(state.params, micro, scale, mesh, net, grad_shardings)
+        if run.stages > 1:
+            grad_sum, loss_sum = _pipelined_grad_sum(state.params, micro, scale, run)
         else:
-            grad_sum, loss_sum = _accumulated_grad_sum(state.params, micro, scale, net, grad_shardings,
+            grad_sum, loss_sum = _accumulated_grad_sum(state.params, micro, scale, run.net, run.shardings.grads,
                                                        config.train.loss_chunks, sharding.batch_split(mesh))
 
     grads = jax.tree.map(lambda g: g / (count * scale), grad_sum)
@@ -213,8 +198,8 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
     keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
     # A skipped step leaves the weights as they were; the 16-bit params are always the cast of the master, so
     # recasting the kept master reproduces them exactly.
-    w = jax.lax.with_sharding_constraint(weights(state), weight_shardings)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, w)
+    w = jax.lax.with_sharding_constraint(weights(state), run.shardings.master)
+    updates, new_opt_state = run.optimizer.update(grads, state.opt_state, w)
     # Materialise the new moments and the update before the selects below: otherwise XLA recomputes them inside
     # each select, two fusions then read the donated old state, and copy insertion keeps a full copy of it alive
     # for the whole step (1.9 GB per device for the 20B paper layout).
@@ -223,7 +208,7 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
     if state.master is None:
         new_params, new_master = new_w, None
     else:
-        new_params, new_master = jax.tree.map(_gathered_cast, new_w, state.params, param_shardings), new_w
+        new_params, new_master = jax.tree.map(_gathered_cast, new_w, state.params, run.shardings.params), new_w
     skipped = jnp.logical_not(finite).astype(jnp.int32)
     new_state = TrainState(
         step=state.step + 1,
@@ -238,7 +223,7 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
         "loss": loss,
         "grad_norm": grad_norm,
         # the optimizer's own count: applied updates so far
-        "lr": optim.lr_schedule(config)(state.step - state.skipped_steps),
+        "lr": run.schedule(state.step - state.skipped_steps),
         "loss_scale": scale,
         "skipped": skipped,
         "skipped_steps": new_state.skipped_steps,
@@ -247,44 +232,38 @@ def train_step(state: TrainState, batch: dict, *, config, mesh, net, optimizer, 
     return new_state, metrics
 
 
-def make_train_step(config, mesh):
+def make_train_step(run: RunSetup):
     """jit(train_step) with the state's shardings in and out, the batch split over data x fsdp, the state donated."""
-    check_batch(config, mesh)
-    specs, place = state_placement(config, mesh)
-    state_sh = sharding.to_shardings(specs, mesh)
-    step = functools.partial(train_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)),
-                             optimizer=optim.make_optimizer(config), grad_shardings=sharding.to_shardings(place.grads, mesh),
-                             weight_shardings=sharding.to_shardings(place.master, mesh),
-                             param_shardings=sharding.to_shardings(place.params, mesh))
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(state_sh, {"tokens": sharding.batch_sharding(mesh)}),
+    state_sh = state_shardings(run)
+    replicated = NamedSharding(run.mesh, P())
+    return jax.jit(functools.partial(train_step, run=run), in_shardings=(state_sh, {"tokens": run.batch_sharding}),
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
-def eval_step(params, batch, *, config, mesh, net):
+def eval_step(params, batch, *, run: RunSetup):
+    config, mesh = run.config, run.mesh
     with sharding.activation_rules(mesh, config.zero_stage):
         tokens = batch["tokens"]
-        if sharding.num_stages(mesh) > 1:
+        if run.stages > 1:  # the eval batch is cut into train.micro_batches for the pipeline
             count = config.train.micro_batches
             micro = _micro_batches(tokens, count, mesh)
-            loss = pipeline.loss_sum(net, params, micro, mesh, loss_lib.cross_entropy) / count
+            loss = pipeline.loss_sum(run.net, params, micro, mesh, loss_lib.cross_entropy) / count
         else:
-            loss = loss_lib.next_token_loss(net, params, tokens, config.train.loss_chunks, sharding.batch_split(mesh))
+            loss = loss_lib.next_token_loss(run.net, params, tokens, config.train.loss_chunks,
+                                            sharding.batch_split(mesh))
     return {"loss": loss, "tokens": jnp.asarray(tokens[:, 1:].size, jnp.int32)}
 
 
-def make_eval_step(config, mesh):
+def make_eval_step(run: RunSetup):
     """jit(eval_step): (params, batch) -> {"loss": mean cross-entropy, "tokens": count}."""
-    if sharding.num_stages(mesh) > 1:  # the eval batch is cut into train.micro_batches for the pipeline
-        check_pipeline(config, sharding.num_stages(mesh))
-    step = functools.partial(eval_step, config=config, mesh=mesh, net=model_lib.GPTNeoX(model_config(config, mesh)))
-    return jax.jit(step, in_shardings=(state_shardings(config, mesh).params, {"tokens": sharding.batch_sharding(mesh)}),
-                   out_shardings=NamedSharding(mesh, P()))
+    return jax.jit(functools.partial(eval_step, run=run),
+                   in_shardings=(run.shardings.params, {"tokens": run.batch_sharding}),
+                   out_shardings=NamedSharding(run.mesh, P()))
 
 
-def compile_train_step(config, mesh, compiler_options: dict | None = None):
+def compile_train_step(run: RunSetup, compiler_options: dict | None = None):
     """AOT-compile the train step from shapes only (no weights allocated); `.memory_analysis()` on the result.
     `compiler_options`: XLA debug options for this compile only (e.g. `{"xla_dump_to": DIR}`)."""
-    t = config.train
-    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=sharding.batch_sharding(mesh))
-    return make_train_step(config, mesh).lower(state_shapes(config, mesh), {"tokens": tokens}).compile(compiler_options)
+    t = run.config.train
+    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=run.batch_sharding)
+    return make_train_step(run).lower(state_shapes(run), {"tokens": tokens}).compile(compiler_options)

@@ -9,27 +9,68 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
+from neox_jax import errors
 from neox_jax import metrics as metrics_lib
-from neox_jax import pretrained, sharding
+from neox_jax import pretrained, setup, sharding
 from neox_jax import train as train_lib
+from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
+                           tokenizes_text)
 
 log = logging.getLogger("neox_jax")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(errors.RunFailure):
     """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class WorkdirBusyError(errors.RunFailure):
+    """Another training run holds the workdir."""
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+    """This process's exclusive hold on `workdir` for the length of a run: an flock on `workdir/.lock.<process
+    index>` (the processes of one run lock different files, so it also works with several processes per host).
+    The kernel releases it when the process ends, kill -9 included, so a dead run never leaves it stuck. A second
+    run on the same workdir (which would interleave metrics.jsonl and race the checkpoints) stops at once with
+    one WorkdirBusyError naming the holder, on every process (the verdicts are gathered)."""
+    os.makedirs(workdir, exist_ok=True)
+    f = open(os.path.join(workdir, f".lock.{jax.process_index()}"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder = None
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its name yet"
+    if _any_process(holder is not None):
+        f.close()
+        holder = holder or "its lock file for another process of this run is held"
+        raise WorkdirBusyError(f"workdir {workdir} is in use by another training run ({holder}); wait for it to "
+                               "end, or give another --workdir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
 
 
 @dataclasses.dataclass
@@ -59,10 +100,10 @@ def _profile_window(spec: str) -> tuple[int, int] | None:
 
 
 def _check_tokenizer(config, model) -> None:
-    """Refuse a tokenizer whose ids don't fit the padded embedding (only when text is tokenized on the fly)."""
-    from neox_jax.data import check_vocab, default_paths
-
-    check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
+    """Refuse a tokenizer whose ids don't fit the padded embedding, when text is tokenized on the fly (pre-tokenized
+    data is checked by its ids when it is opened: the default tokenizer has nothing to say about it)."""
+    if tokenizes_text(config):
+        check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
 
 
 def evaluate(eval_step, params, val_batches, mesh) -> float:
@@ -78,8 +119,6 @@ def evaluate(eval_step, params, val_batches, mesh) -> float:
 def unigram_baseline(train_it, val_batches, vocab_size: int, max_tokens: int = 20_000_000) -> float:
     """Validation loss of the context-free unigram model fitted on the training data (the first `max_tokens` of
     each training dataset, mixed by its weight), on exactly the targets the validation loss is measured on."""
-    from neox_jax.data import IndexedDataset
-
     train = [IndexedDataset(p).tokens[:max_tokens] for p in train_it.prefixes]
     targets = np.concatenate([np.asarray(b["tokens"])[:, 1:].ravel() for b in val_batches])
     return metrics_lib.unigram_cross_entropy(train, targets, vocab_size, weights=train_it.weights)
@@ -89,8 +128,6 @@ def _any_process(flag: bool) -> bool:
     """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
     if jax.process_count() == 1:
         return flag
-    from jax.experimental import multihost_utils
-
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
 
 
@@ -101,20 +138,19 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     `stop_after` ends the run after that many steps of this invocation exactly as a preemption signal would
     (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
     """
-    from neox_jax.data import make_train_iterator, make_val_batches
-
     cfg.validate(config)
     t = config.train
     mesh = sharding.make_mesh(config)
-    config = sharding.with_mesh_sizes(config, mesh)
-    model = cfg.resolve_model(config)
+    run = setup.build(config, mesh)  # the model, optimizer and placement, derived once for the whole run
+    config, model = run.config, run.model
     is_main = jax.process_index() == 0
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
 
     last: dict = {}
-    with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
+        cleanup.enter_context(hold_workdir(workdir))
         writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
                                       run_config=config.to_dict())
         cleanup.callback(writers.close)
@@ -135,20 +171,20 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
         if checkpointer.latest_step() is not None:
-            abstract = {"train": train_lib.state_shapes(config, mesh),
+            abstract = {"train": train_lib.state_shapes(run),
                         "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
-            restored, data_state, _ = checkpointer.restore(abstract)
+            restored, data_state, _ = checkpointer.restore(abstract, move_aside=True)
             state, rng = restored["train"], restored["rng"]
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
         else:
-            params = pretrained.params_for(train_lib.model_config(config, mesh), t.init_from) if t.init_from else None
-            state = train_lib.init_train_state(config, mesh, rng, params)
+            params = pretrained.params_for(model, t.init_from) if t.init_from else None
+            state = train_lib.init_train_state(run, rng, params)
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
             del params
-        step_fn = train_lib.make_train_step(config, mesh)
-        eval_fn = train_lib.make_eval_step(config, mesh) if val_batches is not None else None
+        step_fn = train_lib.make_train_step(run)
+        eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
         if is_main:
             with open(f"{workdir}/config.json", "w") as f:
                 f.write(config.to_json(indent=1))
@@ -163,8 +199,19 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
         if step >= t.steps:
             say(f"nothing to do: {workdir} is already at step {step} (train.steps={t.steps}); "
                 "raise --config.train.steps to train further")
-        window = {"loss": [], "t0": time.perf_counter(), "steps": 0}
+        window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "paused": 0.0}
         pending = None  # metrics of the previous step, read while the current one runs
+
+        def outside_steps(fn):
+            """fn() (an evaluation, a checkpoint save) with its time kept out of the window's throughput: the
+            step it follows is finished first, so none of the step's own time is taken out."""
+            jax.block_until_ready(step_metrics)
+            start = time.perf_counter()
+            try:
+                return fn()
+            finally:
+                window["paused"] += time.perf_counter() - start
+
         tracing = False
         while step < t.steps:
             if profile and step == profile[0]:
@@ -182,14 +229,14 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
                 tracing = False
                 say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
             if eval_fn is not None and step % t.eval_every == 0:
-                val_loss = evaluate(eval_fn, state.params, val_batches, mesh)
+                val_loss = outside_steps(lambda: evaluate(eval_fn, state.params, val_batches, mesh))
                 writers.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}, prefix="val")
                 last["val_loss"] = val_loss
                 say(f"step {step:>6}/{t.steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
             preempted = _any_process(stop.signal is not None) or (
                 stop_after is not None and step - start_step >= stop_after)
             if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-                save(step)
+                outside_steps(lambda: save(step))
             if preempted:
                 why = f"signal {signal.Signals(stop.signal).name}" if stop.signal else f"stop_after={stop_after}"
                 say(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}")
@@ -224,10 +271,10 @@ def _consume(pending, window, t, writers, flops_token, peak, last, energy, force
     if window.get("warm"):
         window["steps"] += 1
     else:  # the first step includes compilation: time throughput from its end
-        window.update(warm=True, t0=time.perf_counter())
+        window.update(warm=True, t0=time.perf_counter(), paused=0.0)
     if step % t.log_every and not force_log:
         return last
-    elapsed = time.perf_counter() - window["t0"]
+    elapsed = time.perf_counter() - window["t0"] - window["paused"]  # evaluation and saves are not training
     timed = window["steps"]
     tokens_per_s = timed * t.batch_size * t.seq_len / max(elapsed, 1e-9) if timed else None
     loss = float(np.mean(window["loss"])) if window["loss"] else float("nan")
@@ -240,5 +287,5 @@ def _consume(pending, window, t, writers, flops_token, peak, last, energy, force
     writers.write(step, out)
     if writers.enabled:
         print(metrics_lib.format_line(step, t.steps, out), flush=True)
-    window.update(loss=[], t0=time.perf_counter(), steps=0)
+    window.update(loss=[], t0=time.perf_counter(), steps=0, paused=0.0)
     return {**last, **out}

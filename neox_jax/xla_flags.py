@@ -7,6 +7,7 @@ already set in XLA_FLAGS win. Nothing is set for CPU or TPU.
 
 from __future__ import annotations
 
+import glob
 import os
 
 GPU_FLAGS = {
@@ -32,6 +33,4 @@ def apply(platform: str | None = None) -> str:
 
 
 def _has_gpu() -> bool:
-    import glob
-
     return bool(glob.glob("/dev/nvidia[0-9]*"))

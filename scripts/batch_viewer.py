@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from neox_jax import cli  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 OWN_FLAGS = ("steps", "rows", "json", "npy", "chars")
@@ -41,25 +41,25 @@ def _range(spec: str, flag: str, limit: int | None = None) -> range:
         start, _, stop = spec.partition(":")
         r = range(int(start or 0), int(stop) if stop else (int(start) + 1 if limit is None else limit))
     except ValueError:
-        raise app.UsageError(f"--{flag}={spec!r}: expected K or A:B with integers") from None
+        raise errors.InputError(f"--{flag}={spec!r}: expected K or A:B with integers") from None
     if not len(r) or r.start < 0 or (limit is not None and r.stop > limit):
-        raise app.UsageError(f"--{flag}={spec!r}: empty or out of range" + (f" [0, {limit})" if limit else ""))
+        raise errors.InputError(f"--{flag}={spec!r}: empty or out of range" + (f" [0, {limit})" if limit else ""))
     return r
 
 
+@errors.guarded
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     import numpy as np
 
-    from neox_jax.config import ConfigError, validate
+    from neox_jax.config import validate
     from neox_jax.data import load_tokenizer, steps_batches
 
     config = _CONFIG.value
-    try:
-        validate(config)
-    except ConfigError as e:
-        sys.exit(f"FATAL: {e}")
+    validate(config)
+    for flag in (_JSON, _NPY):
+        cli.check_writable(flag.value, f"--{flag.name}")
     steps = _range(_STEPS.value, "steps")
     rows = _range(_ROWS.value, "rows", config.train.batch_size) if _ROWS.value else range(config.train.batch_size)
     tokenizer = load_tokenizer(config.data.tokenizer or None)
@@ -84,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_absl_flags)

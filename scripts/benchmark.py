@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import cli  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 
 
 def _write(rows, path):
@@ -37,7 +37,7 @@ def train(args):
     from neox_jax.bench import train as bench
 
     if not args.preset and not args.config:
-        raise SystemExit("train: give --preset NAME or --config FILE[:ARG]")
+        raise errors.InputError("train: give --preset NAME or --config FILE[:ARG]")
     variants = [cli.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
     from neox_jax.config import ConfigError
 
@@ -46,7 +46,7 @@ def train(args):
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
     except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
-        raise SystemExit(f"train: {e}")
+        raise errors.InputError(f"train: {e}") from None
     print(bench.format_rows(rows))
     _write(rows, args.json)
     if args.profile:
@@ -67,7 +67,7 @@ def profile(args):
     try:
         groups = prof.busiest(args.trace_dir, steps=args.steps)
     except FileNotFoundError as e:
-        raise SystemExit(f"profile: {e}")
+        raise errors.InputError(f"profile: {e}") from None
     print(prof.format_table(groups, top=args.top))
     _write(groups, args.json)
 
@@ -92,7 +92,7 @@ def data(args):
                         num_tokens=args.num_tokens, workers=args.workers, preprocess_input=args.input or None,
                         skip_preprocess=args.skip_preprocess, index_docs=args.index_docs,
                         index_samples=args.index_samples, skip_index=args.skip_index)
-    print(json.dumps(results, indent=1))
+    print(bench.format_results(results))
     _write(results, args.json)
 
 
@@ -119,7 +119,7 @@ def evaluation(args):
     for item in args.tasks.split(","):
         task, sep, limit = item.partition("=")
         if not task or (sep and not limit.isdigit()):
-            raise SystemExit(f"eval: --tasks expects TASK[=LIMIT],..., got {item!r}")
+            raise errors.InputError(f"eval: --tasks expects TASK[=LIMIT],..., got {item!r}")
         tasks[task] = int(limit) if sep else None
     rows = bench.run(args.config, tasks, batch_size=args.batch_size, passes=args.passes, model_dir=args.model_dir,
                      seed=args.seed, row_length=args.row_length)
@@ -127,6 +127,7 @@ def evaluation(args):
     _write(rows, args.json)
 
 
+@errors.guarded
 def main(argv=None):
     from neox_jax.bench.train import PRESETS
 

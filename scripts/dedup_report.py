@@ -1,18 +1,18 @@
 #!/usr/bin/env python
 """Exact- and near-duplicate documents per pile_set_name.
 
-  python scripts/dedup_report.py ../shared/data/pile_sample/train.jsonl.zst [--json report.json]
+  python scripts/dedup_report.py neox_jax/assets/train.jsonl.zst [--json report.json]
 Drop exact duplicates while preprocessing with `scripts/preprocess_data.py --dedup`.
 """
 
 import argparse
 import json
-import sys
 
+from neox_jax import errors
 from neox_jax.data.dedup import dedup_report, format_report
-from neox_jax.data.preprocess import DataError
 
 
+@errors.guarded
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="Pile-format files or globs")
@@ -23,11 +23,8 @@ def main(argv=None):
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--json", default="", help="also write the report as JSON here")
     args = p.parse_args(argv)
-    try:
-        report = dedup_report(args.inputs, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
-                              threshold=args.threshold, skip_bad=args.skip_bad)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    report = dedup_report(args.inputs, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
+                          threshold=args.threshold, skip_bad=args.skip_bad)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,20 +1,21 @@
-"""Evaluate a GPT-NeoX model with lm-evaluation-harness on the local (offline) tasks (logic in neox_jax/evaluate.py).
+"""Evaluate a GPT-NeoX model with lm-evaluation-harness (logic in neox_jax/evaluate.py).
 
     python scripts/evaluate.py --hf DIR --tasks lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag
     python scripts/evaluate.py --checkpoint PARAMS_DIR --tasks piqa --num_fewshot 5 --limit 100 --output results.json
 
-Task definitions: configs/eval_tasks/*.yaml; data: --data_dir (default $NEOX_JAX_EVAL_DATA or ../shared/data/eval).
+The offline tasks: configs/eval_tasks/*.yaml, their data from --data_dir (default $NEOX_JAX_EVAL_DATA, else the
+copies bundled in neox_jax/assets/eval/). Any other task name is one of lm-eval's own (data from the HF hub).
+Exit status: 0 done, 2 bad flag, model, task or data file (one FATAL: line on stderr; --output is checked before the
+evaluation runs).
 """
 
 import argparse
 import json
-import os
 import sys
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-from neox_jax import evaluate as E  # noqa: E402
+from neox_jax import cli, errors
+from neox_jax import evaluate as E
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -27,29 +28,36 @@ def parse(argv):
     p.add_argument("--limit", type=float, default=None, help="docs per task (a fraction if < 1)")
     p.add_argument("--output", help="write the harness's results as JSON here")
     p.add_argument("--data_dir", help="folder holding lambada/ piqa/ arc/ winogrande/ hellaswag/")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=None, help="default: the model's max_position_embeddings")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None)
+    p.add_argument("--batch_size", type=cli.positive_int, default=8)
+    p.add_argument("--max_length", type=cli.positive_int, default=None,
+                   help="default: the model's max_position_embeddings")
+    p.add_argument("--dtype", choices=DTYPES, default=None)
     p.add_argument("--tokenizer", help="tokenizer file (default: the HF dir's tokenizer.json, else the 20B tokenizer)")
-    p.add_argument("--tensor_parallel", type=int, default=1)
+    p.add_argument("--tensor_parallel", type=cli.positive_int, default=1)
     p.add_argument("--include_builtin_tasks", action="store_true",
-                   help="also offer lm-eval's own tasks (they may need the network)")
+                   help="also offer lm-eval's own tasks (implied by a task name that is not one of ours)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for stderrs (0: none)")
     return p.parse_args(argv)
 
 
+@errors.guarded
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    if limit is not None and limit <= 0:
+        raise errors.InputError(f"--limit={args.limit}: expected a number of documents >= 1 or a fraction in (0, 1)")
+    cli.check_writable(args.output, "--output")  # before the evaluation whose results it holds
     try:
         lm = E.NeoXLM(hf=args.hf, checkpoint=args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
                       dtype=args.dtype, tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel)
         results = E.evaluate(lm, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot, limit=limit,
                              data_dir=args.data_dir, include_builtin=args.include_builtin_tasks, seed=args.seed,
                              bootstrap_iters=args.bootstrap_iters)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    except ValueError as e:  # the harness's and the task loaders' verdicts on tasks and data files
+        if isinstance(e, errors.UserError):
+            raise
+        raise errors.InputError(str(e)) from e
     print(E.results_table(results))
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:

@@ -6,7 +6,8 @@
 
 The params dir is what scripts/evaluate.py and scripts/generate.py take with --checkpoint, and what
 scripts/convert_hf.py --params_dir turns into a HF GPTNeoXForCausalLM directory. Only the parameters are read
-from the checkpoint (no optimizer state); the run config comes from the checkpoint itself.
+from the checkpoint (no optimizer state); the run config comes from the checkpoint itself. A non-empty --out is
+refused unless --overwrite. Exit status: 0 written, 2 bad flag or input, 1 no intact checkpoint (one FATAL: line).
 """
 
 import argparse
@@ -15,21 +16,20 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import checkpoint, convert  # noqa: E402
-from neox_jax.config import ConfigError  # noqa: E402
+from neox_jax import checkpoint, convert, errors  # noqa: E402
 
 
+@errors.guarded
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
     p.add_argument("--out", required=True, help="params dir to write")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest intact one)")
+    p.add_argument("--overwrite", action="store_true", help="write into an --out directory that is not empty")
     args = p.parse_args(argv)
-    try:
-        config, params = checkpoint.load_params(args.workdir, args.step)
-        convert.save_params(config, params, args.out)
-    except (FileNotFoundError, ConfigError, convert.ConversionError) as e:
-        sys.exit(f"error: {e}")
+    convert.output_dir(args.out, args.overwrite, create=False)  # before reading the checkpoint
+    config, params = checkpoint.load_workdir_params(args.workdir, args.step)
+    convert.save_params(config, params, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}\n{convert.describe(config, params)}")
 
 

@@ -4,14 +4,19 @@
     python scripts/generate.py --checkpoint PARAMS_DIR --prompt_file prompts.jsonl --output out.jsonl \
         --temperature 0.8 --top_p 0.95 --seed 1
 
-A single prompt streams to the console as it is generated; several are batched and printed when all are done. --output writes one JSON object per prompt: prompt, completion, tokens, finish_reason.
+A single prompt streams to the console as it is generated; several are batched and printed when all are done.
+--output writes one JSON object per prompt: prompt, completion, tokens, finish_reason. An empty prompt starts from
+the end-of-document token (unconditional samples, as GPT-NeoX's). Exit status: 0 done, 2 bad flag, prompt or model
+files, or a prompt longer than the model's context (one FATAL: line on stderr).
 """
 
 import argparse
 import json
 import sys
 
+from neox_jax import cli, errors
 from neox_jax import generate as G
+from neox_jax.config import DTYPES
 
 
 def parse(argv):
@@ -31,33 +36,36 @@ def parse(argv):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--stop_token_id", type=int, action="append", default=[], help="stop token id (repeatable)")
     p.add_argument("--ignore_eod", action="store_true", help="don't stop at the end-of-document token")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute/param dtype (default: as stored)")
-    p.add_argument("--tensor_parallel", type=int, default=1, help="split the weights over this many devices")
+    p.add_argument("--batch_size", type=cli.positive_int, default=8)
+    p.add_argument("--dtype", choices=DTYPES, help="compute/param dtype (default: as stored)")
+    p.add_argument("--tensor_parallel", type=cli.positive_int, default=1,
+                   help="split the weights over this many devices")
     args = p.parse_args(argv)
     if not args.prompt and not args.prompt_file:
         p.error("give --prompt (repeatable) or --prompt_file")
     return args
 
 
+@errors.guarded
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    try:
-        prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
-        tokenizer = G.load_tokenizer(hf=args.hf, path=args.tokenizer)
-        m, params = G.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
-        sampling = G.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
-                              stop_token_ids=tuple(args.stop_token_id) + (() if args.ignore_eod else (tokenizer.eod_id,)))
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    cli.check_writable(args.output, "--output")  # before the model is loaded and run
+    prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
+    tokenizer = G.load_tokenizer(hf=args.hf, path=args.tokenizer)
+    m, params = G.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
+    sampling = G.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
+                          stop_token_ids=tuple(args.stop_token_id) + (() if args.ignore_eod else (tokenizer.eod_id,)))
+    # an empty prompt is conditioned on the end-of-document token alone, as a document's first token is
+    ids = [tokenizer.encode(p) or [tokenizer.eod_id] for p in prompts]
     generator = G.Generator(m, params, vocab_limit=tokenizer.vocab_size, mesh=G.inference_mesh(args.tensor_parallel))
     del params  # the generator keeps its own per-layer copy
+    generator.check(ids, sampling, tokenizer.decode)  # before the prompt is echoed
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
     completions = generator.generate(
-        [tokenizer.encode(p) for p in prompts], sampling, decode=tokenizer.decode, batch_size=args.batch_size,
+        ids, sampling, decode=tokenizer.decode, batch_size=args.batch_size,
         on_text=(lambda row, text: print(text, end="", flush=True)) if stream else None)
     out = open(args.output, "w", encoding="utf-8") if args.output else None
     for i, (prompt, c) in enumerate(zip(prompts, completions)):

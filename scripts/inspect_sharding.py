@@ -21,8 +21,10 @@ import math
 import os
 import sys
 
-MESH_AXES = ("stage", "data", "fsdp", "tensor")
-PRECISIONS = ("fp32_params", "master_weights")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from neox_jax import errors  # noqa: E402  (these two import no JAX: flags are set below first)
+from neox_jax.config import MESH_AXES, PRECISION_MODES  # noqa: E402
 
 
 def parse_layout(spec: str) -> dict:
@@ -30,13 +32,13 @@ def parse_layout(spec: str) -> dict:
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        if key == "precision" and value in PRECISIONS:
+        if key == "precision" and value in PRECISION_MODES:
             out[key] = value
             continue
         if key not in (*MESH_AXES, "zero_stage") or not value.isdigit() or int(value) < (key != "zero_stage"):
-            raise SystemExit(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
-                             f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISIONS)}, "
-                             "e.g. data=12,tensor=2")
+            errors.fatal(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
+                         f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISION_MODES)}, "
+                         "e.g. data=12,tensor=2")
         out[key] = int(value)
     return out
 
@@ -56,14 +58,15 @@ def _devices_needed(argv) -> int:
     return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
 
+OWN_FLAGS = ("mesh", "zero_stage", "remat", "batch_size", "micro_batches", "compare", "target", "format", "plot",
+             "device_memory", "compile", "compile_layers", "cpu_hoisting")
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from neox_jax import targets
 
     try:
         _TARGET = targets.parse((_flag_values(sys.argv, "target") or ["cpu"])[-1])
     except targets.TargetError as e:
-        raise SystemExit(f"inspect_sharding: {e}")
+        errors.fatal(f"inspect_sharding: {e}")
     # Simulated devices and plugin settings must be in place before jax is imported.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={_devices_needed(sys.argv)}").strip()
@@ -75,7 +78,12 @@ import json  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "config file, optionally path.py:arg")
+from neox_jax import cli  # noqa: E402
+
+DEFAULT_CONFIG = "configs/tiny.py"
+if __name__ == "__main__":
+    cli.check_config_overrides(sys.argv, DEFAULT_CONFIG, own_flags=OWN_FLAGS)
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "config file, optionally path.py:arg")
 _MESH = flags.DEFINE_string("mesh", None, "layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
 _ZERO = flags.DEFINE_integer("zero_stage", None, "ZeRO stage 0/1/3 (default: the config's)")
 _REMAT = flags.DEFINE_string("remat", None, "model.remat_policy (none/full/dots/...)")
@@ -114,11 +122,12 @@ def compared(first: dict, spec: str) -> dict:
     return {**base, **other}
 
 
+@errors.guarded
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     if not _MESH.value:
-        raise app.UsageError("--mesh is required, e.g. --mesh data=12,tensor=2")
+        raise errors.InputError("--mesh is required, e.g. --mesh data=12,tensor=2")
     from neox_jax import layout, targets
     from neox_jax.config import ConfigError
 
@@ -133,19 +142,16 @@ def main(argv):
         first.setdefault("zero_stage", _ZERO.value)
     layouts = [first] + [compared(first, spec) for spec in _COMPARE.value]
     target = targets.parse(_TARGET_FLAG.value)
-    try:
-        reports = []
-        for spec in layouts:
-            c = layout_config(config, spec)
-            count = math.prod(c.mesh[a] for a in MESH_AXES)
-            devices = targets.devices(target)
-            if len(devices) < count or (target.device_count and len(devices) != count):
-                raise ConfigError(f"config field mesh: the layout uses {count} devices but --target "
-                                  f"{target.spec} has {len(devices)}")
-            reports.append(layout.inspect(c, devices[:count], target.platform, _COMPILE.value, _COMPILE_LAYERS.value,
-                                          _HOISTING.value))
-    except (ConfigError, targets.TargetError) as e:
-        raise SystemExit(f"inspect_sharding: {e}")
+    reports = []
+    for spec in layouts:
+        c = layout_config(config, spec)
+        count = math.prod(c.mesh[a] for a in MESH_AXES)
+        devices = targets.devices(target)
+        if len(devices) < count or (target.device_count and len(devices) != count):
+            raise ConfigError(f"config field mesh: the layout uses {count} devices but --target "
+                              f"{target.spec} has {len(devices)}")
+        reports.append(layout.inspect(c, devices[:count], target.platform, _COMPILE.value, _COMPILE_LAYERS.value,
+                                      _HOISTING.value))
     if _PLOT.value:
         device = _DEVICE_GB.value * 1e9 if _DEVICE_GB.value else target.device_bytes
         print(f"plot: {layout.plot_memory(reports, _PLOT.value, device)}", file=sys.stderr)
@@ -162,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_absl_flags)

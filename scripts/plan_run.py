@@ -18,9 +18,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import cli  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 from neox_jax import plan as P  # noqa: E402
-from neox_jax.config import ConfigError  # noqa: E402
 
 
 def parse(argv):
@@ -46,22 +45,20 @@ def parse(argv):
     return p.parse_args(argv)
 
 
+@errors.guarded
 def main(argv=None) -> int:
     args = parse(argv)
-    try:
-        mfu, source = (P.mfu_from_benchmark(args.benchmark) if args.benchmark else (args.mfu, None))
-        kwargs = dict(mfu=mfu, tflops=args.tflops, peak_tflops=args.peak_tflops, watts=args.watts,
-                      utilisation=args.utilisation, pue=args.pue, carbon_intensity=args.carbon_intensity,
-                      steps=args.steps)
-        overrides = cli.parse_overrides(args.set)
-        if args.sweep:
-            plans = P.estimate_sweep(args.sweep, args.device, args.devices, overrides, **kwargs)
-        else:
-            config = cli.load_config(args.config, overrides)
-            plans = [P.estimate(config, args.device, args.devices, name=args.config, **kwargs)]
-    except (P.PlanError, ConfigError, FileNotFoundError) as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        return 2
+    cli.check_writable(args.json, "--json")
+    mfu, source = (P.mfu_from_benchmark(args.benchmark) if args.benchmark else (args.mfu, None))
+    kwargs = dict(mfu=mfu, tflops=args.tflops, peak_tflops=args.peak_tflops, watts=args.watts,
+                  utilisation=args.utilisation, pue=args.pue, carbon_intensity=args.carbon_intensity,
+                  steps=args.steps)
+    overrides = cli.parse_overrides(args.set)
+    if args.sweep:
+        plans = P.estimate_sweep(args.sweep, args.device, args.devices, overrides, **kwargs)
+    else:
+        config = cli.load_config(args.config, overrides)
+        plans = [P.estimate(config, args.device, args.devices, name=args.config, **kwargs)]
     if source:
         print(f"MFU {mfu:.1%} from {args.benchmark} ({source})")
     print(P.format_table(plans))

@@ -1,8 +1,12 @@
 #!/usr/bin/env python
 """Tokenize Pile-format text into GPT-NeoX .bin/.idx files.
 
-  python scripts/preprocess_data.py ../shared/data/pile_sample/train.jsonl.zst
+  python scripts/preprocess_data.py neox_jax/assets/train.jsonl.zst
   python scripts/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix data/pile --workers 8
+  python scripts/preprocess_data.py data/ --output-prefix data/pile    # every Pile-format file under data/
+
+Exit status: 0 written, 2 bad input (a bad line as file:line, a missing file, no documents at all: nothing is
+written then), with one FATAL: line on stderr.
 """
 
 import argparse
@@ -12,13 +16,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax.data.preprocess import DataError, preprocess  # noqa: E402
+from neox_jax import errors  # noqa: E402
+from neox_jax.data.documents import DataError  # noqa: E402
+from neox_jax.data.preprocess import preprocess  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="*", help="input files or globs (same as --input)")
-    p.add_argument("--input", default="", help="comma-separated files or globs: .jsonl, .jsonl.zst, .jsonl.gz, .txt")
+    p.add_argument("inputs", nargs="*", help="input files, globs or directories (same as --input)")
+    p.add_argument("--input", default="", help="comma-separated files, globs or directories of .jsonl, .jsonl.zst, "
+                   ".jsonl.gz, .txt files")
     p.add_argument("--output-prefix", default="",
                    help="writes PREFIX.bin and PREFIX.idx (default: the first input's name without extensions)")
     p.add_argument("--tokenizer", default="", help="HF tokenizers .json or sentencepiece .model (default: bundled 20B)")
@@ -45,11 +52,12 @@ def parse_args(argv=None):
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if not args.output_prefix:
-        first = os.path.basename(args.all_inputs[0].split(",")[0])
+        first = os.path.basename(os.path.normpath(args.all_inputs[0].split(",")[0]))
         args.output_prefix = re.sub(r"(\.[A-Za-z0-9]+)+$", "", first).replace("*", "") or "data"
     return args
 
 
+@errors.guarded
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -58,9 +66,8 @@ def main(argv=None):
                              split_by_component=args.split_by_component, dedup=args.dedup,
                              progress=not args.no_progress, keep_whitespace_docs=args.keep_whitespace_docs,
                              add_special_tokens=args.add_special_tokens, neox_names=args.neox_names)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        hint = " (--skip-bad skips and counts bad lines)" if isinstance(e, DataError) else ""
-        sys.exit(f"error: {e}{hint}")
+    except DataError as e:
+        raise errors.InputError(f"{e} (--skip-bad skips and counts bad lines)") from e
     print(summary.format())
 
 

@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from neox_jax import cli, errors  # noqa: E402
 from neox_jax import sweep as S  # noqa: E402
 
 
@@ -27,26 +28,24 @@ def parse(argv):
     p.add_argument("--emit", choices=("list", "local", "slurm"), default="list")
     p.add_argument("--runs_dir", default=os.path.join("runs", "sweeps"))
     p.add_argument("--slurm_script", help="where --emit slurm writes (default <runs_dir>/<sweep>/sweep.sbatch)")
-    p.add_argument("--nodes", type=int, default=1, help="SLURM nodes per run")
-    p.add_argument("--gpus_per_node", type=int, default=8, help="SLURM GPUs per node (one process per GPU)")
-    p.add_argument("--parallel", type=int, default=4, help="SLURM array tasks running at once")
+    p.add_argument("--nodes", type=cli.positive_int, default=1, help="SLURM nodes per run")
+    p.add_argument("--gpus_per_node", type=cli.positive_int, default=8,
+                   help="SLURM GPUs per node (one process per GPU)")
+    p.add_argument("--parallel", type=cli.positive_int, default=4, help="SLURM array tasks running at once")
     return p.parse_args(argv)
 
 
+@errors.guarded
 def main(argv=None) -> int:
     args = parse(argv)
-    try:
-        if args.summarize:
-            columns, rows = S.summarize(args.summarize)
-            print(S.format_table(columns, rows))
-            csv_path, png_path = S.write_summary(args.summarize, columns, rows)
-            print(f"{len(rows)} runs; table: {csv_path}; plot: {png_path}")
-            return 0
-        sweep = S.load(args.sweep)
-        runs = S.plan(sweep, args.runs_dir)
-    except S.SweepError as e:
-        print(f"FATAL: {e}", file=sys.stderr)
-        return 2
+    if args.summarize:
+        columns, rows = S.summarize(args.summarize)
+        print(S.format_table(columns, rows))
+        csv_path, png_path = S.write_summary(args.summarize, columns, rows)
+        print(f"{len(rows)} runs; table: {csv_path}; plot: {png_path}")
+        return 0
+    sweep = S.load(args.sweep)
+    runs = S.plan(sweep, args.runs_dir)
     if args.emit == "list":
         print("\n".join(S.commands(sweep, runs)))
         return 0
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     status = S.run_local(sweep, runs)
     failed = [name for name, rc in status.items() if rc]
     print(f"{len(runs) - len(failed)}/{len(runs)} runs finished; summarize: "
-          f"python scripts/sweep.py --summarize {os.path.join(args.runs_dir, sweep.name)}")
+          f"{S.python()} scripts/sweep.py --summarize {os.path.join(args.runs_dir, sweep.name)}")
     return 1 if failed else 0
 
 

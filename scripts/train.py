@@ -6,8 +6,9 @@
         --config.mesh.tensor=2 --workdir runs/x
 
 Any config field can be overridden with --config.path.to.field=value. A --workdir holding a checkpoint resumes.
-Exit status: 0 done or preempted (SIGTERM/SIGINT: the step finishes and a checkpoint is saved), 2 bad flag or
-config, 1 checkpoint mismatch or too many non-finite steps in a row.
+Exit status: 0 done or preempted (SIGTERM/SIGINT: the step finishes and a checkpoint is saved), 2 bad flag,
+config or data, 1 the run cannot go on (checkpoint mismatch, no intact checkpoint, full disk, workdir in use, too
+many non-finite steps in a row); both with one `FATAL:` line on stderr (README, "When something goes wrong").
 """
 
 import os
@@ -18,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from neox_jax import cli  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
 if __name__ == "__main__":
@@ -32,33 +33,25 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 
 
+@errors.guarded
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
     from neox_jax import xla_flags
 
     xla_flags.apply()  # GPU-only flags; must precede JAX's backend start-up
     import jax
 
     from neox_jax import distributed, trainer
-    from neox_jax.checkpoint import CheckpointMismatchError
-    from neox_jax.config import ConfigError
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
-    try:
-        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except distributed.DistributedError as e:
-        print(f"FATAL: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     config = _CONFIG.value
     workdir = _WORKDIR.value or cli.default_workdir(flags.FLAGS["config"].config_filename)
     logging.info("workdir %s", workdir)
     try:
         last = trainer.train(config, workdir)
-    except (ConfigError, CheckpointMismatchError, trainer.NonFiniteError) as e:
-        print(f"FATAL: {e}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
     except Exception as e:  # noqa: BLE001 - a lost peer must not wait in the runtime's shutdown barrier
         if distributed.is_peer_failure(e):
             distributed.abort_peer_failure(e, workdir)
@@ -68,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_absl_flags)

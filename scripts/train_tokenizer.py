@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Train a sentencepiece BPE tokenizer on Pile-format text (EOD = id 0, padding = 1, byte fallback).
 
-  python scripts/train_tokenizer.py ../shared/data/pile_sample/train.jsonl.zst --vocab-size 8000 \
+  python scripts/train_tokenizer.py neox_jax/assets/train.jsonl.zst --vocab-size 8000 \
       --output-prefix runs/tok/pile8k      # writes runs/tok/pile8k.model and .vocab
 """
 
 import argparse
-import sys
 
-from neox_jax.data.preprocess import DataError
+from neox_jax import errors
 from neox_jax.data.tokenizer import train_sentencepiece
 
 
+@errors.guarded
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="Pile-format files or globs")
@@ -21,11 +21,8 @@ def main(argv=None):
     p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
     p.add_argument("--skip-bad", action="store_true")
     args = p.parse_args(argv)
-    try:
-        path = train_sentencepiece(args.inputs, args.output_prefix, args.vocab_size, model_type=args.model_type,
-                                   max_docs=args.max_docs, skip_bad=args.skip_bad)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    path = train_sentencepiece(args.inputs, args.output_prefix, args.vocab_size, model_type=args.model_type,
+                               max_docs=args.max_docs, skip_bad=args.skip_bad)
     print(f"wrote {path}")
 
 

@@ -1,4 +1,4 @@
-"""Test set-up: 8 simulated CPU devices (set before JAX is imported anywhere) and shared fixtures."""
+"""Test set-up: 8 simulated CPU devices (set before JAX is imported anywhere); where the test data lives."""
 
 import os
 import pathlib
@@ -12,21 +12,13 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # collectives (measured with jax 0.10.2: the second run of the same 8-device train step hangs in a rendezvous).
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"  # small real files the tests read (sources and licences in its README)
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test (runs in CI; skip locally with -m 'not slow')")
-
-
-@pytest.fixture(scope="session")
-def shared_data() -> pathlib.Path:
-    if not SHARED_DATA.exists():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
-    return SHARED_DATA
 

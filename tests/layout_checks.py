@@ -2,9 +2,14 @@
 
 import numpy as np
 
-from neox_jax import sharding, train
+from neox_jax import setup, sharding, train
 
 STEPS = 3
+
+
+def build(config, devices=None):
+    """The RunSetup of `config` on a mesh over `devices` (default: all)."""
+    return setup.build(config, sharding.make_mesh(config, devices))
 
 
 def batches(n, vocab=500, seed=0):
@@ -12,12 +17,12 @@ def batches(n, vocab=500, seed=0):
     return [rng.integers(0, vocab, (16, 17), dtype=np.int32) for _ in range(n)]
 
 
-def run(config, mesh, state, steps=STEPS):
-    """`steps` compiled train steps on fixed batches: (the jitted step, final state, losses)."""
-    step = train.make_train_step(config, mesh)
+def run_steps(run, state, steps=STEPS):
+    """`steps` compiled train steps of the RunSetup `run` on fixed batches: (the jitted step, final state, losses)."""
+    step = train.make_train_step(run)
     losses = []
     for tokens in batches(steps):
-        state, metrics = step(state, sharding.global_batch({"tokens": tokens}, mesh))
+        state, metrics = step(state, sharding.global_batch({"tokens": tokens}, run.mesh))
         losses.append(float(metrics["loss"]))
     return step, state, losses
 

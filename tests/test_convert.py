@@ -3,7 +3,6 @@ randomised configs, bit-identical round trips, and every bad-input path naming w
 
 import importlib.util
 import json
-import pathlib
 import shutil
 
 import jax
@@ -11,17 +10,16 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
+from conftest import FIXTURES, ROOT
 from neox_jax import convert
 from neox_jax.model import GPTNeoX
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 TOL = 1e-4
 REFERENCES = ("tiny-gpt-neox-parallel", "tiny-gpt-neox-sequential")
 
 
-def reference_dir(shared_data, name="tiny-gpt-neox-parallel"):
-    return shared_data / "hf_reference" / name
+def reference_dir(name="tiny-gpt-neox-parallel"):
+    return FIXTURES / "hf_reference" / name
 
 
 def forward(config, params, ids):
@@ -55,8 +53,8 @@ def safetensors_dict(path):
 
 
 @pytest.mark.parametrize("name", REFERENCES)
-def test_reference_logits_and_hidden_states(shared_data, name):
-    d = reference_dir(shared_data, name)
+def test_reference_logits_and_hidden_states(name):
+    d = reference_dir(name)
     config, params = convert.load_hf(d)
     assert config.model.use_parallel_residual == (name == "tiny-gpt-neox-parallel")
     ref = np.load(d / "reference_outputs.npz")
@@ -64,8 +62,8 @@ def test_reference_logits_and_hidden_states(shared_data, name):
     assert_matches(config, params, ref["input_ids"], ref["logits"], hidden)
 
 
-def test_round_trip_is_bit_identical(shared_data, tmp_path):
-    src = reference_dir(shared_data)
+def test_round_trip_is_bit_identical(tmp_path):
+    src = reference_dir()
     config, params = convert.load_hf(src)
     files = convert.save_hf(config, params, tmp_path / "hf")
     assert [f.name for f in files] == ["model.safetensors"]
@@ -77,9 +75,9 @@ def test_round_trip_is_bit_identical(shared_data, tmp_path):
     assert config2.model.to_dict() == config.model.to_dict()
 
 
-def test_sharded_bf16_round_trip(shared_data, tmp_path):
+def test_sharded_bf16_round_trip(tmp_path):
     """Index + several shards, and the bfloat16 path (numpy cannot read BF16 by itself)."""
-    config, params = convert.load_hf(reference_dir(shared_data))
+    config, params = convert.load_hf(reference_dir())
     files = convert.save_hf(config, params, tmp_path / "a", dtype="bfloat16", max_shard_bytes=100_000)
     assert len(files) > 1 and (tmp_path / "a" / convert.SAFETENSORS_INDEX).is_file()
     assert json.loads((tmp_path / "a" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -91,8 +89,8 @@ def test_sharded_bf16_round_trip(shared_data, tmp_path):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
 
 
-def test_transformers_4x_config_keys(shared_data, tmp_path):
-    src = reference_dir(shared_data)
+def test_transformers_4x_config_keys(tmp_path):
+    src = reference_dir()
     hf = json.loads((src / "config.json").read_text())
     rope = hf.pop("rope_parameters")
     hf.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"], rope_scaling=None,
@@ -105,9 +103,9 @@ def test_transformers_4x_config_keys(shared_data, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params_4x, params_5x)
 
 
-def test_pytorch_bin_with_legacy_buffers(shared_data, tmp_path):
+def test_pytorch_bin_with_legacy_buffers(tmp_path):
     torch = pytest.importorskip("torch")
-    src = reference_dir(shared_data)
+    src = reference_dir()
     with safe_open(src / "model.safetensors", framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for i in range(2):  # what transformers < 4.31 saved next to the weights
@@ -180,8 +178,8 @@ def test_live_transformers(case, tmp_path):
 
 # ---- params dir -------------------------------------------------------------------------------------------
 
-def test_params_dir_round_trip(shared_data, tmp_path):
-    config, params = convert.load_hf(reference_dir(shared_data))
+def test_params_dir_round_trip(tmp_path):
+    config, params = convert.load_hf(reference_dir())
     convert.save_params(config, params, tmp_path / "p")
     config2, params2 = convert.load_params(tmp_path / "p")
     assert config2.to_dict() == config.to_dict()
@@ -190,10 +188,10 @@ def test_params_dir_round_trip(shared_data, tmp_path):
         assert "layers/attention/dense/kernel" in f.keys()
 
 
-def test_auto_padded_vocab_is_pinned_to_the_embedding(shared_data, tmp_path):
+def test_auto_padded_vocab_is_pinned_to_the_embedding(tmp_path):
     """Training pads the vocabulary to 128 x tensor-parallel size (300 -> 512 at TP 2, not 384): the saved
     config must say what the params hold."""
-    config, params = convert.load_hf(reference_dir(shared_data))
+    config, params = convert.load_hf(reference_dir())
     config.model.vocab_size, config.model.padded_vocab_size = 300, 0
     convert.save_params(config, params, tmp_path / "p")
     config2, _ = convert.load_params(tmp_path / "p")
@@ -202,8 +200,8 @@ def test_auto_padded_vocab_is_pinned_to_the_embedding(shared_data, tmp_path):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 512
 
 
-def test_params_dir_shape_mismatch(shared_data, tmp_path):
-    config, params = convert.load_hf(reference_dir(shared_data))
+def test_params_dir_shape_mismatch(tmp_path):
+    config, params = convert.load_hf(reference_dir())
     convert.save_params(config, params, tmp_path / "p")
     saved = json.loads((tmp_path / "p" / "config.json").read_text())
     saved["model"]["intermediate_size"] = 128
@@ -217,8 +215,8 @@ def test_params_dir_shape_mismatch(shared_data, tmp_path):
         convert.load_params(tmp_path / "p")
 
 
-def test_save_rejects_params_that_do_not_match_config(shared_data, tmp_path):
-    config, params = convert.load_hf(reference_dir(shared_data))
+def test_save_rejects_params_that_do_not_match_config(tmp_path):
+    config, params = convert.load_hf(reference_dir())
     params["layers"]["attention"]["dense"]["bias"] = params["layers"]["attention"]["dense"]["bias"][:, :10]
     expected = r"layers/attention/dense/bias has shape \[2, 10\], expected \[2, 64\]"
     with pytest.raises(convert.ConversionError, match=expected):
@@ -230,12 +228,12 @@ def test_save_rejects_params_that_do_not_match_config(shared_data, tmp_path):
 # ---- bad input --------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def hf_copy(shared_data, tmp_path):
+def hf_copy(tmp_path):
     """A writable copy of the parallel reference checkpoint, and a helper that edits its config.json."""
     d = tmp_path / "ckpt"
     d.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(reference_dir(shared_data) / name, d)
+        shutil.copy(reference_dir() / name, d)
 
     def edit(**changes):
         hf = json.loads((d / "config.json").read_text())
@@ -307,20 +305,20 @@ def test_missing_files(hf_copy, tmp_path):
         convert.load_hf(d)
 
 
-def test_save_hf_refuses_to_mix_with_existing_weights(shared_data, tmp_path):
-    config, params = convert.load_hf(reference_dir(shared_data))
+def test_save_hf_refuses_to_mix_with_existing_weights(tmp_path):
+    config, params = convert.load_hf(reference_dir())
     convert.save_hf(config, params, tmp_path)
-    with pytest.raises(convert.ConversionError, match="already holds weights"):
+    with pytest.raises(convert.ConversionError, match="is not empty .*model.safetensors.*--overwrite"):
         convert.save_hf(config, params, tmp_path)
 
 
 # ---- the script -------------------------------------------------------------------------------------------
 
-def test_convert_script_both_ways(shared_data, tmp_path, capsys):
+def test_convert_script_both_ways(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("convert_hf", ROOT / "scripts" / "convert_hf.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    src = reference_dir(shared_data)
+    src = reference_dir()
     script.main(["--hf_dir", str(src), "--out", str(tmp_path / "p")])
     assert "parameters" in capsys.readouterr().out
     script.main(["--params_dir", str(tmp_path / "p"), "--hf_out", str(tmp_path / "hf")])

@@ -87,6 +87,7 @@ def config(train_paths, steps, **data_fields):
     c.train.seq_len, c.train.batch_size, c.train.steps, c.train.seed = SEQ, BATCH, steps, 1234
     c.data.order = "gpt_neox"
     c.data.train_paths = train_paths
+    c.model.vocab_size = 200_000  # dataset b's ids start at 100,000 (a marker of where a sample came from)
     for k, v in data_fields.items():
         c.data[k] = v
     return validate(c)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import zstandard
 
+from conftest import FIXTURES
 from neox_jax.data import default_paths, indexed, preprocess as pp
+from neox_jax.data.documents import DataError, iter_documents
 from neox_jax.data.tokenizer import TokenizerError, check_vocab, load_tokenizer, train_sentencepiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,8 +84,10 @@ def test_bundled_20b_tokenizer_matches_published_ids():
     assert tok.encode("Hello world") == [12092, 1533]
 
 
-def test_gpt2_tokenizer_matches_published_ids(shared_data):
-    gpt2 = load_tokenizer(str(shared_data / "tokenizers" / "gpt2_tokenizer.json"))
+def test_gpt2_tokenizer_matches_published_ids(tmp_path):
+    path = tmp_path / "gpt2_tokenizer.json"
+    path.write_bytes(gzip.decompress((FIXTURES / "tokenizers" / "gpt2_tokenizer.json.gz").read_bytes()))
+    gpt2 = load_tokenizer(str(path))
     assert (gpt2.vocab_size, gpt2.eod_id, gpt2.encode("Hello world")) == (50257, 50256, [15496, 995])
 
 
@@ -171,7 +175,7 @@ BAD_CASES = {
 def test_bad_input_stops_with_file_and_line(tmp_path, kind):
     make, line, detail = BAD_CASES[kind]
     path = make(str(tmp_path / "in"))
-    with pytest.raises(pp.DataError) as e:
+    with pytest.raises(DataError) as e:
         pp.preprocess(path, str(tmp_path / "out"), workers=1, progress=False)
     assert str(e.value) == f"{path}:{line}: {detail}"
     assert e.value.kind == kind
@@ -180,8 +184,8 @@ def test_bad_input_stops_with_file_and_line(tmp_path, kind):
 
 def test_truncated_gzip(tmp_path):
     path = _truncated_gz(str(tmp_path / "in.jsonl.gz"))
-    with pytest.raises(pp.DataError, match=r"in.jsonl.gz:\d+: truncated gzip stream"):
-        list(pp.iter_documents(path))
+    with pytest.raises(DataError, match=r"in.jsonl.gz:\d+: truncated gzip stream"):
+        list(iter_documents(path))
 
 
 def test_skip_bad_counts_every_kind(tmp_path):
@@ -201,7 +205,7 @@ def test_failing_input_after_some_documents_leaves_no_output(tmp_path, workers):
     good = write_jsonl(str(tmp_path / "a.jsonl"), [doc(f"document {i}") for i in range(2000)])
     bad = write_jsonl(str(tmp_path / "b.jsonl"), [doc("fine"), "not json"])
     (tmp_path / "out").mkdir()
-    with pytest.raises(pp.DataError, match="b.jsonl:2: malformed JSON"):
+    with pytest.raises(DataError, match="b.jsonl:2: malformed JSON"):
         pp.preprocess([good, bad], str(tmp_path / "out" / "data"), workers=workers, progress=False)
     assert os.listdir(tmp_path / "out") == []
 
@@ -288,20 +292,20 @@ def test_cli_reports_bad_input(tmp_path):
     path = write_jsonl(str(tmp_path / "bad.jsonl"), [doc("a"), "{"])
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "preprocess_data.py"), path,
                           "--workers", "1", "--output-prefix", str(tmp_path / "o")], capture_output=True, text=True)
-    assert out.returncode == 1
-    assert out.stderr.strip() == (f"error: {path}:2: malformed JSON (Expecting property name enclosed in double "
+    assert out.returncode == 2  # bad input (README, "When something goes wrong")
+    assert out.stderr.strip() == (f"FATAL: {path}:2: malformed JSON (Expecting property name enclosed in double "
                                   "quotes at column 2) (--skip-bad skips and counts bad lines)")
 
 
 def test_documents_spanning_decompression_chunks_are_read_whole():
     """The train sample decompresses in several chunks; every line must come out whole and in order."""
-    texts = [d.text for d in pp.iter_documents(ASSETS["train"])]
+    texts = [d.text for d in iter_documents(ASSETS["train"])]
     assert texts == [x["text"] for x in pile_docs(ASSETS["train"])]
 
 
 def test_whitespace_only_documents_policy(tmp_path):
     path = write_jsonl(str(tmp_path / "ws.jsonl"), [doc("a"), doc("  \n "), doc(""), doc("b")])
-    with pytest.raises(pp.DataError, match="ws.jsonl:2: empty document"):  # the default: bad input
+    with pytest.raises(DataError, match="ws.jsonl:2: empty document"):  # the default: bad input
         pp.preprocess(path, str(tmp_path / "strict"), workers=1, progress=False)
     skipped = pp.preprocess(path, str(tmp_path / "skip"), workers=1, skip_bad=True, progress=False)
     assert (skipped.docs, dict(skipped.bad)) == (2, {"empty_document": 2})

@@ -192,6 +192,29 @@ def test_dead_process_stops_the_other(tmp_path):
     print(f"process 0 stopped {took:.1f} s after its peer was killed")
 
 
+@pytest.mark.slow
+def test_a_workdir_in_use_stops_every_process_at_once(tmp_path):
+    """A 2-process run on a workdir another run holds: process 0's lock is taken, process 1's is free; the verdicts
+    are gathered, so both stop at start with the same one line (not process 1 waiting for the heartbeat)."""
+    from neox_jax import trainer
+
+    workdir = tmp_path / "busy"
+    with trainer.hold_workdir(str(workdir)):  # this process holds .lock.0, as process 0 of a running job would
+        run = Run(workdir, 2, 4)
+        try:
+            codes = [p.wait(timeout=RUN_TIMEOUT) for p in run.procs]
+        finally:
+            run.kill()
+    outputs = [run.output(i) for i in range(2)]
+    assert codes == [1, 1], outputs
+    fatal = [[line for line in out.splitlines() if line.startswith("FATAL: ")] for out in outputs]
+    assert [len(f) for f in fatal] == [1, 1], outputs
+    busy = f"FATAL: workdir {workdir} is in use by another training run ("
+    assert fatal[0][0].startswith(f"{busy}pid {os.getpid()} on {socket.gethostname()}, started ")  # the holder
+    assert fatal[1][0].startswith(busy)  # process 1's own lock was free: it stops on process 0's verdict
+    assert not os.path.exists(workdir / "metrics.jsonl")
+
+
 def test_missing_peer_at_start_is_a_clear_error(tmp_path):
     """Process 0 of 2 started alone gives up after the initialization timeout with a message naming the flags."""
     env = _env(4)

@@ -442,9 +442,10 @@ def test_plan_run_script_paper_check_and_sweep(tmp_path, capsys):
     rows = json.loads((tmp_path / "p.json").read_text())
     assert [r["name"] for r in rows] == ["lr=0.001,seed=0", "lr=0.001,seed=1", "lr=0.003,seed=0", "lr=0.003,seed=1"]
     assert all(r["steps"] == 100 and r["tokens"] == 100 * 8 * 16 for r in rows)
-    assert _plan_run("--config", "configs/tiny.py", "--set", "train.stepz=3", "--device", "A100", "--devices", "1",
-                     "--mfu", "0.5") == 2
-    assert "unknown config field 'train.stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _plan_run("--config", "configs/tiny.py", "--set", "train.stepz=3", "--device", "A100", "--devices", "1",
+                  "--mfu", "0.5")
+    assert e.value.code == 2 and "FATAL: unknown config field 'train.stepz'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("same_host, counts", [(True, False), (False, True)])

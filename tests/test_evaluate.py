@@ -13,14 +13,16 @@ transformers = pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+from conftest import FIXTURES  # noqa: E402
 from neox_jax import evaluate as E  # noqa: E402
+from neox_jax.data import default_paths  # noqa: E402
 
 TOKENIZER_VOCAB, PADDED = 50277, 50304
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)
 PYTHIA_70M = dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048)
 
 
-def make_hf_model(path, shared_data, shape, seed=0, max_positions=2048):
+def make_hf_model(path, shape, seed=0, max_positions=2048):
     """A random GPTNeoXForCausalLM + tokenizer files built from the 20B tokenizer JSON, loadable offline."""
     torch.manual_seed(seed)
     config = transformers.GPTNeoXConfig(vocab_size=PADDED, max_position_embeddings=max_positions, rotary_pct=0.25,
@@ -32,7 +34,7 @@ def make_hf_model(path, shared_data, shape, seed=0, max_positions=2048):
             if "layernorm" in name or "layer_norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(path)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(shared_data / "tokenizers" / "20B_tokenizer.json"),
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=default_paths()["tokenizer"],
                                                bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                                unk_token="<|endoftext|>", pad_token="<|padding|>")
     tok.save_pretrained(path)
@@ -40,8 +42,8 @@ def make_hf_model(path, shared_data, shape, seed=0, max_positions=2048):
 
 
 @pytest.fixture(scope="module")
-def small_hf(tmp_path_factory, shared_data):
-    return make_hf_model(tmp_path_factory.mktemp("hf_small"), shared_data, SMALL)
+def small_hf(tmp_path_factory):
+    return make_hf_model(tmp_path_factory.mktemp("hf_small"), SMALL)
 
 
 def hf_backend(path, **kw):
@@ -80,14 +82,14 @@ def test_loglikelihood_matches_hf_backend_on_local_tasks(small_hf):
 
 
 @pytest.mark.slow
-def test_pythia_70m_shape_matches_hf_backend_limit_50(tmp_path, shared_data):
-    path = make_hf_model(tmp_path / "hf70m", shared_data, PYTHIA_70M, seed=1)
+def test_pythia_70m_shape_matches_hf_backend_limit_50(tmp_path):
+    path = make_hf_model(tmp_path / "hf70m", PYTHIA_70M, seed=1)
     ours, theirs = run_both(path, list(E.LOCAL_TASKS), limit=50)
     compare(ours, theirs, E.LOCAL_TASKS)
 
 
-def test_rolling_and_generate_until_match_hf_backend(small_hf, shared_data):
-    texts = [(shared_data / "text" / "tinyshakespeare_input.txt").read_text()[:1500], "Hello world", "a"]
+def test_rolling_and_generate_until_match_hf_backend(small_hf):
+    texts = [(FIXTURES / "text" / "tinyshakespeare_head.txt").read_text()[:1500], "Hello world", "a"]
     requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
     ours, theirs = E.NeoXLM(hf=str(small_hf), max_length=64), hf_backend(small_hf, max_length=64)
     np.testing.assert_allclose(ours.loglikelihood_rolling(requests), theirs.loglikelihood_rolling(requests),
@@ -158,3 +160,32 @@ def test_missing_or_malformed_task_files_name_the_file(small_hf, tmp_path, monke
         E.evaluate(lm, ["piqa"], limit=1, data_dir=tmp_path)
     with pytest.raises(ValueError, match=r"unknown task\(s\) lambada_opnai"):
         E.evaluate(lm, ["lambada_opnai"], limit=1, data_dir=tmp_path)
+
+
+def test_other_task_names_go_to_lm_evals_registry(small_hf):
+    """A name that is not one of ours is lm-eval's own task; offline (as here) that is one clear error."""
+    lm = E.NeoXLM(hf=str(small_hf))
+    with pytest.raises(ValueError, match=r"^lm-eval task\(s\) sciq download their data from the Hugging Face hub, "
+                                         r"which is not reachable \(.*sciq.*\); run where it is"):
+        E.evaluate(lm, ["sciq"], limit=1)
+    with pytest.raises(ValueError, match=r"unknown task\(s\) hellaswagg \(did you mean hellaswag\?\)"):
+        E.evaluate(lm, ["hellaswagg"], limit=1)
+
+
+def test_bundled_eval_sets_are_the_full_sets(monkeypatch):
+    """Without $NEOX_JAX_EVAL_DATA the tasks read the copies in neox_jax/assets/eval: every item of each set (the
+    published sizes), LAMBADA byte for byte the file lm-eval checks (its sha256)."""
+    import bz2
+    import hashlib
+    import importlib.util
+
+    monkeypatch.delenv(E.DATA_ENV, raising=False)
+    spec = importlib.util.spec_from_file_location("eval_task_utils", E.TASK_DIR / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    sizes = {name: sum(len(split) for split in getattr(utils, f"load_{name}")().values())
+             for name in ("lambada", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")}
+    assert sizes == {"lambada": 5153, "piqa": 1838, "arc_easy": 2376, "arc_challenge": 1172, "winogrande": 1267,
+                     "hellaswag": 10042}
+    lambada = bz2.decompress(utils.data_path("lambada/lambada_test.jsonl").read_bytes())
+    assert hashlib.sha256(lambada).hexdigest().startswith("4aa8d02cd17c7191")

@@ -9,19 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import FIXTURES
 from neox_jax import config as cfg
 from neox_jax import convert
 from neox_jax import generate as G
 from neox_jax import model as model_lib
+from neox_jax.data import default_paths
+from tiny_configs import tiny_model
 
 VOCAB, PADDED = 500, 512  # ids 500..511 are embedding padding: never to be generated
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    m = cfg.model_defaults()
-    m.update(dict(vocab_size=VOCAB, padded_vocab_size=PADDED, hidden_size=64, num_layers=2, num_heads=4,
-                  max_position_embeddings=128))
+    m = tiny_model(vocab_size=VOCAB, padded_vocab_size=PADDED, max_position_embeddings=128)
     return m, random_params(m, 0)
 
 
@@ -62,10 +63,10 @@ def test_kv_cache_decode_equals_full_recomputation(tiny, stacked):
                                        atol=1e-4, rtol=0, err_msg=f"row {row}, step {step}")
 
 
-def test_greedy_equals_hf_generate(shared_data, name="tiny-gpt-neox-parallel"):
+def test_greedy_equals_hf_generate(name="tiny-gpt-neox-parallel"):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    path = shared_data / "hf_reference" / name
+    path = FIXTURES / "hf_reference" / name
     config, params = convert.load_hf(path)
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = [[3, 14, 15, 92, 65], [1, 2], [100, 200, 300, 400, 7, 8, 9, 10, 11]]
@@ -187,19 +188,18 @@ def test_sharded_generation_equals_single_device(tiny):
 
 
 @pytest.mark.slow
-def test_generate_script_writes_jsonl(tiny, tmp_path, shared_data, capsys):
+def test_generate_script_writes_jsonl(tiny, tmp_path, capsys):
     import scripts.generate as script
 
     m, params = tiny
-    m = cfg.model_defaults().copy_and_resolve_references()
-    m.update(dict(hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128))  # the 20B vocabulary
+    m = tiny_model(vocab_size=50277, max_position_embeddings=128)  # the 20B tokenizer's vocabulary
     config = cfg.default_config()
     config.model = m
     config.train.seq_len = 128
     convert.save_params(config, random_params(m, 1), tmp_path / "params")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello world"}) + "\n" + json.dumps({"prompt": "The cat"}) + "\n")
-    tokenizer = str(shared_data / "tokenizers" / "20B_tokenizer.json")
+    tokenizer = default_paths()["tokenizer"]
     script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(prompts),
                  "--output", str(tmp_path / "out.jsonl"), "--max_new_tokens", "5", "--ignore_eod"])
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -207,5 +207,7 @@ def test_generate_script_writes_jsonl(tiny, tmp_path, shared_data, capsys):
     assert all(len(r["tokens"]) == 5 and r["finish_reason"] == "length" for r in rows)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
-    with pytest.raises(SystemExit, match=r"bad.jsonl, line 2"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(bad)])
+    assert e.value.code == 2 and "bad.jsonl, line 2" in capsys.readouterr().err

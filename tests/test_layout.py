@@ -10,9 +10,9 @@ import jax
 import pytest
 
 from neox_jax import layout, targets
-from neox_jax.config import default_config
 
 from test_trainer import ROOT
+from tiny_configs import tiny_config
 
 STAGES, MICRO, ROWS, SEQ, HIDDEN, LAYERS = 2, 4, 2, 32, 64, 4
 
@@ -20,12 +20,10 @@ STAGES, MICRO, ROWS, SEQ, HIDDEN, LAYERS = 2, 4, 2, 32, 64, 4
 @pytest.fixture(scope="module")
 def pipelined_report():
     """A master-weights pipeline (2 stages x data 2 x tensor 2, full remat) compiled for simulated CPUs."""
-    c = default_config()
-    c.model.update(dict(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=4, vocab_size=500, max_position_embeddings=64,
-                        dtype="bfloat16", remat_policy="full", attention_impl="chunked", attention_chunk=8))
-    c.mesh.update(dict(stage=STAGES, data=2, fsdp=1, tensor=2))
-    c.zero_stage, c.precision.mode = 1, "master_weights"
-    c.train.update(dict(batch_size=ROWS * MICRO * 2, micro_batches=MICRO, seq_len=SEQ))
+    c = tiny_config(2, 1, 2, 1, stage=STAGES, precision=dict(mode="master_weights"),
+                    model=dict(hidden_size=HIDDEN, num_layers=LAYERS, dtype="bfloat16", remat_policy="full",
+                               attention_impl="chunked", attention_chunk=8),
+                    train=dict(batch_size=ROWS * MICRO * 2, micro_batches=MICRO, seq_len=SEQ))
     return layout.inspect(c, jax.devices()[:8])
 
 

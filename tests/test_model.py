@@ -12,12 +12,12 @@ import pytest
 from neox_jax import config as C
 from neox_jax import model as M
 
+import tiny_configs
+
 
 def tiny_model(**changes):
-    m = C.model_defaults()
-    m.update(dict(vocab_size=64, padded_vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                  max_position_embeddings=32, rotary_pct=0.5))
-    m.update(changes)
+    """The tests' tiny model with half of each head's 16 dims rotary (the default 0.25 rotates 4)."""
+    m = tiny_configs.tiny_model(**{"rotary_pct": 0.5, **changes})
     C.validate_model(m)
     return m
 

@@ -11,6 +11,7 @@ import pytest
 
 from neox_jax import model, optim
 from neox_jax.config import default_config
+from tiny_configs import tiny_model
 
 
 def _config(steps=1000, warmup_steps=-1, warmup_fraction=0.01, lr=1e-3, min_lr_ratio=0.1):
@@ -51,8 +52,7 @@ def test_schedule_without_warmup_starts_at_peak():
 
 
 def test_decay_mask_excludes_biases_and_layernorm():
-    m = default_config().model
-    m.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=256))
+    m = tiny_model()
     mask = optim.decay_mask(jax.tree.map(lambda b: b.value, model.param_shapes(m),
                                          is_leaf=lambda x: hasattr(x, "names")))
     flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(mask)[0]}

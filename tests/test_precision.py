@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, sharding, train, trainer
-from neox_jax.config import ConfigError, default_config, validate
+from neox_jax import cli, convert, train, trainer
+from neox_jax.config import ConfigError, validate
+from neox_jax.pytree import path_name
 
-from layout_checks import comparable, rel_err, run
+from layout_checks import build, comparable, rel_err, run_steps
 from test_trainer import TINY, _config, _train_losses
+from tiny_configs import tiny_config
 
 LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage, compute dtype, loss scale)
     "fsdp8_zero3_bf16": (1, 8, 1, 3, "bfloat16", "none"),
@@ -20,20 +22,14 @@ LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage, compute dtype, loss scale)
 }
 
 
-def tiny_config(data, fsdp, tensor, zero_stage, dtype, loss_scale, mode):
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64,
-                        dtype=dtype))
-    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.precision.update(dict(mode=mode, loss_scale=loss_scale, initial_scale_power=12, loss_scale_window=2))
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
-    c.train.update(dict(steps=10, batch_size=16, micro_batches=2, seq_len=16))
-    return c
+def precision_config(data, fsdp, tensor, zero_stage, dtype, loss_scale, mode):
+    """The tiny run in a compute dtype and precision mode (the loss scale grows every 2 good steps)."""
+    return tiny_config(data, fsdp, tensor, zero_stage, model=dict(dtype=dtype),
+                       precision=dict(mode=mode, loss_scale=loss_scale, initial_scale_power=12, loss_scale_window=2))
 
 
 def _is_matrix(path) -> bool:
-    return sharding.path_name(path).endswith("kernel") or "embed" in sharding.path_name(path)
+    return path_name(path).endswith("kernel") or "embed" in path_name(path)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -43,20 +39,20 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     applies its parameters in fp32, so the fp32 run uses unrounded ones), and sums its embedding gradient in 16 bits."""
     runs = {}
     for mode in ("fp32_params", "master_weights"):
-        config = tiny_config(*LAYOUTS[layout], mode)
-        mesh = sharding.make_mesh(config)
-        state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
-        step, state, losses = run(config, mesh, state)
+        run = build(precision_config(*LAYOUTS[layout], mode))
+        state = train.init_train_state(run, jax.random.PRNGKey(0))
+        step, state, losses = run_steps(run, state)
         assert step._cache_size() == 1
-        runs[mode] = (config, mesh, state, losses)
-    _, _, reference, ref_losses = runs["fp32_params"]
-    config, mesh, state, losses = runs["master_weights"]
+        runs[mode] = (run, state, losses)
+    _, reference, ref_losses = runs["fp32_params"]
+    run, state, losses = runs["master_weights"]
+    config = run.config
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-4)
     assert int(state.skipped_steps) == int(reference.skipped_steps)
     master = comparable(jax.device_get(state.master))
     want = comparable(jax.device_get(reference.params))
     for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(master)[0], jax.tree.leaves(want)):
-        assert rel_err(got, ref) <= (2e-3 if _is_matrix(path) else 3e-2), sharding.path_name(path)
+        assert rel_err(got, ref) <= (2e-3 if _is_matrix(path) else 3e-2), path_name(path)
 
     # The 16-bit params are exactly the cast of the master, stored where the params go; the master and moments
     # are fp32 and split where the ZeRO stage puts the optimizer state.
@@ -64,9 +60,9 @@ def test_master_weights_follow_the_fp32_params_run(layout):
     for p, w in zip(jax.tree.leaves(state.params), jax.tree.leaves(state.master)):
         assert p.dtype == dtype and w.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(p), np.asarray(w.astype(dtype)))
-    expected = train.state_shardings(config, mesh)
+    expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
-        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
     kernel = state.master["layers"]["mlp"]["dense_h_to_4h"]["kernel"]  # [layers, embed 64, mlp 256]
     split = {1: config.mesh.data * config.mesh.fsdp, 3: config.mesh.fsdp}[config.zero_stage]
     assert kernel.addressable_shards[0].data.size * split * config.mesh.tensor == kernel.size
@@ -75,7 +71,7 @@ def test_master_weights_follow_the_fp32_params_run(layout):
 
 
 def test_master_weights_need_a_16bit_compute_dtype():
-    c = tiny_config(1, 1, 1, 0, "float32", "none", "master_weights")
+    c = precision_config(1, 1, 1, 0, "float32", "none", "master_weights")
     with pytest.raises(ConfigError, match="model.dtype: precision.mode=master_weights stores the params in"):
         validate(c)
     c.model.dtype, c.precision.mode = "bfloat16", "fp16_master"
@@ -86,23 +82,22 @@ def test_master_weights_need_a_16bit_compute_dtype():
 def test_initial_weights_fill_the_master_exactly():
     """Weights loaded from a 16-bit checkpoint (here bf16-rounded values in fp32 arrays, as convert.load_hf
     returns them) become the fp32 master bit for bit, and the params their exact 16-bit cast."""
-    config = tiny_config(2, 1, 2, 1, "bfloat16", "none", "master_weights")
-    mesh = sharding.make_mesh(config, jax.devices()[:4])
-    random = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(3)).master)
+    run = build(precision_config(2, 1, 2, 1, "bfloat16", "none", "master_weights"), jax.devices()[:4])
+    random = jax.device_get(train.init_train_state(run, jax.random.PRNGKey(3)).master)
     loaded = jax.tree.map(lambda w: np.asarray(w.astype(jnp.bfloat16).astype(np.float32)), random)
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0), params=loaded)
+    state = train.init_train_state(run, jax.random.PRNGKey(0), params=loaded)
     for got, want, p in zip(jax.tree.leaves(state.master), jax.tree.leaves(loaded), jax.tree.leaves(state.params)):
         np.testing.assert_array_equal(np.asarray(got), want)
         np.testing.assert_array_equal(np.asarray(p).astype(np.float32), want)
 
 
 def test_bf16_hf_checkpoint_loads_into_the_master_exactly(tmp_path):
-    config = tiny_config(1, 1, 1, 0, "bfloat16", "none", "master_weights")
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    weights = jax.device_get(train.init_train_state(config, mesh, jax.random.PRNGKey(1)).master)
+    config = precision_config(1, 1, 1, 0, "bfloat16", "none", "master_weights")
+    run = build(config, jax.devices()[:1])
+    weights = jax.device_get(train.init_train_state(run, jax.random.PRNGKey(1)).master)
     convert.save_hf(config, weights, tmp_path / "hf", dtype="bfloat16")
     hf_config, loaded = convert.load_hf(tmp_path / "hf")
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0), params=loaded)
+    state = train.init_train_state(run, jax.random.PRNGKey(0), params=loaded)
     rounded = jax.tree.map(lambda w: np.asarray(jnp.asarray(w).astype(jnp.bfloat16).astype(jnp.float32)), weights)
     for got, want in zip(jax.tree.leaves(state.master), jax.tree.leaves(rounded)):
         np.testing.assert_array_equal(np.asarray(got), want)
@@ -119,7 +114,7 @@ def test_master_weights_resume_bit_exact_and_export_reads_the_master(tmp_path):
     trainer.train(_config(**extra), str(resumed))
     want, got = _train_losses(straight), _train_losses(resumed)
     assert {s: v[-1] for s, v in got.items()} == {s: v[0] for s, v in want.items()}
-    (_, a), (_, b) = ckpt.load_params(str(straight)), ckpt.load_params(str(resumed))
+    (_, a), (_, b) = ckpt.load_workdir_params(str(straight)), ckpt.load_workdir_params(str(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x, y)

@@ -1,6 +1,7 @@
 """Mesh construction, the logical rules (Megatron tensor parallel, ZeRO-3 fsdp), ZeRO-1 placement, batches,
 the layout report and scripts/inspect_sharding.py. Shapes only (jax.eval_shape): nothing here trains."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,22 +14,16 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import ROOT
-from neox_jax import layout, model, optim, sharding, train
-from neox_jax.config import ConfigError, default_config
-
-
-def small_config(data=-1, fsdp=1, tensor=1, zero_stage=0):
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500))
-    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.train.update(dict(batch_size=16, seq_len=16))
-    return c
+from layout_checks import build
+from neox_jax import layout, model, setup, sharding
+from neox_jax.config import ConfigError
+from neox_jax.pytree import path_name
+from tiny_configs import tiny_config
 
 
 def specs_by_name(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]
-    return {sharding.path_name(p): tuple(s) for p, s in flat}
+    return {path_name(p): tuple(s) for p, s in flat}
 
 
 def padded(spec, ndim):
@@ -36,17 +31,17 @@ def padded(spec, ndim):
 
 
 def test_mesh_fills_minus_one_and_uses_auto_axes():
-    mesh = sharding.make_mesh(small_config(data=-1, tensor=2))
+    mesh = sharding.make_mesh(tiny_config(data=-1, tensor=2))
     assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
     assert mesh.axis_types == (AxisType.Auto,) * 3
-    assert sharding.make_mesh(small_config(data=1, fsdp=1, tensor=1), jax.devices()[:1]).size == 1
+    assert sharding.make_mesh(tiny_config(data=1, fsdp=1, tensor=1), jax.devices()[:1]).size == 1
 
 
 @pytest.mark.parametrize("sizes,needle", [((3, 1, -1), "mesh.data=3"), ((2, 2, 1), "4 devices but 8"),
                                           ((1, 1, 16), "mesh.tensor=16")])
 def test_mesh_that_does_not_fit_is_one_clear_error(sizes, needle):
     with pytest.raises(ConfigError, match="mesh") as e:
-        sharding.make_mesh(small_config(*sizes))
+        sharding.make_mesh(tiny_config(*sizes))
     assert needle in str(e.value) and "8" in str(e.value)
 
 
@@ -68,18 +63,15 @@ MEGATRON = {
 
 
 def test_tensor_parallel_is_megatron_style():
-    c = small_config(data=2, tensor=4)
-    mesh = sharding.make_mesh(c)
-    boxed = model.param_shapes(train.model_config(c, mesh))
-    specs = specs_by_name(sharding.param_specs(boxed, mesh, 0))
+    run = build(tiny_config(data=2, tensor=4))
+    specs = specs_by_name(sharding.param_specs(run.param_shapes, run.mesh, 0))
     for name, want in MEGATRON.items():
         assert padded(specs[name], len(want)) == want, name
 
 
 def test_zero3_adds_fsdp_on_embed_dims():
-    c = small_config(data=1, fsdp=2, tensor=4, zero_stage=3)
-    mesh = sharding.make_mesh(c)
-    specs = specs_by_name(sharding.param_specs(model.param_shapes(train.model_config(c, mesh)), mesh, 3))
+    run = build(tiny_config(data=1, fsdp=2, tensor=4, zero_stage=3))
+    specs = specs_by_name(sharding.param_specs(run.param_shapes, run.mesh, 3))
     assert padded(specs["embed_in"], 2) == ("tensor", "fsdp")
     assert padded(specs["layers/attention/query_key_value/kernel"], 5) == (None, "fsdp", "tensor", None, None)
     assert padded(specs["layers/mlp/dense_4h_to_h/kernel"], 3) == (None, "tensor", "fsdp")
@@ -93,14 +85,13 @@ def test_activation_rules_give_batch_to_data_and_fsdp():
 
 
 def test_indivisible_parameter_names_param_and_axis():
-    c = small_config(data=1, tensor=8)  # 4 heads over tensor=8
-    mesh = sharding.make_mesh(c)
+    c = tiny_config(data=1, tensor=8)  # 4 heads over tensor=8
     with pytest.raises(ConfigError, match=r"mesh.tensor: parameter layers/attention/.*heads.*not divisible"):
-        sharding.param_specs(model.param_shapes(train.model_config(c, mesh)), mesh, 0)
+        build(c)
 
 
 def test_zero1_shards_moments_and_falls_back_when_nothing_divides():
-    mesh = sharding.make_mesh(small_config(data=4, tensor=2))
+    mesh = sharding.make_mesh(tiny_config(data=4, tensor=2))
     boxed = {"w": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8, 6), np.float32), ("embed", "mlp")),
              "odd": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((3, 6), np.float32), ("embed", "mlp"))}
     place = sharding.placement(boxed, optax.adam(1e-3), mesh, zero_stage=1)
@@ -109,12 +100,13 @@ def test_zero1_shards_moments_and_falls_back_when_nothing_divides():
     assert padded(opt["0/nu/odd"], 2) == (None, "tensor")  # 3 and 6/2 are not divisible by 4
     assert padded(specs_by_name(place.params)["w"], 2) == (None, "tensor")
     assert place.replicated_moments == ("odd",)
-    report = layout.layout_report(boxed, optax.adam(1e-3), mesh, 1)
-    assert any("odd" in n and "replicated" in n for n in report["notes"])
+    run = build(tiny_config(data=4, tensor=2, zero_stage=1))
+    run = dataclasses.replace(run, param_shapes=boxed, optimizer=optax.adam(1e-3), placement=place)
+    assert any("odd" in n and "replicated" in n for n in layout.layout_report(run)["notes"])
 
 
 def test_batch_helpers():
-    c = small_config(data=4, fsdp=2)
+    c = tiny_config(data=4, fsdp=2)
     mesh = sharding.make_mesh(c)
     tokens = np.arange(16 * 17, dtype=np.int32).reshape(16, 17)
     batch = sharding.global_batch({"tokens": tokens}, mesh)
@@ -123,16 +115,13 @@ def test_batch_helpers():
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), tokens)
     c.train.batch_size, c.train.micro_batches = 24, 2  # 12 per micro-batch over 8 devices
     with pytest.raises(ConfigError, match="train.batch_size"):
-        train.check_batch(c, mesh)
+        setup.check_batch(c, mesh)
 
 
 def test_layout_report_bytes_and_compare():
-    c = small_config(data=2, tensor=4, zero_stage=1)
-    mesh = sharding.make_mesh(c)
-    m = train.model_config(c, mesh)
-    tx = optim.make_optimizer(c)
-    report = layout.layout_report(model.param_shapes(m), tx, mesh, 1)
-    assert report["param_count"] == model.count_params(m)
+    run = build(tiny_config(data=2, tensor=4, zero_stage=1))
+    report = layout.layout_report(run)
+    assert report["param_count"] == model.count_params(run.model)
     by_name = {e["name"]: e for e in report["params"]}
     emb = by_name["embed_in"]
     assert emb["logical"] == ["vocab", "embed"] and emb["local_shape"] == [512 // 4, 64]
@@ -143,7 +132,7 @@ def test_layout_report_bytes_and_compare():
     assert total["params"] == sum(e["bytes"] // (4 if "tensor" in e["spec"] else 1) for e in report["params"])
     moments = sum(e["local_bytes"] for e in report["optimizer"] if e["shape"])
     assert moments == total["params"]  # mu and nu, each half of a param's per-device bytes
-    other = layout.layout_report(model.param_shapes(m), tx, sharding.make_mesh(small_config(data=8)), 0)
+    other = layout.layout_report(build(tiny_config(data=8)))
     diff = layout.compare_reports(report, other)
     assert {e["name"] for e in diff["params_changed"]} >= {"embed_in", "embed_out"}
     assert diff["per_device_bytes"]["params"][1] == 4 * report["param_count"]

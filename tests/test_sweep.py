@@ -55,7 +55,8 @@ def test_emit_list_prints_one_command_per_run(tmp_path):
     workdirs = {c.split("--workdir ")[1] for c in commands}
     assert workdirs == {f"out/grid/lr={lr},batch_size={b}" for lr in ("0.001", "0.003") for b in (8, 16)}
     for c in commands:
-        assert c.startswith("python scripts/train.py --config configs/tiny.py --config.train.steps=5 ")
+        # the interpreter that ran sweep.py, so the command works without an activated environment
+        assert c.startswith(f"{S.python()} scripts/train.py --config configs/tiny.py --config.train.steps=5 ")
     assert sum("--config.optimizer.lr=0.003" in c for c in commands) == 2
     assert sum("--config.train.batch_size=16" in c for c in commands) == 2
 
@@ -67,7 +68,7 @@ def test_emit_slurm_writes_a_job_array(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
     assert "#SBATCH --array=0-3%4" in text and "#SBATCH --nodes=2" in text and "--ntasks-per-node=4" in text
-    assert text.count("'python scripts/train.py") == 4
+    assert text.count(f"'{S.python()} scripts/train.py") == 4
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from neox_jax import loss, sharding, train
-from neox_jax.config import default_config
+from neox_jax.pytree import path_name
 
-from layout_checks import STEPS, batches, comparable, rel_err, run  # noqa: F401
+from layout_checks import STEPS, batches, build, comparable, rel_err, run_steps  # noqa: F401
+from tiny_configs import tiny_config
 
 LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks[, micro_batches]])
     "data8": (8, 1, 1, 0),
@@ -22,25 +23,13 @@ LAYOUTS = {  # name: (data, fsdp, tensor, zero_stage[, loss_chunks[, micro_batch
 }
 
 
-def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0):
-    """configs/tiny.py's architecture shrunk for speed (heads and mlp still divide tensor=4)."""
-    c = default_config()
-    c.model.update(dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64))
-    c.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
-    c.zero_stage = zero_stage
-    c.optimizer.update(dict(lr=1e-3, warmup_steps=1, weight_decay=0.1))
-    c.train.update(dict(steps=10, batch_size=16, micro_batches=2, seq_len=16))
-    return c
-
-
 @pytest.fixture(scope="module")
 def reference():
     """Initial state, losses and final params of the same steps on a 1x1x1 mesh over one device."""
-    config = tiny_config()
-    mesh = sharding.make_mesh(config, jax.devices()[:1])
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+    run = build(tiny_config(), jax.devices()[:1])
+    state = train.init_train_state(run, jax.random.PRNGKey(0))
     initial = jax.device_get(state)
-    _, state, losses = run(config, mesh, state)
+    _, state, losses = run_steps(run, state)
     return initial, comparable(jax.device_get(state.params)), losses
 
 
@@ -50,34 +39,34 @@ def test_layout_matches_single_device(layout, reference):
     config = tiny_config(data, fsdp, tensor, zero)
     config.train.loss_chunks = chunks  # the chunked loss must give the same steps
     config.train.micro_batches = micro  # and so must one micro-batch instead of the reference's two
-    mesh = sharding.make_mesh(config)
+    run = build(config)
     initial, ref_params, ref_losses = reference
     if zero == 3:  # created sharded: same values as on one device
-        state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
+        state = train.init_train_state(run, jax.random.PRNGKey(0))
         for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(initial)):
             np.testing.assert_array_equal(a, b)
     else:
-        state = jax.device_put(initial, train.state_shardings(config, mesh))
+        state = jax.device_put(initial, train.state_shardings(run))
     if layout in ("data2_tensor4", "data2_tensor4_zero1_loss_chunks4"):
-        evaluate = train.make_eval_step(config, mesh)
-        metrics = evaluate(state.params, sharding.global_batch({"tokens": batches(1)[0]}, mesh))
+        evaluate = train.make_eval_step(run)
+        metrics = evaluate(state.params, sharding.global_batch({"tokens": batches(1)[0]}, run.mesh))
         assert float(metrics["loss"]) == pytest.approx(ref_losses[0], rel=1e-5)
         assert int(metrics["tokens"]) == 16 * 16
-    step, state, losses = run(config, mesh, state)
+    step, state, losses = run_steps(run, state)
 
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
     params = comparable(jax.device_get(state.params))
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
-        assert rel_err(got, want) <= 1e-5, sharding.path_name(path)
+        assert rel_err(got, want) <= 1e-5, path_name(path)
 
     # No recompilation: one compiled executable after STEPS calls.
     assert step._cache_size() == 1
 
     # Every array's actual sharding is what the rules + ZeRO stage say.
-    expected = train.state_shardings(config, mesh)
+    expected = train.state_shardings(run)
     for (path, arr), want in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(expected)):
-        assert arr.sharding.is_equivalent_to(want, arr.ndim), (sharding.path_name(path), arr.sharding, want)
+        assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
 
     # And what that means, written out independently of the rules table: per-device shard shapes.
     qkv = state.params["layers"]["attention"]["query_key_value"]["kernel"]  # [layers, embed, heads, 3, head_dim]
@@ -86,6 +75,17 @@ def test_layout_matches_single_device(layout, reference):
     assert qkv.addressable_shards[0].data.shape == (2, 64 // embed_split, 4 // tensor, 3, 16)
     moment_split = tensor * {0: 1, 1: data * fsdp, 3: fsdp}[zero]  # ZeRO-1: moments split, params not
     assert mu.addressable_shards[0].data.size * moment_split == mu.size
+
+
+def test_state_shapes_are_those_of_the_initial_state():
+    """state_shapes derives the state from the params' shapes (the model is traced once, in setup.build): the
+    state init_train_state creates has exactly those shapes, dtypes and shardings (master weights, ZeRO-1)."""
+    run = build(tiny_config(2, 1, 2, 1, model=dict(dtype="bfloat16"), precision=dict(mode="master_weights")),
+                jax.devices()[:4])
+    shapes, state = train.state_shapes(run), train.init_train_state(run, jax.random.PRNGKey(0))
+    assert jax.tree.structure(shapes) == jax.tree.structure(state)
+    for s, x in zip(jax.tree.leaves(shapes), jax.tree.leaves(state)):
+        assert (s.shape, s.dtype) == (x.shape, x.dtype) and s.sharding.is_equivalent_to(x.sharding, x.ndim)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -125,7 +125,7 @@ def test_chunked_loss_adds_no_collectives_under_data_parallelism():
     def collectives(chunks):
         config = tiny_config(data=8)
         config.train.update(dict(loss_chunks=chunks, micro_batches=1))
-        text = train.compile_train_step(config, sharding.make_mesh(config)).as_text()
+        text = train.compile_train_step(build(config)).as_text()
         return {op: len(re.findall(rf"\b{op}(-start)?\(", text)) for op in ("all-reduce", "reduce-scatter", "all-gather")}
 
     whole = collectives(1)
@@ -137,9 +137,10 @@ def test_overflow_skips_step_and_drives_loss_scale():
     config = tiny_config(data=2)
     config.model.dtype = "bfloat16"  # fp32 master params, half-precision compute
     config.precision.update(dict(loss_scale="dynamic", initial_scale_power=12, loss_scale_window=2, hysteresis=2))
-    mesh = sharding.make_mesh(config, jax.devices()[:2])
-    state = train.init_train_state(config, mesh, jax.random.PRNGKey(0))
-    step = train.make_train_step(config, mesh)
+    run = build(config, jax.devices()[:2])
+    mesh = run.mesh
+    state = train.init_train_state(run, jax.random.PRNGKey(0))
+    step = train.make_train_step(run)
     tokens = batches(6)
 
     good_bias = state.params["final_layer_norm"]["bias"]

@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, metrics, sharding, trainer
+from neox_jax import cli, convert, metrics, optim, setup, sharding, trainer
+from neox_jax import model as model_lib
 from neox_jax import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,9 +186,41 @@ def test_resume_past_a_crashed_save(reference, tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_derives_its_setup_once(reference, tmp_path, monkeypatch):
+    """Model shapes, optimizer, schedule and placement are built once per run (setup.build), not per step
+    builder: here a resume that restores the state and builds the train and eval steps."""
+    calls = {}
+    for module, name in ((setup, "build"), (model_lib, "param_shapes"), (optim, "make_optimizer"),
+                         (optim, "lr_schedule"), (sharding, "placement")):
+        def counted(*args, _fn=getattr(module, name), _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    trainer.train(_config(**{"train.steps": STEPS + 1}), str(workdir))
+    assert calls == {"build": 1, "param_shapes": 1, "make_optimizer": 1, "lr_schedule": 1, "placement": 1}
+
+
+@pytest.mark.slow
+def test_resume_past_a_damaged_latest_checkpoint(reference, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference[0], workdir)
+    meta = workdir / "checkpoints" / "8" / "data" / "metadata"
+    damaged = meta.read_bytes()[:12]
+    meta.write_bytes(damaged)  # a truncated copy of the data-iterator state
+    last = trainer.train(_config(), str(workdir))
+    assert "at step 6" in capsys.readouterr().out and last["step"] == STEPS
+    got = _train_losses(workdir)
+    assert [got[s][-1] for s in (7, 8)] == [reference[1][7], reference[1][8]]  # bit for bit, from step 6
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "6", "8", "8.damaged"]  # kept, not deleted
+    assert (workdir / "checkpoints" / "8.damaged" / "data" / "metadata").read_bytes() == damaged
+
+
+@pytest.mark.slow
 def test_export_params_then_hf(reference, tmp_path):
     workdir = reference[0]
-    config, params = ckpt.load_params(str(workdir))
+    config, params = ckpt.load_workdir_params(str(workdir))
     assert config.model.hidden_size == 64 and config.model.padded_vocab_size == 50688
     out = tmp_path / "params"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_params.py"), "--workdir",
@@ -197,7 +230,7 @@ def test_export_params_then_hf(reference, tmp_path):
     # reference: the whole train state of step 4 restored the way the trainer does
     config4 = _config()
     mesh = sharding.make_mesh(config4)
-    abstract = {"train": train_lib.state_shapes(sharding.with_mesh_sizes(config4, mesh), mesh),
+    abstract = {"train": train_lib.state_shapes(setup.build(config4, mesh)),
                 "rng": jax.ShapeDtypeStruct((2,), np.uint32, sharding=NamedSharding(mesh, PartitionSpec()))}
     checkpointer = ckpt.Checkpointer(str(workdir))
     params4 = checkpointer.restore(abstract, step=4)[0]["train"].params

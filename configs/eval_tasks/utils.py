@@ -1,8 +1,9 @@
 """Loaders for the offline copies of the paper's evaluation sets, used by the task YAMLs beside this file.
 
-Each task's `custom_dataset` reads a local file under `$NEOX_JAX_EVAL_DATA` (default: `../shared/data/eval`
-relative to the project root) and returns a `datasets.DatasetDict` with the split and the fields of the
-Hugging Face dataset lm-eval's own task reads, so the prompt templates below match lm-eval's definitions.
+Each task's `custom_dataset` reads a local file under `$NEOX_JAX_EVAL_DATA` (default: the full sets bundled in
+`neox_jax/assets/eval/`, see its README) and returns a `datasets.DatasetDict` with the split and the fields of
+the Hugging Face dataset lm-eval's own task reads, so the prompt templates below match lm-eval's definitions.
+Each file may also be stored bzip2-compressed under its name + `.bz2` (as the bundled copies are).
 A missing file, a line that is not JSON, or a record without a needed field raises one error naming the file
 (and line).
 """
@@ -11,14 +12,12 @@ from __future__ import annotations
 
 import bz2
 import json
-import os
 import pathlib
 import re
 
 import datasets
 
-DATA_ENV = "NEOX_JAX_EVAL_DATA"
-DEFAULT_DATA = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+from neox_jax.data import EVAL_DATA_ENV, eval_data_dir
 
 
 class TaskDataError(ValueError):
@@ -26,17 +25,23 @@ class TaskDataError(ValueError):
 
 
 def data_path(relative: str) -> pathlib.Path:
-    root = pathlib.Path(os.environ.get(DATA_ENV) or DEFAULT_DATA)
+    """The file `relative` under the data dir, or its `.bz2` copy."""
+    root = pathlib.Path(eval_data_dir())
     path = root / relative
-    if not path.is_file():
-        raise TaskDataError(f"evaluation data file {path} not found (data dir {root}: set ${DATA_ENV} or "
-                            f"--data_dir to the folder holding lambada/, piqa/, arc/, winogrande/, hellaswag/)")
-    return path
+    for candidate in (path, path.with_name(path.name + ".bz2")):
+        if candidate.is_file():
+            return candidate
+    raise TaskDataError(f"evaluation data file {path} not found (data dir {root}: set ${EVAL_DATA_ENV} or "
+                        f"--data_dir to the folder holding lambada/, piqa/, arc/, winogrande/, hellaswag/)")
+
+
+def open_text(path: pathlib.Path):
+    return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else open(path, encoding="utf-8")
 
 
 def read_jsonl(path: pathlib.Path, fields: tuple[str, ...]) -> list[dict]:
     records = []
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -67,7 +72,8 @@ def load_piqa(**_) -> datasets.DatasetDict:
     """baber/piqa validation: {"goal", "sol1", "sol2", "label"}; labels come from the separate .lst file."""
     path, labels_path = data_path("piqa/valid.jsonl"), data_path("piqa/valid-labels.lst")
     rows = read_jsonl(path, ("goal", "sol1", "sol2"))
-    labels = [line.strip() for line in open(labels_path, encoding="utf-8") if line.strip()]
+    with open_text(labels_path) as f:
+        labels = [line.strip() for line in f if line.strip()]
     if len(labels) != len(rows) or any(label not in ("0", "1") for label in labels):
         raise TaskDataError(f"{labels_path}: expected {len(rows)} lines of 0 or 1 (one per item of {path}), "
                             f"got {len(labels)} lines")
@@ -119,7 +125,7 @@ def load_hellaswag(**_) -> datasets.DatasetDict:
     The file joins `activity_label: ctx_a ctx_b` without lm-eval's `ctx_b.capitalize()`; ctx_b is the trailing
     fragment after the last sentence end when it starts in lower case, and is capitalised here the same way."""
     path = data_path("hellaswag/hellaswag_val_full.txt.bz2")
-    with bz2.open(path, "rt", encoding="utf-8") as f:
+    with open_text(path) as f:
         lines = f.read().split("\n")
     while lines and lines[-1] == "":
         lines.pop()

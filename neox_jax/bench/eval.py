@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import time
 
 from neox_jax.generate import DEFAULT_TOKENIZERS

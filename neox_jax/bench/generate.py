@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from neox_jax import config as cfg
+from neox_jax import errors
 from neox_jax import generate as gen_lib
 from neox_jax import model as model_lib
 
@@ -75,7 +76,7 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
 
     unknown = [loop for loop in layer_loops if loop not in LAYER_LOOPS]
     if unknown:
-        raise ValueError(f"layer loop {unknown[0]!r}: expected one of {', '.join(LAYER_LOOPS)}")
+        raise errors.InputError(f"layer loop {unknown[0]!r}: expected one of {', '.join(LAYER_LOOPS)}")
     m = cfg.resolve_model(load_config(config_spec, {"model.dtype": dtype}))
     bandwidth = device.memory_bandwidth_gbs()
     rows = []

@@ -6,24 +6,20 @@ CPU: plain fp32 (autocast to bf16 is slower than fp32 on most CPUs). Imported on
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
-from neox_jax import config as cfg
+from neox_jax import convert
 from neox_jax.bench import timing
 
 
-def hf_config(m, tensor_parallel: int = 1):
+def hf_config(m):
+    """The transformers GPTNeoXConfig of model config `m`: the config.json `convert.save_hf` writes."""
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(
-        vocab_size=cfg.padded_vocab(m, tensor_parallel), hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads, intermediate_size=cfg.ffn_size(m),
-        max_position_embeddings=m.max_position_embeddings, rotary_pct=m.rotary_pct,
-        rotary_emb_base=m.rotary_emb_base, layer_norm_eps=m.layernorm_eps,
-        hidden_act="gelu" if m.hidden_act == "gelu" else "gelu_new",
-        use_parallel_residual=m.use_parallel_residual, tie_word_embeddings=False,
-        attention_dropout=0.0, hidden_dropout=0.0,
-    )
+    return GPTNeoXConfig(**convert.hf_config(m))
 
 
 def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int = 3, windows: int = 3,
@@ -104,10 +100,6 @@ def generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, dtype: 
 def run_isolated(kind: str, m, **kwargs) -> dict:
     """Run `train_throughput` / `generate_throughput` in a fresh Python process, so PyTorch gets the device
     memory that this process's JAX allocator holds (and the timing is not shared with JAX's threads)."""
-    import json
-    import subprocess
-    import sys
-
     request = json.dumps({"kind": kind, "model": m.to_dict(), "kwargs": kwargs})
     proc = subprocess.run([sys.executable, "-m", "neox_jax.bench.torch_ref", request], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("result ")]
@@ -118,9 +110,6 @@ def run_isolated(kind: str, m, **kwargs) -> dict:
 
 
 if __name__ == "__main__":
-    import json
-    import sys
-
     import ml_collections
 
     req = json.loads(sys.argv[1])

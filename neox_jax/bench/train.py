@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import jax
 import numpy as np
 
 from neox_jax import config as cfg
-from neox_jax.cli import load_config
-from neox_jax import metrics, sharding
-from neox_jax.bench import timing
+from neox_jax import metrics, setup, sharding
 from neox_jax import train as train_lib
+from neox_jax.bench import device, timing, torch_ref
+from neox_jax.cli import load_config
 
 # name: (config spec, overrides). seq_len / batch_size / dtype are the benchmark's shape.
 PRESETS = {
@@ -32,9 +33,10 @@ def random_token_step(config):
     if jax.device_count() == 1:
         config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
     mesh = sharding.make_mesh(config)
+    run = setup.build(config, mesh)
     t = config.train
-    state = train_lib.init_train_state(config, mesh, jax.random.PRNGKey(0))
-    step = train_lib.make_train_step(config, mesh)
+    state = train_lib.init_train_state(run, jax.random.PRNGKey(0))
+    step = train_lib.make_train_step(run)
     shape = (t.batch_size, t.seq_len + 1)
     tokens = np.random.default_rng(0).integers(0, config.model.vocab_size, shape, dtype=np.int32)
     return state, step, sharding.global_batch({"tokens": tokens}, mesh)
@@ -82,8 +84,6 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
     backend = jax.default_backend()
     peak_measured = None
     if measure_peak and backend != "cpu":
-        from neox_jax.bench import device
-
         peak_measured = device.matmul_tflops()
     peak_sheet = metrics.device_peak_tflops()
     rows = []
@@ -107,8 +107,6 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
         # HF first, each in its own process: once this process's JAX allocator has grown it keeps the memory
         hf_rows = []
         if compare_hf:
-            from neox_jax.bench import torch_ref
-
             bf16 = backend == "gpu" and m.dtype == "bfloat16"
             for impl, compiled in (("hf_torch_eager", False), ("hf_torch_compile", True))[:2 if torch_compile else 1]:
                 res = torch_ref.run_isolated("train", m, batch=t.batch_size, seq_len=t.seq_len, steps=steps,
@@ -140,8 +138,6 @@ def profile_subdir(profile_dir: str, name: str) -> str:
 
 def _progress(row: dict) -> None:
     """Each row as soon as it is measured, so a run cut short still reports what it finished."""
-    import json
-
     print("row " + json.dumps(row), flush=True)
 
 

@@ -18,6 +18,8 @@ import time
 import numpy as np
 
 from neox_jax.data import default_paths, indexed, neox_index
+from neox_jax.data.dataset import TrainIterator
+from neox_jax.data.preprocess import preprocess
 
 
 @contextlib.contextmanager
@@ -42,8 +44,6 @@ def synthetic_dataset(prefix: str, num_tokens: int, vocab: int = 50277, doc_len:
 
 
 def loader_throughput(prefix: str, seq_len: int, batch_size: int, batches: int, seed: int = 0) -> dict:
-    from neox_jax.data.dataset import TrainIterator
-
     with _one_core() as core:
         it = TrainIterator([prefix], [1.0], seq_len=seq_len, global_batch=batch_size, seed=seed, read_threads=1)
         next(it)  # start-up (threads, first reads) is not throughput
@@ -65,8 +65,6 @@ def _cpu_seconds() -> float:
 
 
 def preprocess_throughput(inputs: str, workers: int, tokenizer: str | None = None) -> dict:
-    from neox_jax.data.preprocess import preprocess
-
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), _cpu_seconds()
         s = preprocess(inputs, os.path.join(tmp, "bench"), tokenizer, workers=workers, progress=False)
@@ -115,3 +113,24 @@ def run(seq_len: int = 2048, batch_size: int = 8, batches: int = 500, num_tokens
     if not skip_index:
         results.update(index_build(index_docs, index_samples, seq_len))
     return results
+
+
+def format_results(r: dict) -> str:
+    """The README's table (measure, goal, measured) for the parts of `run()` that ran."""
+    rows = [("measure", "goal", "measured")]
+    if "loader_tokens_per_s" in r:
+        rows.append((f"loader tokens/s, one core (seq {r['loader_seq_len']}, batch {r['loader_batch_size']})",
+                     ">= 20 M", f"{r['loader_tokens_per_s'] / 1e6:.1f} M ({r['loader_tokens_per_cpu_s'] / 1e6:.1f} M "
+                     "per CPU-second)"))
+    if "preprocess_mb_per_s" in r:
+        rows.append((f"preprocessing MB/s of text, {r['preprocess_workers']} workers, {r['preprocess_mb']:.1f} MB",
+                     ">= 5", f"{r['preprocess_mb_per_s']:.2f} ({r['preprocess_mb_per_cpu_s']:.2f} per CPU-second; "
+                     "start-up included)"))
+    if "index_build_s" in r:
+        rows.append((f"gpt_neox order index, {r['index_samples']:,} samples over {r['index_docs']:,} documents, one "
+                     "core: build + write", "< 60 s", f"{r['index_build_cpu_s']:.1f} s of CPU "
+                     f"({r['index_build_s']:.1f} s wall, {r['index_gb']:.1f} GB)"))
+        rows.append(("the same index loaded from its cache", "< 1 s", f"{r['index_load_s']:.2f} s"))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])

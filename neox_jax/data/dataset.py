@@ -18,14 +18,26 @@ processes (or with more grain workers) continues the same global sequence exactl
 
 from __future__ import annotations
 
+import functools
 import os
+import threading
+import time
 from typing import Iterator, Sequence
 
 import numpy as np
+from absl import flags
 
-from neox_jax.data import indexed, neox_index
+from neox_jax import errors
+from neox_jax.data import default_paths, indexed, neox_index
+from neox_jax.data.documents import is_text_input
+from neox_jax.data.preprocess import prepare_dataset
 
 STATE_VERSION = 1
+
+
+class ResumeError(errors.RunFailure, ValueError):
+    """A checkpoint's data-iterator state does not fit this run's data config (exit 1, as a checkpoint that does
+    not fit the model config)."""
 
 
 class TokenWindows:
@@ -36,8 +48,8 @@ class TokenWindows:
         self.seq_len = int(seq_len)
         self._len = (self.data.num_tokens - 1) // self.seq_len
         if self._len < 1:
-            raise ValueError(f"dataset {self.data.prefix} has {self.data.num_tokens} tokens, fewer than "
-                             f"train.seq_len + 1 = {self.seq_len + 1}")
+            raise errors.InputError(f"dataset {self.data.prefix} has {self.data.num_tokens} tokens, fewer than "
+                                    f"train.seq_len + 1 = {self.seq_len + 1}")
 
     def __len__(self) -> int:
         return self._len
@@ -59,9 +71,10 @@ class SequentialSamples:
         for part in self.parts:
             wrong = np.flatnonzero(part.sizes != seq_len + 1)
             if len(wrong):
-                raise ValueError(f"{part.prefix}.idx: document {wrong[0]} has {part.sizes[wrong[0]]} tokens; "
-                                 f"data.order='sequential' reads each document as one training sequence of "
-                                 f"train.seq_len + 1 = {seq_len + 1} tokens")
+                raise errors.InputError(
+                    f"{part.prefix}.idx: document {wrong[0]} has {part.sizes[wrong[0]]} tokens; data.order="
+                    f"'sequential' reads each document as one training sequence of train.seq_len + 1 = "
+                    f"{seq_len + 1} tokens")
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])
 
     def __len__(self) -> int:
@@ -98,14 +111,15 @@ def cycled(order, global_batch: int):
 
     usable = len(order) // global_batch * global_batch
     if not usable:
-        raise ValueError(f"the {order.state()['order']} order holds {len(order)} samples, fewer than one global "
-                         f"batch of train.batch_size={global_batch}")
+        raise errors.InputError(f"the {order.state()['order']} order holds {len(order)} samples, fewer than one "
+                                f"global batch of train.batch_size={global_batch}")
     return grain.MapDataset.source(order)[:usable].repeat()
 
 
 def local_batch_size(global_batch: int, process_count: int) -> int:
     if global_batch % process_count:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
+        raise errors.InputError(
+            f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
     return global_batch // process_count
 
 
@@ -113,6 +127,26 @@ def _rows_of_process(ds, start: int, global_batch: int, process_index: int, proc
     """Batches of this process: its rows of global batches starting at sample `start`."""
     local = local_batch_size(global_batch, process_count)
     return ds[start:].batch(local, drop_remainder=True)[process_index::process_count].map(_as_batch)
+
+
+def die_with_parent(worker_index: int = 0, worker_count: int = 1, *, parent_pid: int | None = None,
+                    poll_secs: float = 0.5) -> None:
+    """grain worker initialiser: the worker exits within `poll_secs` of its parent's death (kill -9 included),
+    instead of lingering for minutes with its buffers (and keeping multiprocessing's resource tracker alive).
+    A thread watches the parent pid: PR_SET_PDEATHSIG would fire when the parent *thread* that started the worker
+    ends, and grain starts workers from threads of its own. `parent_pid` is the trainer's pid, bound before the
+    worker is spawned: a worker still importing when its parent dies is already re-parented when this runs, and
+    must exit at once rather than watch its new parent."""
+    parent = os.getppid() if parent_pid is None else parent_pid
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_secs)
+        os._exit(0)
+
+    if os.getppid() != parent:
+        os._exit(0)
+    threading.Thread(target=watch, name="neox_jax-die-with-parent", daemon=True).start()
 
 
 class TrainIterator:
@@ -154,11 +188,10 @@ class TrainIterator:
         ds = self.local_batches(self.samples).to_iter_dataset(
             grain.ReadOptions(num_threads=self.read_threads, prefetch_buffer_size=self.prefetch))
         if self.workers > 0:
-            from absl import flags
-
             if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; scripts may not use absl
                 flags.FLAGS.mark_as_parsed()
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers),
+                                worker_init_fn=functools.partial(die_with_parent, parent_pid=os.getpid()))
         self._it = iter(ds)
 
     def __iter__(self) -> Iterator[dict]:
@@ -195,7 +228,7 @@ class TrainIterator:
                         "data.num_samples to the first run's train.steps x train.batch_size"
                         if key == "order" and state[key]["order"] == mine[key]["order"] == "gpt_neox"
                         and state[key].get("epochs") != mine[key].get("epochs") else "")
-                raise ValueError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
+                raise ResumeError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
                                  f"this run has {mine[key]!r}; the data order cannot be resumed exactly{hint}")
         samples = int(state["samples"])
         self.close()
@@ -233,8 +266,6 @@ def resolve_paths(spec: str, tokenizer: str = "", cache_dir: str = "", field: st
                   workers: int = 1) -> list[str]:
     """Comma-separated `.bin/.idx` prefixes or Pile-format files (globs allowed, one dataset per entry)
     -> prefixes, preprocessing text inputs into the cache on first use."""
-    from neox_jax.data.preprocess import is_text_input, prepare_dataset
-
     prefixes = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -242,15 +273,43 @@ def resolve_paths(spec: str, tokenizer: str = "", cache_dir: str = "", field: st
         if indexed.resolve_prefix(entry):
             prefixes.append(indexed.resolve_prefix(entry))
         elif is_text_input(entry):
-            prefixes.append(prepare_dataset(entry, tokenizer or None, cache_dir or None, workers=workers))
+            try:
+                prefixes.append(prepare_dataset(entry, tokenizer or None, cache_dir or None, workers=workers))
+            except (errors.UserError, FileNotFoundError) as e:
+                raise errors.InputError(f"{field}: {e}") from e
         else:
             p = indexed.strip_suffix(entry)
-            raise ValueError(f"{field}: {entry!r} is neither a .bin/.idx prefix (no {p}.idx and .bin, nor GPT-NeoX's "
-                             f"{p}{indexed.NEOX_SUFFIX}.idx and .bin) nor a Pile-format file (.jsonl, .jsonl.zst, "
-                             ".jsonl.gz, .txt)")
+            raise errors.InputError(
+                f"{field}: {entry!r} is neither a .bin/.idx prefix (no {p}.idx and .bin, nor GPT-NeoX's "
+                f"{p}{indexed.NEOX_SUFFIX}.idx and .bin) nor a Pile-format file (.jsonl, .jsonl.zst, .jsonl.gz, .txt)")
     if not prefixes:
-        raise ValueError(f"{field}: no datasets given")
+        raise errors.InputError(f"{field}: no datasets given")
     return prefixes
+
+
+def run_datasets(config, spec: str, field: str) -> list[str]:
+    """The prefixes of a run's `spec` (resolve_paths), each opened and its token ids checked against
+    `model.vocab_size` (an id the embedding lacks makes every loss NaN). Every process checks for itself, so
+    all of them stop with the same line; the scan is cached beside the data (indexed.token_range)."""
+    d = config.data
+    prefixes = resolve_paths(spec, d.tokenizer, d.cache_dir, field=field)
+    for prefix in prefixes:
+        try:
+            data = indexed.IndexedDataset(prefix)
+        except indexed.IndexedFormatError as e:
+            raise indexed.IndexedFormatError(f"{field}: {e}") from None
+        if not data.num_tokens:
+            raise indexed.IndexedFormatError(f"{field}: dataset {prefix} holds no tokens ({len(data)} documents)")
+        indexed.check_token_ids(data, config.model.vocab_size, d.cache_dir, field)
+    return prefixes
+
+
+def tokenizes_text(config) -> bool:
+    """Whether the run tokenizes text on the fly (the bundled sample, or Pile-format files in its paths): only
+    then does the tokenizer have to fit the model (pre-tokenized data is checked by its ids instead)."""
+    d = config.data
+    return not d.train_paths or any(is_text_input(e.strip()) for spec in (d.train_paths, d.val_paths)
+                                    for e in spec.split(","))
 
 
 def parse_weights(spec: str, count: int) -> list[float]:
@@ -259,11 +318,12 @@ def parse_weights(spec: str, count: int) -> list[float]:
     try:
         weights = [float(w) for w in spec.split(",")]
     except ValueError:
-        raise ValueError(f"data.train_weights: {spec!r} is not a comma-separated list of numbers") from None
+        raise errors.InputError(f"data.train_weights: {spec!r} is not a comma-separated list of numbers") from None
     if len(weights) != count:
-        raise ValueError(f"data.train_weights has {len(weights)} weights for {count} datasets in data.train_paths")
+        raise errors.InputError(
+            f"data.train_weights has {len(weights)} weights for {count} datasets in data.train_paths")
     if any(not w > 0 for w in weights):
-        raise ValueError(f"data.train_weights: every weight must be positive, got {spec!r}")
+        raise errors.InputError(f"data.train_weights: every weight must be positive, got {spec!r}")
     return weights
 
 
@@ -277,8 +337,6 @@ def _process(process_index, process_count):
 
 
 def _train_spec(config) -> str:
-    from neox_jax.data import default_paths
-
     return config.data.train_paths or default_paths()["train"]
 
 
@@ -297,8 +355,8 @@ def train_order(config, prefixes: Sequence[str], weights: Sequence[float]):
         return SequentialSamples(prefixes, t.seq_len)
     if d.split:
         if len(prefixes) != 1:
-            raise ValueError(f"data.split cuts one dataset into train/valid/test documents; data.train_paths names "
-                             f"{len(prefixes)}")
+            raise errors.InputError(f"data.split cuts one dataset into train/valid/test documents; "
+                                    f"data.train_paths names {len(prefixes)}")
         train, _ = _split_ranges(prefixes[0], d.split)
         return _process_0_first(lambda: neox_index.NeoxSamples(prefixes[0], "train", num_samples(config), t.seq_len,
                                                                t.seed, train, d.cache_dir))
@@ -318,15 +376,24 @@ def _split_ranges(prefix: str, spec: str) -> tuple[tuple[int, int], tuple[int, i
 
 
 def _process_0_first(build):
-    """build() on process 0, then on the others (which find its cache when the files are shared)."""
+    """build() on process 0, then on the others (which find its cache when the files are shared). A bad-input error
+    of process 0 is raised after the barrier, so the others do not wait for it until the heartbeat gives up: they
+    build too and stop with the same line."""
     import jax
 
     if jax.process_count() == 1:
         return build()
     from jax.experimental import multihost_utils
 
-    order = build() if jax.process_index() == 0 else None
+    order, failure = None, None
+    if jax.process_index() == 0:
+        try:
+            order = build()
+        except errors.UserError as e:
+            failure = e
     multihost_utils.sync_global_devices("neox_jax data order index")
+    if failure is not None:
+        raise failure
     return order if order is not None else build()
 
 
@@ -335,7 +402,7 @@ def make_train_iterator(config, process_index: int | None = None, process_count:
     """The training batches of this process, from global batch `start` (default data.start_batch; or call
     `set_state` afterwards)."""
     d = config.data
-    prefixes = resolve_paths(_train_spec(config), d.tokenizer, d.cache_dir)
+    prefixes = run_datasets(config, _train_spec(config), "data.train_paths")
     weights = parse_weights(d.train_weights, len(prefixes))
     order = train_order(config, prefixes, weights)
     process_index, process_count = _process(process_index, process_count)
@@ -361,15 +428,13 @@ def make_val_batches(config, process_index: int | None = None, process_count: in
 
     With the gpt_neox order and a `data.split`, they are the first batches of GPT-NeoX's valid dataset
     (its documents in GPT-NeoX's order, built for (train_iters // eval_every + 1) x eval_batches batches)."""
-    from neox_jax.data import default_paths
-
     d, t = config.data, config.train
     process_index, process_count = _process(process_index, process_count)
     num_batches = t.eval_batches if num_batches is None else num_batches
     kw = dict(seq_len=t.seq_len, global_batch=t.batch_size, num_batches=num_batches,
               process_index=process_index, process_count=process_count)
     if d.order == "gpt_neox" and d.split:
-        prefix = resolve_paths(_train_spec(config), d.tokenizer, d.cache_dir)[0]
+        prefix = run_datasets(config, _train_spec(config), "data.train_paths")[0]
         _, valid = _split_ranges(prefix, d.split)
         if valid[1] == valid[0]:
             return None
@@ -380,4 +445,4 @@ def make_val_batches(config, process_index: int | None = None, process_count: in
     spec = d.val_paths or ("" if d.train_paths else default_paths()["val"])
     if not spec:
         return None
-    return ValBatches(resolve_paths(spec, d.tokenizer, d.cache_dir, field="data.val_paths"), **kw)
+    return ValBatches(run_datasets(config, spec, "data.val_paths"), **kw)

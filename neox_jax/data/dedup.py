@@ -17,6 +17,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from neox_jax import errors
+from neox_jax.data.documents import iter_documents
+
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NGRAM_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd constant: the n-gram hash is a base-M polynomial
 
@@ -87,7 +90,7 @@ def find_duplicates(texts: Iterable[str], ngram: int = 5, num_perm: int = 128, b
                     threshold: float = 0.8, max_candidates: int = 64) -> Iterable[tuple[bool, bool]]:
     """For each text in order: (is an exact duplicate of an earlier one, is a near duplicate of one)."""
     if num_perm % bands:
-        raise ValueError(f"num_perm={num_perm} must be a multiple of bands={bands}")
+        raise errors.InputError(f"num_perm={num_perm} must be a multiple of bands={bands}")
     hasher = MinHasher(num_perm)
     rows = num_perm // bands
     exact_seen: set[bytes] = set()
@@ -116,8 +119,6 @@ def find_duplicates(texts: Iterable[str], ngram: int = 5, num_perm: int = 128, b
 def dedup_report(inputs: str | Sequence[str], *, ngram: int = 5, num_perm: int = 128, bands: int = 16,
                  threshold: float = 0.8, skip_bad: bool = False) -> dict:
     """Per pile_set_name: documents, exact and near duplicates (of any earlier document) and their rates."""
-    from neox_jax.data.preprocess import iter_documents
-
     docs = list(iter_documents(inputs, skip_bad=skip_bad))
     stats: dict[str, ComponentStats] = collections.defaultdict(ComponentStats)
     total = ComponentStats()

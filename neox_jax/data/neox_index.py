@@ -35,16 +35,16 @@ from typing import Sequence
 
 import numpy as np
 
+from neox_jax import errors
 from neox_jax.config import split_proportions
 from neox_jax.data import indexed
-from neox_jax.data.preprocess import default_cache_dir
 
 BLEND_FACTOR = 1.005  # GPT-NeoX asks each blended dataset for 0.5% more than its share
 _INDEX_KINDS = ("doc", "sample", "shuffle")
 _CHUNK = 1 << 18  # documents per vectorised step: their stream positions (2 MiB) stay in cache
 
 
-class OrderError(ValueError):
+class OrderError(errors.InputError):
     """A dataset or request GPT-NeoX's order cannot be built for; the message names the file or field."""
 
 
@@ -190,18 +190,6 @@ def _blend_scan():
 
 # ---- cache -------------------------------------------------------------------------------------------------
 
-def _writable_dir(prefix: str, cache_dir: str) -> str:
-    """GPT-NeoX writes beside the data; a read-only data folder falls back to `cache_dir`, under a name
-    that keeps datasets with the same file name apart."""
-    folder = os.path.dirname(os.path.abspath(prefix))
-    if os.access(folder, os.W_OK):
-        return prefix
-    tag = hashlib.blake2b(os.path.abspath(prefix).encode(), digest_size=6).hexdigest()
-    folder = os.path.join(cache_dir or default_cache_dir(), "index")
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"{os.path.basename(prefix)}-{tag}")
-
-
 def index_paths(base: str, name: str, num_samples: int, seq_len: int, seed: int) -> dict[str, str]:
     """GPT-NeoX's cache file names for a dataset at `base` (its prefix)."""
     stem = f"{base}_{name}_indexmap_{num_samples}ns_{seq_len}sl_{seed}s_packedpi_ac"
@@ -262,8 +250,8 @@ class NeoxSamples:
             raise OrderError(f"{self.data.prefix}: documents [{self.documents[0]}, {self.documents[1]}) hold "
                              f"{tokens} tokens; GPT-NeoX's order needs at least 2")
         self.epochs = num_epochs(tokens, self.seq_len, self.num_samples)
-        self.paths = index_paths(_writable_dir(self.data.prefix, cache_dir), name, self.num_samples, self.seq_len,
-                                 self.seed)
+        self.paths = index_paths(indexed.writable_prefix(self.data.prefix, cache_dir), name, self.num_samples,
+                                 self.seq_len, self.seed)
         arrays = load_or_build(self.paths, self.data.sizes, self.documents, self.num_samples, self.seq_len, seed)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[k] for k in _INDEX_KINDS)
 
@@ -306,7 +294,7 @@ class BlendedSamples:
         self.parts, self.weights = list(parts), [float(w) for w in weights]
         size = sum(len(p) for p in self.parts)
         key = hashlib.blake2b(repr((self.weights, [len(p) for p in self.parts])).encode(), digest_size=8).hexdigest()
-        base = _writable_dir(self.parts[0].data.prefix, self.parts[0].cache_dir)
+        base = indexed.writable_prefix(self.parts[0].data.prefix, self.parts[0].cache_dir)
         paths = {k: f"{base}_blend_{key}_{k}.npy" for k in ("dataset_index", "dataset_sample_index")}
         arrays = _load(paths)
         if arrays is None or len(arrays["dataset_index"]) != size:

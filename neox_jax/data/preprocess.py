@@ -1,17 +1,11 @@
 """Pile-format text -> GPT-NeoX `.bin`/`.idx` token files.
 
-Input: `.jsonl`, `.jsonl.zst`, `.jsonl.gz` with one `{"text": ..., "meta": {"pile_set_name": ...}}` a line,
-or a plain `.txt` file (the whole file is one document). The main thread reads and checks documents,
-encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
-tokenizer's batched encoder, and the results are written in input order, an end-of-document id after
-each document. Outputs are written atomically.
-
-Bad input (a malformed JSON line, invalid UTF-8, no "text" string, an empty document, a truncated
-compressed stream) stops with the file and line number, or with `skip_bad=True` is skipped and counted.
-
-Empty documents: by default a document whose text is empty or only whitespace is bad input. GPT-NeoX's
-preprocess_data.py drops empty strings but tokenizes whitespace-only text as a document;
-`keep_whitespace_docs=True` does the same (empty strings are dropped and counted), so both write the same files.
+The main thread reads and checks documents (`neox_jax.data.documents`: the input formats, bad input and empty
+documents), encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
+tokenizer's batched encoder, and the results are written in input order, an end-of-document id after each
+document. Outputs are written atomically; input that holds no document at all is refused before any file
+appears (an empty dataset trains nothing). With `keep_whitespace_docs=True` whitespace-only texts are documents,
+as in GPT-NeoX's preprocess_data.py, so both tools write the same files.
 """
 
 from __future__ import annotations
@@ -21,208 +15,30 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import glob
-import gzip
 import hashlib
 import itertools
-import json
+import logging
 import multiprocessing
 import os
 import re
 import time
-import zlib
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
+from neox_jax import errors
 from neox_jax.data import indexed
+from neox_jax.data.dedup import text_key
+from neox_jax.data.documents import BAD_KINDS, Document, expand_inputs, iter_documents
+from neox_jax.data.tokenizer import load_tokenizer
 
-BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
-TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".txt")
+log = logging.getLogger("neox_jax")
+
 PREPROCESS_VERSION = 1  # part of the cache key: bump when the output for the same input changes
 _CHUNK_BYTES = 1 << 20
 _CHUNK_DOCS = 512
 _MAX_THREADS = 8
-
-
-class DataError(ValueError):
-    """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
-
-    def __init__(self, path: str, line: int, kind: str, detail: str):
-        super().__init__(f"{path}:{line}: {detail}")
-        self.path, self.line, self.kind = path, line, kind
-
-
-class Document(NamedTuple):
-    text: str
-    component: str  # meta.pile_set_name, "unknown" when absent
-    path: str
-    line: int
-
-
-def is_text_input(path: str) -> bool:
-    return path.endswith(TEXT_SUFFIXES)
-
-
-def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
-    """Comma-separated strings and/or lists of files or globs -> the files, in order (globs sorted)."""
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files = []
-    for item in items:
-        for part in os.fspath(item).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if glob.has_magic(part):
-                found = sorted(glob.glob(part))
-                if not found:
-                    raise FileNotFoundError(f"input glob {part!r} matches no files")
-                files.extend(found)
-            elif os.path.isfile(part):
-                files.append(part)
-            else:
-                raise FileNotFoundError(f"input file {part} not found")
-    if not files:
-        raise ValueError("no input files given")
-    return files
-
-
-# ---- reading ---------------------------------------------------------------------------------------------
-
-def _zstd_chunks(f) -> Iterator[bytes]:
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    obj, in_frame = dctx.decompressobj(), False
-    while True:
-        data = f.read(1 << 20)
-        if not data:
-            break
-        while data:
-            in_frame = True
-            try:
-                yield obj.decompress(data)
-            except zstandard.ZstdError as e:
-                raise _Corrupt(f"corrupt zstd data ({e})") from None
-            data = b""
-            if obj.eof:  # a frame ended; the rest of the input starts the next one
-                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
-    if in_frame:
-        raise _Corrupt("truncated zstd stream (the file ends inside a compressed frame)")
-
-
-def _gzip_chunks(f) -> Iterator[bytes]:
-    with gzip.GzipFile(fileobj=f) as g:
-        while True:
-            try:
-                data = g.read(1 << 20)
-            except EOFError:
-                raise _Corrupt("truncated gzip stream (the file ends inside compressed data)") from None
-            except (OSError, zlib.error) as e:
-                raise _Corrupt(f"corrupt gzip data ({e})") from None
-            if not data:
-                return
-            yield data
-
-
-class _Corrupt(Exception):
-    pass
-
-
-def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) for each line; a damaged stream raises DataError(kind='truncated') at the
-    line it cuts, before that partial line is handed out."""
-    with open(path, "rb") as f:
-        if path.endswith(".zst"):
-            chunks = _zstd_chunks(f)
-        elif path.endswith(".gz"):
-            chunks = _gzip_chunks(f)
-        else:
-            chunks = iter(lambda: f.read(1 << 20), b"")
-        pending, line_no = [], 0  # pieces of the line still open (one document may span many chunks)
-        try:
-            for chunk in chunks:
-                first, *lines = chunk.split(b"\n")
-                pending.append(first)
-                if lines:
-                    lines[-1:], tail = [], lines[-1]
-                    for line in [b"".join(pending), *lines]:
-                        line_no += 1
-                        yield line_no, line
-                    pending = [tail]
-        except _Corrupt as e:
-            raise DataError(path, line_no + 1, "truncated", str(e)) from None
-        if any(pending):
-            yield line_no + 1, b"".join(pending)
-
-
-def _is_empty(text: str, keep_whitespace: bool) -> bool:
-    return not text if keep_whitespace else not text.strip()
-
-
-def _parse_line(path: str, line_no: int, raw: bytes, keep_whitespace: bool = False) -> Document:
-    try:
-        s = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(path, line_no, "invalid_utf8",
-                        f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
-    try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise DataError(path, line_no, "malformed_json", f"malformed JSON ({e.msg} at column {e.colno})") from None
-    text = obj.get("text") if isinstance(obj, dict) else None
-    if not isinstance(text, str):
-        raise DataError(path, line_no, "missing_text", 'no "text" string field (expected {"text": ..., "meta": {...}})')
-    if _is_empty(text, keep_whitespace):
-        raise DataError(path, line_no, "empty_document", 'empty document ("text" has no non-space characters)')
-    meta = obj.get("meta")
-    component = meta.get("pile_set_name") if isinstance(meta, dict) else None
-    return Document(text, str(component) if component else "unknown", path, line_no)
-
-
-def _text_file_document(path: str, keep_whitespace: bool = False) -> Document:
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(path, line, "invalid_utf8", f"invalid UTF-8 ({e.reason})") from None
-    if _is_empty(text, keep_whitespace):
-        raise DataError(path, 1, "empty_document", "empty document (the file has no non-space characters)")
-    return Document(text, os.path.basename(path), path, 1)
-
-
-def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
-                   bad_counts: collections.Counter | None = None,
-                   keep_whitespace_docs: bool = False) -> Iterator[Document]:
-    """Every good document of the inputs in order. With skip_bad, bad ones are counted in bad_counts by
-    kind (a damaged stream ends that file) instead of raising DataError. keep_whitespace_docs: whitespace-only
-    texts are documents and empty ones are dropped and counted, as in GPT-NeoX (see the module docstring)."""
-    bad_counts = collections.Counter() if bad_counts is None else bad_counts
-
-    def skipped(e: DataError) -> bool:
-        if not (skip_bad or (keep_whitespace_docs and e.kind == "empty_document")):
-            return False
-        bad_counts[e.kind] += 1
-        return True
-
-    for path in expand_inputs(inputs):
-        try:
-            if path.endswith(".txt"):
-                yield _text_file_document(path, keep_whitespace_docs)
-                continue
-            for line_no, raw in _raw_lines(path):
-                if not raw.strip():
-                    continue
-                try:
-                    yield _parse_line(path, line_no, raw, keep_whitespace_docs)
-                except DataError as e:
-                    if not skipped(e):
-                        raise
-        except DataError as e:
-            if not skipped(e):
-                raise
 
 
 # ---- tokenizing ------------------------------------------------------------------------------------------
@@ -234,8 +50,6 @@ def _init_worker(tokenizer_path: str, add_special_tokens: bool):
     global _worker_tokenizer
     # One core per worker process: tokenizers' own thread pool would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from neox_jax.data.tokenizer import load_tokenizer
-
     _worker_tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
 
 
@@ -323,11 +137,6 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     neox_names: GPT-NeoX's output names, `output_prefix[_<component>]_text_document.{bin,idx}`.
     add_special_tokens: let an HF tokenizer's post-processor add its special tokens (e.g. a BOS before every
     document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same."""
-    from tqdm import tqdm
-
-    from neox_jax.data.dedup import text_key
-    from neox_jax.data.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
@@ -385,17 +194,17 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
         while in_flight:
             c, fut = in_flight.popleft()
             write(c, *fut.result())
-        if not writers:
-            writer_for("unknown")  # no documents: still produce a valid, empty pair
+        if not writers:  # an empty dataset trains nothing: refuse before any file appears
+            skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
+                f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
+            files = expand_inputs(inputs)
+            where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
+            raise errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
     summary.seconds = time.perf_counter() - start
     return summary
 
 
 # ---- cached on-the-fly preprocessing ---------------------------------------------------------------------
-
-def default_cache_dir() -> str:
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "neox_jax")
-
 
 def _file_digest(path: str, h) -> None:
     with open(path, "rb") as f:
@@ -423,13 +232,17 @@ def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = No
     tokenizer's batched encoder also uses every core itself); more are spawned processes, which re-import
     the caller's main module, so only scripts with an `if __name__ == "__main__":` guard may ask for that.
     """
-    from neox_jax.data.tokenizer import load_tokenizer
-
     files = expand_inputs(inputs)
-    tokenizer_path = load_tokenizer(tokenizer_path).path
-    cache_dir = cache_dir or default_cache_dir()
+    tokenizer = load_tokenizer(tokenizer_path)
+    cache_dir = cache_dir or indexed.default_cache_dir()
     stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(files[0])) or "data"
-    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer_path)}")
-    if not indexed.exists(prefix):
-        preprocess(files, prefix, tokenizer_path, workers=workers, progress=progress)
+    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer.path)}")
+    if indexed.exists(prefix):
+        try:  # a cache entry is ours to rebuild: one damaged on disk is tokenized again, nothing is lost
+            indexed.check_token_ids(indexed.IndexedDataset(prefix), tokenizer.vocab_size, cache_dir,
+                                    "cache entry")
+            return prefix
+        except indexed.IndexedFormatError as e:
+            log.warning("%s; tokenizing %s again", e, ", ".join(files))
+    preprocess(files, prefix, tokenizer.path, workers=workers, progress=progress)
     return prefix

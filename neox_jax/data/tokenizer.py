@@ -10,10 +10,17 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
+import sentencepiece as spm
+import tokenizers
+
+from neox_jax import errors
+from neox_jax.data import default_paths
+from neox_jax.data.documents import iter_documents
+
 EOD_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(errors.InputError):
     """A tokenizer file that can't be used; the message names the file."""
 
 
@@ -26,11 +33,9 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: str, add_special_tokens: bool = False):
-        from tokenizers import Tokenizer
-
         self.path, self.add_special_tokens = path, add_special_tokens
         try:
-            self._tok = Tokenizer.from_file(path)
+            self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise TokenizerError(f"{path}: not a valid HF tokenizers JSON file ({e})") from None
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
@@ -60,8 +65,6 @@ class SentencePieceTokenizer:
     add_special_tokens = False
 
     def __init__(self, path: str):
-        import sentencepiece as spm
-
         self.path = path
         try:
             self._sp = spm.SentencePieceProcessor(model_file=path)
@@ -88,8 +91,6 @@ Tokenizer = HFTokenizer | SentencePieceTokenizer
 def load_tokenizer(path: str | None = None, add_special_tokens: bool = False) -> Tokenizer:
     """Load an HF JSON tokenizer or a sentencepiece model; None or "" -> the bundled 20B tokenizer."""
     if not path:
-        from neox_jax.data import default_paths
-
         path = default_paths()["tokenizer"]
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -121,25 +122,34 @@ def train_sentencepiece(inputs: Sequence[str], model_prefix: str, vocab_size: in
     No normalization and byte fallback: every input is encodable and decodes back to itself, as with a
     byte-level BPE.
     """
-    import sentencepiece as spm
-
-    from neox_jax.data.preprocess import iter_documents
+    failed = []  # sentencepiece turns an exception of the iterator into a RuntimeError: keep the original
 
     def lines():
-        for n, doc in enumerate(iter_documents(inputs, skip_bad=skip_bad)):
-            if max_docs is not None and n >= max_docs:
-                return
-            for line in doc.text.splitlines():
-                if line.strip():
-                    yield line
+        try:
+            for n, doc in enumerate(iter_documents(inputs, skip_bad=skip_bad)):
+                if max_docs is not None and n >= max_docs:
+                    return
+                for line in doc.text.splitlines():
+                    if line.strip():
+                        yield line
+        except Exception as e:  # noqa: BLE001 - re-raised below, as itself
+            failed.append(e)
+            raise
 
     os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
-        eos_id=0, pad_id=1, unk_id=2, bos_id=-1, eos_piece="<|endoftext|>", pad_piece="<|padding|>",
-        byte_fallback=True, character_coverage=character_coverage, minloglevel=2,
-        # keep text as is (code indentation, newlines via byte fallback) so decode(encode(x)) == x
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_digits=True,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=lines(), model_prefix=model_prefix, vocab_size=vocab_size, model_type=model_type,
+            eos_id=0, pad_id=1, unk_id=2, bos_id=-1, eos_piece="<|endoftext|>", pad_piece="<|padding|>",
+            byte_fallback=True, character_coverage=character_coverage, minloglevel=2,
+            # keep text as is (code indentation, newlines via byte fallback) so decode(encode(x)) == x
+            normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+            split_digits=True,
+        )
+    except RuntimeError as e:  # sentencepiece's verdict on its input, e.g. a vocabulary larger than the text allows
+        if failed:
+            raise failed[0] from None
+        where = inputs if isinstance(inputs, (str, os.PathLike)) else ", ".join(map(str, inputs))
+        raise TokenizerError(f"training a {vocab_size}-id tokenizer on {where}: "
+                             f"{str(e).strip().splitlines()[-1]}") from None
     return model_prefix + ".model"

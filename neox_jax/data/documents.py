@@ -1,0 +1,216 @@
+"""Pile-format documents: the readers every other data module uses (a leaf: it imports no sibling module, only
+neox_jax.errors).
+
+Input: `.jsonl`, `.jsonl.zst`, `.jsonl.gz` with one `{"text": ..., "meta": {"pile_set_name": ...}}` a line, or a
+plain `.txt` file (the whole file is one document); a directory stands for the Pile-format files below it
+(`expand_inputs`). `iter_documents` yields every good document in order; bad input (a malformed JSON line, invalid
+UTF-8, no "text" string, an empty document, a truncated compressed stream) raises `DataError` (a `UserError`: one
+line from a script) naming the file and line, or with `skip_bad=True` is skipped and counted by kind (`BAD_KINDS`).
+
+Empty documents: by default a document whose text is empty or only whitespace is bad input. GPT-NeoX's
+preprocess_data.py drops empty strings but tokenizes whitespace-only text as a document;
+`keep_whitespace_docs=True` does the same (empty strings are dropped and counted).
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import zlib
+from typing import Iterator, NamedTuple, Sequence
+
+import zstandard
+
+from neox_jax import errors
+
+BAD_KINDS = ("malformed_json", "invalid_utf8", "missing_text", "empty_document", "truncated")
+TEXT_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json", ".json.zst", ".json.gz", ".txt")
+
+
+class DataError(errors.InputError):
+    """Bad input text; the message starts with `file:line:`. `kind` is one of BAD_KINDS."""
+
+    def __init__(self, path: str, line: int, kind: str, detail: str):
+        super().__init__(f"{path}:{line}: {detail}")
+        self.path, self.line, self.kind = path, line, kind
+
+
+class Document(NamedTuple):
+    text: str
+    component: str  # meta.pile_set_name, "unknown" when absent
+    path: str
+    line: int
+
+
+def is_text_input(path: str) -> bool:
+    return path.endswith(TEXT_SUFFIXES)
+
+
+def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
+    """Comma-separated strings and/or lists of files, globs or directories -> the files, in order (globs sorted;
+    a directory gives its Pile-format files, sub-directories included, sorted by path)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files = []
+    for item in items:
+        for part in os.fspath(item).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if glob.has_magic(part):
+                found = sorted(glob.glob(part))
+                if not found:
+                    raise FileNotFoundError(f"input glob {part!r} matches no files")
+                files.extend(found)
+            elif os.path.isfile(part):
+                files.append(part)
+            elif os.path.isdir(part):
+                found = sorted(os.path.join(root, name) for root, _, names in os.walk(part) for name in names
+                               if is_text_input(name))
+                if not found:
+                    raise FileNotFoundError(f"input directory {part} holds no Pile-format files "
+                                            f"({', '.join(TEXT_SUFFIXES)})")
+                files.extend(found)
+            else:
+                raise FileNotFoundError(f"input file {part} not found")
+    if not files:
+        raise errors.InputError("no input files given")
+    return files
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+def _zstd_chunks(f) -> Iterator[bytes]:
+    dctx = zstandard.ZstdDecompressor()
+    obj, in_frame = dctx.decompressobj(), False
+    while True:
+        data = f.read(1 << 20)
+        if not data:
+            break
+        while data:
+            in_frame = True
+            try:
+                yield obj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise _Corrupt(f"corrupt zstd data ({e})") from None
+            data = b""
+            if obj.eof:  # a frame ended; the rest of the input starts the next one
+                data, obj, in_frame = obj.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise _Corrupt("truncated zstd stream (the file ends inside a compressed frame)")
+
+
+def _gzip_chunks(f) -> Iterator[bytes]:
+    with gzip.GzipFile(fileobj=f) as g:
+        while True:
+            try:
+                data = g.read(1 << 20)
+            except EOFError:
+                raise _Corrupt("truncated gzip stream (the file ends inside compressed data)") from None
+            except (OSError, zlib.error) as e:
+                raise _Corrupt(f"corrupt gzip data ({e})") from None
+            if not data:
+                return
+            yield data
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) for each line; a damaged stream raises DataError(kind='truncated') at the
+    line it cuts, before that partial line is handed out."""
+    with open(path, "rb") as f:
+        if path.endswith(".zst"):
+            chunks = _zstd_chunks(f)
+        elif path.endswith(".gz"):
+            chunks = _gzip_chunks(f)
+        else:
+            chunks = iter(lambda: f.read(1 << 20), b"")
+        pending, line_no = [], 0  # pieces of the line still open (one document may span many chunks)
+        try:
+            for chunk in chunks:
+                first, *lines = chunk.split(b"\n")
+                pending.append(first)
+                if lines:
+                    lines[-1:], tail = [], lines[-1]
+                    for line in [b"".join(pending), *lines]:
+                        line_no += 1
+                        yield line_no, line
+                    pending = [tail]
+        except _Corrupt as e:
+            raise DataError(path, line_no + 1, "truncated", str(e)) from None
+        if any(pending):
+            yield line_no + 1, b"".join(pending)
+
+
+def _is_empty(text: str, keep_whitespace: bool) -> bool:
+    return not text if keep_whitespace else not text.strip()
+
+
+def _parse_line(path: str, line_no: int, raw: bytes, keep_whitespace: bool = False) -> Document:
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line_no, "invalid_utf8",
+                        f"invalid UTF-8 at byte {e.start} of the line ({e.reason})") from None
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line_no, "malformed_json", f"malformed JSON ({e.msg} at column {e.colno})") from None
+    text = obj.get("text") if isinstance(obj, dict) else None
+    if not isinstance(text, str):
+        raise DataError(path, line_no, "missing_text", 'no "text" string field (expected {"text": ..., "meta": {...}})')
+    if _is_empty(text, keep_whitespace):
+        raise DataError(path, line_no, "empty_document", 'empty document ("text" has no non-space characters)')
+    meta = obj.get("meta")
+    component = meta.get("pile_set_name") if isinstance(meta, dict) else None
+    return Document(text, str(component) if component else "unknown", path, line_no)
+
+
+def _text_file_document(path: str, keep_whitespace: bool = False) -> Document:
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, line, "invalid_utf8", f"invalid UTF-8 ({e.reason})") from None
+    if _is_empty(text, keep_whitespace):
+        raise DataError(path, 1, "empty_document", "empty document (the file has no non-space characters)")
+    return Document(text, os.path.basename(path), path, 1)
+
+
+def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
+                   bad_counts: collections.Counter | None = None,
+                   keep_whitespace_docs: bool = False) -> Iterator[Document]:
+    """Every good document of the inputs in order. With skip_bad, bad ones are counted in bad_counts by
+    kind (a damaged stream ends that file) instead of raising DataError. keep_whitespace_docs: whitespace-only
+    texts are documents and empty ones are dropped and counted, as in GPT-NeoX (see the module docstring)."""
+    bad_counts = collections.Counter() if bad_counts is None else bad_counts
+
+    def skipped(e: DataError) -> bool:
+        if not (skip_bad or (keep_whitespace_docs and e.kind == "empty_document")):
+            return False
+        bad_counts[e.kind] += 1
+        return True
+
+    for path in expand_inputs(inputs):
+        try:
+            if path.endswith(".txt"):
+                yield _text_file_document(path, keep_whitespace_docs)
+                continue
+            for line_no, raw in _raw_lines(path):
+                if not raw.strip():
+                    continue
+                try:
+                    yield _parse_line(path, line_no, raw, keep_whitespace_docs)
+                except DataError as e:
+                    if not skipped(e):
+                        raise
+        except DataError as e:
+            if not skipped(e):
+                raise
