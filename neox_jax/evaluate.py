@@ -34,7 +34,7 @@ from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from neox_jax import generate as gen_lib
-from neox_jax import scoring
+from neox_jax import load, scoring, sharding
 from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
 
 TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
@@ -56,10 +56,10 @@ class NeoXLM(TemplateLM):
                  model_config: Any = None, params: Any = None, mesh: Any = None, **unused):
         super().__init__()
         if model_config is None:
-            model_config, params = gen_lib.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
+            model_config, params = load.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = gen_lib.load_tokenizer(hf=hf, path=tokenizer)
-        self.mesh = gen_lib.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
+            tokenizer = load.load_tokenizer(hf=hf, path=tokenizer)
+        self.mesh = sharding.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
         self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh)
         self.m, self.params, self.tokenizer = model_config, self._generator.params, tokenizer
         if str(batch_size).startswith("auto"):

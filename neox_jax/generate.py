@@ -8,7 +8,7 @@ they share cache slots; the pads are masked out of attention and the rotary posi
 strings to check on the host, DECODE_CHUNK at a time (stopping at the first chunk after every row has stopped);
 with streaming a Python loop around the step checks stop conditions and streams text token by token.
 
-Also here: `load_model` / `load_tokenizer`, shared by scripts/generate.py and the lm-eval adapter.
+What a generator starts from (a model, its weights, a tokenizer, prompts) is loaded by `neox_jax.load`.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import errors
 from neox_jax import model as model_lib
-from neox_jax.config import DTYPES
+from neox_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +165,7 @@ class Generator:
     """Holds the jitted prefill/step for one model; `generate` runs the loop."""
 
     def __init__(self, m, params, vocab_limit: int | None = None, mesh=None, stacked: bool = False):
-        """With a `mesh` (see `inference_mesh`) params are placed by the logical rules (tensor-parallel
+        """With a `mesh` (see `sharding.inference_mesh`) params are placed by the logical rules (tensor-parallel
         weights), and batch rows and the cache are split over the data axes.
 
         By default the generator keeps its own copy of the weights with one buffer per layer (and a per-layer
@@ -315,29 +315,15 @@ def _stable_prefix(text: str, stops: Sequence[str]) -> str:
 
 # ---- placement on a mesh -------------------------------------------------------------------------------------
 
-def inference_mesh(tensor_parallel: int = 1):
-    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel): weights split over tensor, rows over data."""
-    from neox_jax import config as cfg, sharding
-
-    c = cfg.default_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, int(tensor_parallel)
-    return sharding.make_mesh(c)
-
-
 def place_params(m, params, mesh):
     """Params laid out by the logical rules (replicated over data, split over tensor)."""
-    from neox_jax import sharding
-
     specs = sharding.param_specs(model_lib.param_shapes(m), mesh, zero_stage=0)
     return jax.device_put(params, sharding.to_shardings(specs, mesh))
 
 
 def batch_split(mesh) -> int:
-    if mesh is None:
-        return 1
-    from neox_jax import sharding
-
-    return sharding.batch_split(mesh)
+    """Rows a batch must be a multiple of: the data-parallel split of `mesh` (1 without one)."""
+    return 1 if mesh is None else sharding.batch_split(mesh)
 
 
 def put_batch(tree, mesh):
@@ -345,9 +331,6 @@ def put_batch(tree, mesh):
     dim 3) too. Without a mesh, unchanged."""
     if mesh is None:
         return tree
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from neox_jax import sharding
 
     def spec(path, x):
         if x.ndim == 0:
@@ -365,8 +348,6 @@ def tracing_context(m, mesh):
     matmuls for float32 models (GPUs otherwise use TF32, which moves log-likelihoods by more than 1e-3)."""
     with contextlib.ExitStack() as stack:
         if mesh is not None:
-            from neox_jax import sharding
-
             stack.enter_context(sharding.activation_rules(mesh, zero_stage=0))
         if jnp.dtype(m.dtype) == jnp.float32:
             stack.enter_context(jax.default_matmul_precision("highest"))
@@ -375,78 +356,3 @@ def tracing_context(m, mesh):
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-# ---- loading ------------------------------------------------------------------------------------------------
-
-def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """(model config, params) from an HF GPTNeoX directory or a neox_jax params dir / training workdir."""
-    if (hf is None) == (checkpoint is None):
-        raise errors.InputError(
-            "give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
-    from neox_jax import convert
-
-    if hf is not None:
-        if not os.path.isfile(os.path.join(hf, "config.json")):
-            raise FileNotFoundError(f"hf={hf}: no config.json there; expected a HF GPTNeoXForCausalLM directory")
-        config, params = convert.load_hf(hf)
-    elif os.path.isfile(os.path.join(checkpoint, "params.safetensors")):
-        config, params = convert.load_params(checkpoint)
-    elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
-        from neox_jax import checkpoint as ckpt
-
-        config, params = ckpt.load_workdir_params(checkpoint)
-    else:
-        raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
-                                "or a training workdir (with a checkpoints/ folder)")
-    m = config.model
-    if dtype:
-        m = _with_dtype(m, dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return m, params
-
-
-def _with_dtype(m, dtype: str):
-    import ml_collections
-
-    if dtype not in DTYPES:
-        raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
-    m = ml_collections.ConfigDict(m.to_dict())
-    m.dtype = m.param_dtype = dtype
-    return m
-
-
-def load_tokenizer(hf: str | None = None, path: str | None = None):
-    """`path` if given, else the HF dir's tokenizer.json when it has one, else the bundled 20B tokenizer
-    (a `neox_jax.data.tokenizer` object: encode / decode / vocab_size / eod_id)."""
-    from neox_jax.data import tokenizer as tok_lib
-
-    if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
-        path = os.path.join(hf, "tokenizer.json")
-    return tok_lib.load_tokenizer(path)  # None: the bundled 20B tokenizer
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line)."""
-    import json
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path} not found")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not path.endswith(".jsonl"):
-                prompts.append(line.rstrip("\n"))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise errors.InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise errors.InputError(f'{path}, line {number}: expected an object with a string "prompt" field')
-            prompts.append(record["prompt"])
-    if not prompts:
-        raise errors.InputError(f"prompt file {path} holds no prompts")
-    return prompts

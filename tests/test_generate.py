@@ -14,6 +14,7 @@ from neox_jax import config as cfg
 from neox_jax import convert
 from neox_jax import generate as G
 from neox_jax import model as model_lib
+from neox_jax import sharding
 from neox_jax.data import default_paths
 from tiny_configs import tiny_model
 
@@ -181,7 +182,7 @@ def test_stop_strings_on_device_in_chunks_equal_streaming(tiny):
 def test_sharded_generation_equals_single_device(tiny):
     m, params = tiny
     single = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=8))
-    mesh = G.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
+    mesh = sharding.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
     sharded = G.Generator(m, params, mesh=mesh)
     assert sharded.params["embed_in"].sharding.spec[0] == "tensor"
     assert [c.tokens for c in sharded.generate(PROMPTS, G.Sampling(max_new_tokens=8))] == [c.tokens for c in single]

@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 
-from neox_jax.generate import DEFAULT_TOKENIZERS
+import jax
+
+from neox_jax import convert
+from neox_jax import evaluate as E
+from neox_jax import model as model_lib
+from neox_jax.cli import load_config
+from neox_jax.data import default_paths
 
 TASKS = {"lambada_openai": 300, "piqa": 200, "hellaswag": 200}  # the issue's tasks and limits
 
@@ -24,15 +31,11 @@ TASKS = {"lambada_openai": 300, "piqa": 200, "hellaswag": 200}  # the issue's ta
 def write_random_hf(config_spec: str, path: str, seed: int = 0) -> str:
     """A random model of `config_spec` as an HF GPTNeoXForCausalLM directory with the 20B tokenizer, loadable
     offline by transformers and by neox_jax."""
-    import jax
     import transformers
-
-    from neox_jax import convert, model as model_lib
-    from neox_jax.cli import load_config
 
     config = load_config(config_spec)
     convert.save_hf(config, model_lib.init_params(config.model, jax.random.PRNGKey(seed)), path)
-    tokenizer_file = next(str(p) for p in DEFAULT_TOKENIZERS if p.is_file())
+    tokenizer_file = default_paths()["tokenizer"]
     eod = "<|endoftext|>"
     transformers.PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, bos_token=eod, eos_token=eod, unk_token=eod,
                                          pad_token="<|padding|>").save_pretrained(path)
@@ -83,12 +86,8 @@ def compare(ours: dict, theirs: dict, task: str) -> dict:
 def run(config_spec: str = "configs/pythia.py:70m", tasks: dict | None = None, batch_size: int = 16,
         passes: int = 2, model_dir: str | None = None, seed: int = 0, row_length: int | None = None) -> list[dict]:
     """One row per (task, pass); see the module docstring."""
-    import tempfile
-
     import torch
     from lm_eval.models.huggingface import HFLM
-
-    from neox_jax import evaluate as E
 
     tasks = dict(TASKS if tasks is None else tasks)
     tmp = None
