@@ -4,9 +4,11 @@ Importing this module registers `neox_jax` with lm-eval (`--model neox_jax --mod
 `checkpoint=DIR`). Scoring follows the harness's own `hf` backend token for token: the context/continuation
 split of `TemplateLM._encode_pair`, the end-of-document token as the context of an empty one, left truncation
 to `max_length + 1` tokens, log-softmax over the model's whole (padded) vocabulary, and the rolling windows
-of `lm_eval.utils.get_rolling_token_windows`. Requests are sorted by length and right-padded to power-of-two
-buckets with a fixed batch size, so only a handful of shapes compile; per-token log-probabilities are reduced on
-the device, so only two numbers per request come back to the host.
+of `lm_eval.utils.get_rolling_token_windows`. The work is laid out differently (`neox_jax.scoring`): requests
+that share a context are one prefix tree (the context's keys and values computed once for all continuations),
+packed several to a row of a few fixed lengths without padding, and the output head runs only at positions
+that predict a continuation token. `generate_until` runs batches of length-sorted prompts, left-padded to
+fine buckets, through the on-device decode loop (`Generator`), checking stop strings between chunks of tokens.
 
 The task definitions for LAMBADA (OpenAI), PIQA, ARC-Easy/Challenge, WinoGrande and HellaSwag live in
 `configs/eval_tasks/` and read local files from `$NEOX_JAX_EVAL_DATA` (default: the full sets bundled in
@@ -23,10 +25,7 @@ import os
 import pathlib
 from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import lm_eval
-import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -35,42 +34,32 @@ from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from neox_jax import generate as gen_lib
-from neox_jax import model as model_lib
+from neox_jax import load, scoring, sharding
 from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
 
 TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
 LOCAL_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
 
 
-def score_tokens(m, params, ids, targets, weights):
-    """Sum of log p(target) over positions with weight 1, and whether each of those targets is the argmax.
-
-    ids / targets / weights [B, T] -> (logprob [B], greedy [B])."""
-    logits = model_lib.for_params(m, params).apply({"params": params}, ids)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_logp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    is_argmax = jnp.argmax(logits, axis=-1) == targets
-    return jnp.sum(target_logp * weights, axis=-1), jnp.all(is_argmax | (weights == 0), axis=-1)
-
-
 @register_model("neox_jax")
 class NeoXLM(TemplateLM):
-    """model_args: `hf=DIR` or `checkpoint=DIR` (params dir or training workdir), `batch_size` (rows per
-    compiled call), `max_length` (default: max_position_embeddings), `dtype` (float32 | bfloat16 | float16),
+    """model_args: `hf=DIR` or `checkpoint=DIR` (params dir or training workdir), `batch_size` (rows of
+    `row_length` tokens per compiled scoring call, prompts per generation batch), `row_length` (default 256),
+    `max_length` (default: max_position_embeddings), `dtype` (float32 | bfloat16 | float16),
     `tokenizer` (path; default the HF dir's tokenizer.json, else the 20B tokenizer), `max_gen_toks`,
     `tensor_parallel` (mesh: all devices, weights split tensor_parallel ways, batch rows over the rest).
     From Python, `model_config=`, `params=` and a `neox_jax.data.tokenizer` object may be passed instead."""
 
     def __init__(self, hf: str | None = None, checkpoint: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, dtype: str | None = None, tokenizer: Any = None,
-                 max_gen_toks: int = 256, tensor_parallel: int = 1, model_config: Any = None, params: Any = None,
-                 mesh: Any = None, **unused):
+                 max_gen_toks: int = 256, tensor_parallel: int = 1, row_length: int = scoring.ROW_LENGTH,
+                 model_config: Any = None, params: Any = None, mesh: Any = None, **unused):
         super().__init__()
         if model_config is None:
-            model_config, params = gen_lib.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
+            model_config, params = load.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = gen_lib.load_tokenizer(hf=hf, path=tokenizer)
-        self.mesh = gen_lib.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
+            tokenizer = load.load_tokenizer(hf=hf, path=tokenizer)
+        self.mesh = sharding.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
         self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh)
         self.m, self.params, self.tokenizer = model_config, self._generator.params, tokenizer
         if str(batch_size).startswith("auto"):
@@ -79,7 +68,10 @@ class NeoXLM(TemplateLM):
         self._max_length = int(max_length or model_config.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self._eot = tokenizer.eod_id
-        self._score = jax.jit(functools.partial(score_tokens, model_config))
+        self.scorer = scoring.Scorer(model_config, self.params, max_length=self._max_length, rows=self._batch_size,
+                                     row_length=int(row_length), split=gen_lib.batch_split(self.mesh),
+                                     put=lambda tree: gen_lib.put_batch(tree, self.mesh),
+                                     context=lambda: gen_lib.tracing_context(model_config, self.mesh))
 
     # ---- the harness's interface --------------------------------------------------------------------------
     @property
@@ -161,33 +153,8 @@ class NeoXLM(TemplateLM):
     # ---- scoring ------------------------------------------------------------------------------------------
     def score_pairs(self, pairs: Sequence[tuple[list[int], list[int]]], disable_tqdm: bool = False):
         """(log p(continuation | context), continuation is greedy) for each (context ids, continuation ids)."""
-        rows = []
-        for ctx, cont in pairs:
-            if not ctx or not cont or len(cont) > self.max_length:
-                raise ValueError(f"cannot score context of {len(ctx)} / continuation of {len(cont)} tokens "
-                                 f"(both must be non-empty, the continuation at most max_length={self.max_length})")
-            whole = (list(ctx) + list(cont))[-(self.max_length + 1):]
-            rows.append((whole, len(cont)))
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        pbar = tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests")
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            length = gen_lib.bucket_length(len(rows[chunk[0]][0]) - 1, minimum=16, maximum=self.max_length)
-            ids, targets, weights = (np.zeros((self.batch_size, length), dt) for dt in (np.int32, np.int32, np.float32))
-            for r, i in enumerate(chunk):
-                whole, n_cont = rows[i]
-                n = len(whole) - 1
-                ids[r, :n], targets[r, :n] = whole[:-1], whole[1:]
-                weights[r, n - n_cont:n] = 1.0
-            batch = gen_lib.put_batch((ids, targets, weights), self.mesh)
-            with gen_lib.tracing_context(self.m, self.mesh):
-                logprob, greedy = jax.device_get(self._score(self.params, *batch))
-            for r, i in enumerate(chunk):
-                results[i] = (float(logprob[r]), bool(greedy[r]))
-            pbar.update(len(chunk))
-        pbar.close()
-        return results
+        with tqdm(total=len(pairs), disable=disable_tqdm, desc="Running loglikelihood requests") as pbar:
+            return self.scorer.score(pairs, progress=pbar.update)
 
 
 # ---- running the local tasks --------------------------------------------------------------------------------

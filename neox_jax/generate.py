@@ -1,12 +1,14 @@
 """Text generation with a KV cache: batched prefill, one compiled decode step, sampling.
 
-Prompts of different lengths are left-padded to a power-of-two bucket so they share cache slots; the pads are
-masked out of attention and the rotary positions count only real tokens (`cumsum(mask) - 1`), so every row
-sees exactly what it would see alone. The cache is an explicit pytree (`model.init_cache`) threaded through
-two jitted pure functions, `prefill` and `decode_step`; the Python loop around the step only checks stop
-conditions and streams text, so the step compiles once per (batch, cache length).
+Prompts of different lengths are left-padded to a bucket (two lengths per power of two: 64, 96, 128, ...) so
+they share cache slots; the pads are masked out of attention and the rotary positions count only real tokens
+(`cumsum(mask) - 1`), so every row sees exactly what it would see alone. The cache is an explicit pytree
+(`model.init_cache`) threaded through jitted pure functions, `prefill` and `decode_step`, compiled once per
+(batch, cache length). Without streaming the picks run on the device: all of them in one loop, or, with stop
+strings to check on the host, DECODE_CHUNK at a time (stopping at the first chunk after every row has stopped);
+with streaming a Python loop around the step checks stop conditions and streams text token by token.
 
-Also here: `load_model` / `load_tokenizer`, shared by scripts/generate.py and the lm-eval adapter.
+What a generator starts from (a model, its weights, a tokenizer, prompts) is loaded by `neox_jax.load`.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import errors
 from neox_jax import model as model_lib
-from neox_jax.config import DTYPES
+from neox_jax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +59,13 @@ class Completion:
     finish_reason: str  # "stop_token", "stop_string" or "length"
 
 
-def bucket_length(n: int, minimum: int = 16, maximum: int | None = None) -> int:
-    """The next power of two >= n (at least `minimum`, at most `maximum` when that still holds n)."""
+def bucket_length(n: int, minimum: int = 16, maximum: int | None = None, per_octave: int = 1) -> int:
+    """The smallest of `per_octave` evenly spaced lengths per power of two that is >= n (per_octave 1: the next
+    power of two; 2: ..., 64, 96, 128, 192, ...), at least `minimum`, at most `maximum` when that still holds n."""
     b = max(minimum, 1 << max(n - 1, 0).bit_length())
+    if per_octave > 1 and b > minimum:
+        step = max(b // 2 // per_octave, 1)
+        b = max(minimum, -(-n // step) * step)
     return min(b, maximum) if maximum is not None and maximum >= n else b
 
 
@@ -115,29 +121,51 @@ def pick_tokens(logits, key, *, vocab_limit: int, temperature, top_k: int, top_p
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _pick_and_feed(m, params, key, start, **options):
+    """The loop body of the on-device decoders: pick number start + i, feed it back through the model."""
+    pick = functools.partial(pick_tokens, **options)
+
+    def body(i, carry):
+        logits, positions, cache, out = carry
+        tokens = pick(logits, jax.random.fold_in(key, start + i))
+        logits, cache = decode_step(m, params, tokens, positions + 1, cache)
+        return logits, positions + 1, cache, out.at[:, i].set(tokens)
+
+    return pick, body
+
+
 def decode_loop(m, params, logits, positions, cache, key, *, steps: int, vocab_limit: int, temperature, top_k: int,
                 top_p: float, greedy: bool):
     """All `steps` picks on the device (`lax.fori_loop`): no host round trip per token. Same keys, so the same
     tokens, as the streaming loop. Returns ids [B, steps]."""
-    pick = functools.partial(pick_tokens, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k, top_p=top_p,
-                             greedy=greedy)
-
-    def body(i, carry):
-        logits, positions, cache, out = carry
-        tokens = pick(logits, jax.random.fold_in(key, i))
-        logits, cache = decode_step(m, params, tokens, positions + 1, cache)
-        return logits, positions + 1, cache, out.at[:, i].set(tokens)
-
+    pick, body = _pick_and_feed(m, params, key, 0, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k,
+                                top_p=top_p, greedy=greedy)
     out = jnp.zeros((logits.shape[0], steps), jnp.int32)
     logits, _, _, out = jax.lax.fori_loop(0, steps - 1, body, (logits, positions, cache, out))
     return out.at[:, steps - 1].set(pick(logits, jax.random.fold_in(key, steps - 1)))
+
+
+def decode_chunk(m, params, logits, positions, cache, key, start, *, steps: int, vocab_limit: int, temperature,
+                 top_k: int, top_p: float, greedy: bool):
+    """Picks start .. start + steps - 1 on the device, each fed back (the cache needs `steps` free slots).
+    Returns (ids [B, steps], logits, positions, cache) to continue from: with stop strings the host checks the
+    text between chunks, one round trip per DECODE_CHUNK tokens instead of per token."""
+    _, body = _pick_and_feed(m, params, key, start, vocab_limit=vocab_limit, temperature=temperature, top_k=top_k,
+                             top_p=top_p, greedy=greedy)
+    out = jnp.zeros((logits.shape[0], steps), jnp.int32)
+    logits, positions, cache, out = jax.lax.fori_loop(0, steps, body, (logits, positions, cache, out))
+    return out, logits, positions, cache
+
+
+PROMPT_BUCKETS_PER_OCTAVE = 2  # prompt lengths 16, 24, 32, 48, 64, 96, ...: prefill pads at most a third
+DECODE_CHUNK = 16  # picks per on-device loop between the host's stop-string checks
 
 
 class Generator:
     """Holds the jitted prefill/step for one model; `generate` runs the loop."""
 
     def __init__(self, m, params, vocab_limit: int | None = None, mesh=None, stacked: bool = False):
-        """With a `mesh` (see `inference_mesh`) params are placed by the logical rules (tensor-parallel
+        """With a `mesh` (see `sharding.inference_mesh`) params are placed by the logical rules (tensor-parallel
         weights), and batch rows and the cache are split over the data axes.
 
         By default the generator keeps its own copy of the weights with one buffer per layer (and a per-layer
@@ -155,6 +183,8 @@ class Generator:
         # The loop returns only tokens, so donating the cache would free nothing (JAX warns it is unusable).
         self._loop = jax.jit(functools.partial(decode_loop, m),
                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
+        self._chunk = jax.jit(functools.partial(decode_chunk, m), donate_argnums=(3,),
+                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         return model_lib.init_cache(self.m, batch, max_len, stacked=self.stacked)
@@ -193,11 +223,12 @@ class Generator:
                 f"{self.m.max_position_embeddings} tokens; shorten the prompt or lower max_new_tokens")
 
     def _generate_batch(self, prompts, sampling, decode, on_text, batch_size):
-        n, greedy = len(prompts), sampling.temperature == 0.0
-        length = bucket_length(max(len(p) for p in prompts))
+        n, greedy, new = len(prompts), sampling.temperature == 0.0, sampling.max_new_tokens
+        length = bucket_length(max(len(p) for p in prompts), per_octave=PROMPT_BUCKETS_PER_OCTAVE)
         ids, mask = left_pad(prompts, length, batch_size)
         mask[n:, -1] = True  # filler rows attend to one token so their softmax stays finite
-        cache = self.init_cache(batch_size, length + sampling.max_new_tokens)
+        chunked = on_text is None and bool(sampling.stop_strings)
+        cache = self.init_cache(batch_size, length + (_round_up(new, DECODE_CHUNK) if chunked else new))
         ids, mask, cache = put_batch((ids, mask, cache), self.mesh)
         with tracing_context(self.m, self.mesh):
             logits, cache, positions = self._prefill(self.params, ids, mask, cache)
@@ -213,6 +244,17 @@ class Generator:
             for row, tokens in zip(rows, np.asarray(out)):
                 for token in tokens:
                     row.add(int(token))
+            return [r.result() for r in rows]
+        if chunked:  # stop strings, nothing streamed: chunks of picks on the device, stop checks in between
+            for start in range(0, new, DECODE_CHUNK):
+                with tracing_context(self.m, self.mesh):
+                    out, logits, positions, cache = self._chunk(self.params, logits, positions, cache, root,
+                                                                jnp.int32(start), steps=DECODE_CHUNK, **options)
+                for row, tokens in zip(rows, np.asarray(out)[:, :new - start]):
+                    for token in tokens:
+                        row.add(int(token))
+                if all(r.finish_reason for r in rows):
+                    break
             return [r.result() for r in rows]
         for step in range(sampling.max_new_tokens):
             tokens = pick(logits, jax.random.fold_in(root, step))
@@ -273,29 +315,15 @@ def _stable_prefix(text: str, stops: Sequence[str]) -> str:
 
 # ---- placement on a mesh -------------------------------------------------------------------------------------
 
-def inference_mesh(tensor_parallel: int = 1):
-    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel): weights split over tensor, rows over data."""
-    from neox_jax import config as cfg, sharding
-
-    c = cfg.default_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, int(tensor_parallel)
-    return sharding.make_mesh(c)
-
-
 def place_params(m, params, mesh):
     """Params laid out by the logical rules (replicated over data, split over tensor)."""
-    from neox_jax import sharding
-
     specs = sharding.param_specs(model_lib.param_shapes(m), mesh, zero_stage=0)
     return jax.device_put(params, sharding.to_shardings(specs, mesh))
 
 
 def batch_split(mesh) -> int:
-    if mesh is None:
-        return 1
-    from neox_jax import sharding
-
-    return sharding.batch_split(mesh)
+    """Rows a batch must be a multiple of: the data-parallel split of `mesh` (1 without one)."""
+    return 1 if mesh is None else sharding.batch_split(mesh)
 
 
 def put_batch(tree, mesh):
@@ -303,9 +331,6 @@ def put_batch(tree, mesh):
     dim 3) too. Without a mesh, unchanged."""
     if mesh is None:
         return tree
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    from neox_jax import sharding
 
     def spec(path, x):
         if x.ndim == 0:
@@ -323,8 +348,6 @@ def tracing_context(m, mesh):
     matmuls for float32 models (GPUs otherwise use TF32, which moves log-likelihoods by more than 1e-3)."""
     with contextlib.ExitStack() as stack:
         if mesh is not None:
-            from neox_jax import sharding
-
             stack.enter_context(sharding.activation_rules(mesh, zero_stage=0))
         if jnp.dtype(m.dtype) == jnp.float32:
             stack.enter_context(jax.default_matmul_precision("highest"))
@@ -333,78 +356,3 @@ def tracing_context(m, mesh):
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-# ---- loading ------------------------------------------------------------------------------------------------
-
-def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
-    """(model config, params) from an HF GPTNeoX directory or a neox_jax params dir / training workdir."""
-    if (hf is None) == (checkpoint is None):
-        raise errors.InputError(
-            "give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
-    from neox_jax import convert
-
-    if hf is not None:
-        if not os.path.isfile(os.path.join(hf, "config.json")):
-            raise FileNotFoundError(f"hf={hf}: no config.json there; expected a HF GPTNeoXForCausalLM directory")
-        config, params = convert.load_hf(hf)
-    elif os.path.isfile(os.path.join(checkpoint, "params.safetensors")):
-        config, params = convert.load_params(checkpoint)
-    elif os.path.isdir(os.path.join(checkpoint, "checkpoints")):
-        from neox_jax import checkpoint as ckpt
-
-        config, params = ckpt.load_workdir_params(checkpoint)
-    else:
-        raise FileNotFoundError(f"checkpoint={checkpoint}: expected a params dir (config.json + params.safetensors) "
-                                "or a training workdir (with a checkpoints/ folder)")
-    m = config.model
-    if dtype:
-        m = _with_dtype(m, dtype)
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-    return m, params
-
-
-def _with_dtype(m, dtype: str):
-    import ml_collections
-
-    if dtype not in DTYPES:
-        raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(DTYPES)}")
-    m = ml_collections.ConfigDict(m.to_dict())
-    m.dtype = m.param_dtype = dtype
-    return m
-
-
-def load_tokenizer(hf: str | None = None, path: str | None = None):
-    """`path` if given, else the HF dir's tokenizer.json when it has one, else the bundled 20B tokenizer
-    (a `neox_jax.data.tokenizer` object: encode / decode / vocab_size / eod_id)."""
-    from neox_jax.data import tokenizer as tok_lib
-
-    if not path and hf and os.path.isfile(os.path.join(hf, "tokenizer.json")):
-        path = os.path.join(hf, "tokenizer.json")
-    return tok_lib.load_tokenizer(path)  # None: the bundled 20B tokenizer
-
-
-def read_prompts(path: str) -> list[str]:
-    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line)."""
-    import json
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file {path} not found")
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not path.endswith(".jsonl"):
-                prompts.append(line.rstrip("\n"))
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise errors.InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise errors.InputError(f'{path}, line {number}: expected an object with a string "prompt" field')
-            prompts.append(record["prompt"])
-    if not prompts:
-        raise errors.InputError(f"prompt file {path} holds no prompts")
-    return prompts

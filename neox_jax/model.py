@@ -189,7 +189,7 @@ class Attention(nn.Module):
     config: Any
 
     @nn.compact
-    def __call__(self, x, cos, sin, kv=None, cache_meta=None):
+    def __call__(self, x, cos, sin, kv=None, cache_meta=None, mask=None):
         m = self.config
         n, d, h = m.num_heads, cfg.head_dim(m), m.hidden_size
         dt, pdt = jnp.dtype(m.dtype), jnp.dtype(m.param_dtype)
@@ -198,7 +198,9 @@ class Attention(nn.Module):
                      _std(m, False), dt, pdt, name="query_key_value")(x)
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is None and attention_impl(m, False) == "chunked":
+        if kv is None and mask is not None:  # the caller's [B, 1, T, T] mask (rows packing several sequences)
+            out = dot_product_attention(q, k, v, attention_impl(m, True), mask=mask)
+        elif kv is None and attention_impl(m, False) == "chunked":
             out = causal_attention_chunked(q, k, v, m.attention_chunk)
         elif kv is None:
             out = dot_product_attention(q, k, v, attention_impl(m, False), is_causal=True)
@@ -243,10 +245,10 @@ class Block(nn.Module):
     config: Any
 
     @nn.compact
-    def __call__(self, carry, cos, sin, cache_meta):
+    def __call__(self, carry, cos, sin, cache_meta, mask=None):
         m = self.config
         x, kv = carry
-        attn, kv = Attention(m, name="attention")(layer_norm(m, "input_layernorm")(x), cos, sin, kv, cache_meta)
+        attn, kv = Attention(m, name="attention")(layer_norm(m, "input_layernorm")(x), cos, sin, kv, cache_meta, mask)
         if m.use_parallel_residual:
             x = x + attn + MLP(m, name="mlp")(layer_norm(m, "post_attention_layernorm")(x))
         else:
@@ -275,7 +277,7 @@ def layer_stack(m, length=None):
         block,
         variable_axes={"params": 0, "intermediates": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
         length=length,
         unroll=min(m.scan_unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -299,7 +301,7 @@ class LayerStack(nn.Module):
         m = self.config
         b, t = x.shape[:2]
         cos, sin = rotary_tables(default_positions(b, t), cfg.rotary_dims(m), m.rotary_emb_base)
-        (x, _), _ = layer_stack(m, self.length)((x, None), cos, sin, None)
+        (x, _), _ = layer_stack(m, self.length)((x, None), cos, sin, None, None)
         return x
 
 
@@ -330,8 +332,10 @@ class GPTNeoX(nn.Module):
         self.final_layer_norm = layer_norm(m, "final_layer_norm")
         self.embed_out = _param(self, "embed_out", _std(m, False), (h, v), ("embed", "vocab"), pdt)
 
-    def hidden(self, input_ids, positions=None, cache=None, input_mask=None):
-        """Final (post-LayerNorm) hidden states [B, T, H], and the updated cache when one is given."""
+    def hidden(self, input_ids, positions=None, cache=None, input_mask=None, attention_mask=None):
+        """Final (post-LayerNorm) hidden states [B, T, H], and the updated cache when one is given.
+        `attention_mask` [B, 1, T, T] (True: query may see key; no cache) replaces the causal mask, for rows that
+        pack several sequences or a tree of them (`neox_jax.scoring`)."""
         m = self.config
         b, t = input_ids.shape
         if positions is None:
@@ -346,21 +350,21 @@ class GPTNeoX(nn.Module):
             cache_meta = (cache["index"], key_mask)
             kv = {"k": cache["k"], "v": cache["v"], "layer": jnp.zeros((), jnp.int32)}
         if self.stacked:
-            (x, kv), _ = self.layers((x, kv), cos, sin, cache_meta)
+            (x, kv), _ = self.layers((x, kv), cos, sin, cache_meta, attention_mask)
         else:
-            x, kv = self._layer_loop(x, kv, cos, sin, cache_meta)
+            x, kv = self._layer_loop(x, kv, cos, sin, cache_meta, attention_mask)
         x = self.final_layer_norm(x)
         if cache is None:
             return x, None
         return x, {"k": kv["k"], "v": kv["v"], "mask": cache_meta[1], "index": cache["index"] + t}
 
-    def _layer_loop(self, x, kv, cos, sin, cache_meta):
+    def _layer_loop(self, x, kv, cos, sin, cache_meta, attention_mask=None):
         """The unstacked layers one after another; layer i reads and writes cache entry i (a [1, B, S, n, d]
         buffer of its own, so the attention code is the stacked path's with layer index 0)."""
         ks, vs = [], []
         for i, block in enumerate(self.layers):
             layer_kv = None if kv is None else {"k": kv["k"][i], "v": kv["v"][i], "layer": 0}
-            (x, layer_kv), _ = block((x, layer_kv), cos, sin, cache_meta)
+            (x, layer_kv), _ = block((x, layer_kv), cos, sin, cache_meta, attention_mask)
             if kv is not None:
                 ks.append(layer_kv["k"])
                 vs.append(layer_kv["v"])

@@ -28,6 +28,7 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from neox_jax import config as cfg
 from neox_jax.config import MESH_AXES, ConfigError
 from neox_jax.pytree import path_name
 
@@ -84,6 +85,14 @@ def make_mesh(config, devices=None) -> Mesh:
     except NotImplementedError:  # an axis that is no product of a TPU torus's dims: let it split one
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def inference_mesh(tensor_parallel: int = 1) -> Mesh:
+    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel), for generation and scoring: weights split over
+    tensor, rows over data."""
+    c = cfg.default_config()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, int(tensor_parallel)
+    return make_mesh(c)
 
 
 def num_stages(mesh: Mesh) -> int:

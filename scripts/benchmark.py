@@ -11,6 +11,7 @@
   python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
   python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
   python scripts/benchmark.py energy --pairs 10                             # energy tracking's cost per step
+  python scripts/benchmark.py eval --config configs/pythia.py:70m           # lm-eval: neox_jax vs the hf backend
 """
 
 import argparse
@@ -109,6 +110,23 @@ def energy(args):
     _write(result, args.json)
 
 
+def evaluation(args):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    from neox_jax.bench import eval as bench
+
+    tasks = {}
+    for item in args.tasks.split(","):
+        task, sep, limit = item.partition("=")
+        if not task or (sep and not limit.isdigit()):
+            raise errors.InputError(f"eval: --tasks expects TASK[=LIMIT],..., got {item!r}")
+        tasks[task] = int(limit) if sep else None
+    rows = bench.run(args.config, tasks, batch_size=args.batch_size, passes=args.passes, model_dir=args.model_dir,
+                     seed=args.seed, row_length=args.row_length)
+    print(bench.format_rows(rows))
+    _write(rows, args.json)
+
+
 @errors.guarded
 def main(argv=None):
     from neox_jax.bench.train import PRESETS
@@ -173,6 +191,16 @@ def main(argv=None):
     e.add_argument("--pairs", type=int, default=6, help="ABBA pairs of windows (off, on)")
     e.add_argument("--json")
     e.set_defaults(func=energy)
+    v = sub.add_parser("eval", help="lm-eval requests/s: the neox_jax backend vs lm-eval's hf backend, same model")
+    v.add_argument("--config", default="configs/pythia.py:70m", help="the random model's config (written as HF)")
+    v.add_argument("--tasks", default="lambada_openai=300,piqa=200,hellaswag=200", help="TASK[=LIMIT],...")
+    v.add_argument("--batch-size", type=int, default=16, help="both backends' batch_size")
+    v.add_argument("--passes", type=int, default=2, help="runs of every task per backend, in ABBA order")
+    v.add_argument("--model-dir", help="use (or write the random model to) this HF directory")
+    v.add_argument("--row-length", type=int, default=None, help="neox_jax's packed row length")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--json")
+    v.set_defaults(func=evaluation)
     args = p.parse_args(argv)
     args.func(args)
 

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from neox_jax import cli, errors
+from neox_jax import cli, errors, load, sharding
 from neox_jax import generate as G
 from neox_jax.config import DTYPES
 
@@ -50,15 +50,15 @@ def parse(argv):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     cli.check_writable(args.output, "--output")  # before the model is loaded and run
-    prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
-    tokenizer = G.load_tokenizer(hf=args.hf, path=args.tokenizer)
-    m, params = G.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
+    prompts = args.prompt + (load.read_prompts(args.prompt_file) if args.prompt_file else [])
+    tokenizer = load.load_tokenizer(hf=args.hf, path=args.tokenizer)
+    m, params = load.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
     sampling = G.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                           stop_token_ids=tuple(args.stop_token_id) + (() if args.ignore_eod else (tokenizer.eod_id,)))
     # an empty prompt is conditioned on the end-of-document token alone, as a document's first token is
     ids = [tokenizer.encode(p) or [tokenizer.eod_id] for p in prompts]
-    generator = G.Generator(m, params, vocab_limit=tokenizer.vocab_size, mesh=G.inference_mesh(args.tensor_parallel))
+    generator = G.Generator(m, params, vocab_limit=tokenizer.vocab_size, mesh=sharding.inference_mesh(args.tensor_parallel))
     del params  # the generator keeps its own per-layer copy
     generator.check(ids, sampling, tokenizer.decode)  # before the prompt is echoed
     stream = len(prompts) == 1

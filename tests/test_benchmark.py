@@ -89,3 +89,24 @@ def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     assert r["overhead_median"] == pytest.approx(sorted(rel)[0] / 2 + sorted(rel)[1] / 2)
     assert r["joules_per_token"] > 0 and r["window_ms"] > 0 and r["backend"].startswith("codecarbon")
     assert "overhead (wall): median of pairs" in capsys.readouterr().out
+
+
+def test_eval_benchmark_rows_on_a_tiny_model(tmp_path, capsys):
+    """Both backends on the same random model and tasks: rates, their ratio, the same scores, padding overhead."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("torch")
+    out = tmp_path / "eval.json"
+    benchmark("eval", "--config", "configs/tiny.py", "--tasks", "lambada_openai=6,piqa=3", "--batch-size", "8",
+              "--passes", "1", "--model-dir", str(tmp_path / "hf"), "--json", str(out))
+    rows = json.loads(out.read_text())
+    assert [(r["task"], r["requests"]) for r in rows] == [("lambada_openai", 6), ("piqa", 6)]
+    for r in rows:
+        assert r["ratio"] == pytest.approx(r["neox_jax_requests_per_s"] / r["hf_requests_per_s"])
+        assert r["neox_jax_requests_per_s"] == pytest.approx(r["requests"] / r["neox_jax_s"])
+        assert r["identical_accuracies"] and r["max_abs_loglik_diff"] < 1e-3
+        assert r["padding_overhead"] == pytest.approx(r["positions"] / r["distinct_tokens"]) and r["positions"] >= 1
+        assert set(r["scores"]) >= {"acc"}
+    assert "neox_jax req/s" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        benchmark("eval", "--tasks", "piqa=all")
+    assert e.value.code == 2 and "FATAL: eval: --tasks expects TASK[=LIMIT]" in capsys.readouterr().err

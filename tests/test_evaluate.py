@@ -104,6 +104,40 @@ def test_rolling_and_generate_until_match_hf_backend(small_hf):
     assert all("\n" not in s and "." not in s for s in ours_out)
 
 
+def greedy_tokens(hf_model, context, n):
+    ids = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(hf_model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(context):]
+
+
+def test_packed_scoring_edge_cases_match_hf_backend(small_hf):
+    """Shared contexts (one-token, repeated, prefix and greedy continuations, one position predicting many
+    targets), contexts longer than max_length (truncated differently per continuation length), a continuation of
+    max_length, requests of one length, rows of every length (row_length 16 of max_length 64), a single request;
+    every log-likelihood and greedy flag as the hf backend's."""
+    ours = E.NeoXLM(hf=str(small_hf), batch_size=8, max_length=64, row_length=16)
+    theirs = hf_backend(small_hf, max_length=64)
+    rng = np.random.default_rng(0)
+    tok = lambda n: rng.integers(1, TOKENIZER_VOCAB, n).tolist()  # noqa: E731
+    ctx, long_ctx, many = tok(10), tok(100), tok(3)
+    cont, greedy = tok(5), greedy_tokens(theirs.model, ctx, 3)
+    pairs = [(ctx, tok(1)), (ctx, cont), (ctx, cont), (ctx, cont[:3]), (ctx, cont + tok(2)), (ctx, greedy),
+             (ctx, greedy[:1]), (long_ctx, tok(1)), (long_ctx, tok(7)), (long_ctx, tok(64)),
+             *[(tok(20), tok(3)) for _ in range(5)], (tok(40), tok(30)), *[(many, [t]) for t in tok(40)]]
+    requests = [(("", ""), c, x) for c, x in pairs]
+    for batch in (requests, requests[:1]):
+        mine, ref = ours._loglikelihood_tokens(batch), theirs._loglikelihood_tokens(batch)
+        np.testing.assert_allclose([lp for lp, _ in mine], [lp for lp, _ in ref], atol=1e-4, rtol=0)
+        assert [g for _, g in mine] == [g for _, g in ref]
+        if len(batch) > 1:
+            assert mine[5][1] and mine[6][1]  # the model's own greedy continuation
+    assert len(ours.scorer.stats.body_shapes) >= 3  # rows of 16, 32 and 64 tokens were used
+    with pytest.raises(ValueError, match="continuation of 0 tokens"):
+        ours._loglikelihood_tokens([(("", ""), ctx, [])])
+
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

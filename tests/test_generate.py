@@ -1,5 +1,6 @@
 """KV-cache generation against references: full recomputation of the logits, HF `generate`, single-device runs."""
 
+import dataclasses
 import functools
 import json
 
@@ -13,6 +14,7 @@ from neox_jax import config as cfg
 from neox_jax import convert
 from neox_jax import generate as G
 from neox_jax import model as model_lib
+from neox_jax import sharding
 from neox_jax.data import default_paths
 from tiny_configs import tiny_model
 
@@ -159,10 +161,28 @@ def test_stop_tokens_stop_strings_and_streaming(tiny):
         G.Sampling(top_p=0.0)
 
 
+def test_stop_strings_on_device_in_chunks_equal_streaming(tiny):
+    """Stop strings without streaming: DECODE_CHUNK picks at a time on the device, checked between chunks; the
+    same tokens, texts and finish reasons as the token-by-token loop, greedy and sampled, stopping past the
+    first chunk and at a max_new_tokens that is no multiple of the chunk."""
+    m, params = tiny
+    gen = G.Generator(m, params)
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    for sampling in (G.Sampling(max_new_tokens=37), G.Sampling(max_new_tokens=37, temperature=1.0, seed=2)):
+        free = gen.generate(PROMPTS, sampling, decode=decode)
+        stop = free[1].text[G.DECODE_CHUNK + 3:G.DECODE_CHUNK + 6]
+        stopping = dataclasses.replace(sampling, stop_strings=(stop,))
+        chunked = gen.generate(PROMPTS, stopping, decode=decode)
+        streamed = gen.generate(PROMPTS, stopping, decode=decode, on_text=lambda row, text: None)
+        assert [(c.tokens, c.text, c.finish_reason) for c in chunked] == \
+            [(c.tokens, c.text, c.finish_reason) for c in streamed]
+        assert chunked[1].finish_reason == "stop_string" and len(chunked[1].tokens) > G.DECODE_CHUNK
+
+
 def test_sharded_generation_equals_single_device(tiny):
     m, params = tiny
     single = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=8))
-    mesh = G.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
+    mesh = sharding.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
     sharded = G.Generator(m, params, mesh=mesh)
     assert sharded.params["embed_in"].sharding.spec[0] == "tensor"
     assert [c.tokens for c in sharded.generate(PROMPTS, G.Sampling(max_new_tokens=8))] == [c.tokens for c in single]

@@ -22,9 +22,6 @@ LAZY = {  # third-party packages a function may import, and why
     "matplotlib": "heavy; only when a plot is drawn",
 }
 
-# Files whose function-local imports are left as they are while other open work rewrites them (the eval-throughput
-# issue); they move to the top when generate.py is split into generate.py + load.py.
-PENDING = {"neox_jax/generate.py", "neox_jax/bench/generate.py"}
 
 
 def modules():
@@ -115,8 +112,6 @@ def test_cycle_finder_finds_a_cycle():
 def test_imports_are_at_module_top():
     problems = []
     for name, (rel, tree) in modules().items():
-        if rel in PENDING:
-            continue
         top = {n.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                for n in imported_names(node, name, rel.endswith("__init__.py"))}
         for node in local_imports(tree):

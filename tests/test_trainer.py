@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, metrics, optim, setup, sharding, trainer
+from neox_jax import cli, convert, load, metrics, optim, setup, sharding, trainer
 from neox_jax import model as model_lib
 from neox_jax import train as train_lib
 
@@ -239,9 +239,7 @@ def test_export_params_then_hf(reference, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, params4)
     assert not np.array_equal(params4["embed_in"], params["embed_in"])  # step 4 is not the latest (8)
     # the eval and generation tools take the workdir itself
-    from neox_jax import generate
-
-    m, latest = generate.load_model(checkpoint=str(workdir))
+    m, latest = load.load_model(checkpoint=str(workdir))
     assert m.padded_vocab_size == 50688
     jax.tree.map(np.testing.assert_array_equal, latest, params)
     convert.save_hf(loaded_config, loaded, tmp_path / "hf")

@@ -17,6 +17,8 @@ from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import generate as gen_lib
 from neox_jax import model as model_lib
+from neox_jax.bench import device, torch_ref
+from neox_jax.cli import load_config
 
 
 def _timed(fn):
@@ -71,9 +73,6 @@ LAYER_LOOPS = ("scan", "unrolled", "unstacked")
 def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len: int = 128, new_tokens: int = 256,
         dtype: str = "bfloat16", compare_hf: bool = False, layer_loops=("scan", "unstacked")) -> list[dict]:
     """One row per (batch, layer loop), plus HF generate rows."""
-    from neox_jax.bench import device
-    from neox_jax.cli import load_config
-
     unknown = [loop for loop in layer_loops if loop not in LAYER_LOOPS]
     if unknown:
         raise errors.InputError(f"layer loop {unknown[0]!r}: expected one of {', '.join(LAYER_LOOPS)}")
@@ -90,8 +89,6 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
             rows.append(r)
             print("row " + json.dumps(r), flush=True)
         if compare_hf:
-            from neox_jax.bench import torch_ref
-
             hf = torch_ref.run_isolated("generate", m, batch=b, prompt_len=prompt_len, new_tokens=new_tokens,
                                         dtype=dtype)
             if "error" in hf:
