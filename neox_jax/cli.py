@@ -75,13 +75,17 @@ def split_config_args(argv: list[str], flag: str = "config") -> tuple[str | None
     return spec, overrides, rest
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str], default: str | None = None):
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]):
     """`parser.parse_args` for an argparse script that takes a config: `--config SPEC` and `--config.FIELD=VALUE`
-    read as every script reads them (`split_config_args`; the parser's own `--config` is there for its help), the
-    rest by `parser`. Sets args.config (SPEC, else `default`) and args.overrides ({FIELD: VALUE})."""
+    read as every script reads them (`split_config_args`; the parser's own `--config` gives its help and default),
+    the rest by `parser`. Sets args.config (SPEC, else the parser's default) and args.overrides ({FIELD: VALUE})."""
     spec, overrides, rest = split_config_args(list(argv))
     args = parser.parse_args(rest)
-    args.config, args.overrides = spec or default, overrides
+    if (spec is not None or overrides) and not hasattr(args, "config"):
+        raise errors.InputError("--config: this command takes no config")
+    if spec is not None:
+        args.config = spec
+    args.overrides = overrides
     return args
 
 

@@ -3,7 +3,7 @@
 
   python scripts/benchmark.py train --preset cpu-small --compare-hf     # vs HF torch on the same shape
   python scripts/benchmark.py train --preset gpu-anchor --compare-hf --torch-compile
-  python scripts/benchmark.py train --config configs/pythia.py:160m --set train.batch_size=8
+  python scripts/benchmark.py train --config configs/pythia.py:160m --config.train.batch_size=8
   python scripts/benchmark.py train --preset gpu-410m --variant train.loss_chunks=8 --variant model.remat_policy=dots
   python scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 --compare-hf
   python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s,
@@ -42,7 +42,7 @@ def train(args):
     from neox_jax.config import ConfigError
 
     try:
-        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=cli.parse_overrides(args.set),
+        rows = bench.run(preset=args.preset, config_spec=args.config, overrides=args.overrides,
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
     except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
@@ -105,7 +105,7 @@ def energy(args):
     from neox_jax.bench.train import PRESETS
 
     spec, overrides = PRESETS[args.preset] if args.preset else (args.config, {})
-    result = bench.overhead(spec, {**overrides, **cli.parse_overrides(args.set)}, steps=args.steps, pairs=args.pairs)
+    result = bench.overhead(spec, {**overrides, **args.overrides}, steps=args.steps, pairs=args.pairs)
     print(bench.format_result(result))
     _write(result, args.json)
 
@@ -136,8 +136,8 @@ def main(argv=None):
 
     t = sub.add_parser("train", help="train-step tokens/s, MFU and memory (optionally vs HF torch)")
     t.add_argument("--preset", choices=[*PRESETS, "gpu-anchor"], help="a named shape (gpu-anchor: 410m and 1.4b)")
-    t.add_argument("--config", help="config spec, e.g. configs/pythia.py:160m (instead of --preset)")
-    t.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    t.add_argument("--config", help="config spec, e.g. configs/pythia.py:160m (instead of --preset); "
+                   "--config.FIELD=VALUE overrides a field (of the preset's config too), repeatable")
     t.add_argument("--variant", action="append", metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="also time the step with these overrides (one more row each), repeatable")
     t.add_argument("--steps", type=int, default=10)
@@ -185,8 +185,8 @@ def main(argv=None):
     d.set_defaults(func=data)
     e = sub.add_parser("energy", help="energy tracking's overhead per train step (interleaved A/B), J/token")
     e.add_argument("--config", default="configs/tiny.py")
-    e.add_argument("--preset", choices=PRESETS, help="a named shape of `train` instead of --config")
-    e.add_argument("--set", action="append", metavar="FIELD=VALUE", help="config override, repeatable")
+    e.add_argument("--preset", choices=PRESETS, help="a named shape of `train` instead of --config "
+                   "(--config.FIELD=VALUE overrides as for train)")
     e.add_argument("--steps", type=int, default=50, help="train steps per timed window (a multiple of log_every)")
     e.add_argument("--pairs", type=int, default=6, help="ABBA pairs of windows (off, on)")
     e.add_argument("--json")
@@ -201,7 +201,10 @@ def main(argv=None):
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json")
     v.set_defaults(func=evaluation)
-    args = p.parse_args(argv)
+    args = cli.parse_args_with_config(p, sys.argv[1:] if argv is None else argv)
+    if args.overrides and args.func not in (train, energy):
+        raise errors.InputError(f"{args.command}: --config.FIELD=VALUE overrides are for train and energy only "
+                                f"(got --config.{next(iter(args.overrides))})")
     args.func(args)
 
 

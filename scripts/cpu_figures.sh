@@ -55,10 +55,10 @@ fi
 if [[ $PARTS == *,pipeline,* ]]; then
   for stage in 1 2; do
     run "pipeline-cpu-small-stage$stage" env XLA_FLAGS=--xla_force_host_platform_device_count=2 $BENCH train \
-      --preset cpu-small --set mesh.stage=$stage --set train.micro_batches=4 --steps 5 \
+      --preset cpu-small --config.mesh.stage=$stage --config.train.micro_batches=4 --steps 5 \
       --json "$OUT/pipeline-cpu-small-stage$stage.json"
     run "pipeline-tiny-stage$stage" env XLA_FLAGS=--xla_force_host_platform_device_count=2 $BENCH train \
-      --config configs/tiny.py --set mesh.stage=$stage --set train.micro_batches=4 --steps 10 \
+      --config configs/tiny.py --config.mesh.stage=$stage --config.train.micro_batches=4 --steps 10 \
       --json "$OUT/pipeline-tiny-stage$stage.json"
   done
 fi

@@ -44,14 +44,14 @@ done
 # per process), for the README's mixed-precision table
 if [[ $PARTS == *,precision,* ]]; then
   for mode in fp32_params master_weights; do
-    timeout 150 $PY scripts/benchmark.py train --preset gpu-1.4b --steps 8 --set precision.mode=$mode \
+    timeout 150 $PY scripts/benchmark.py train --preset gpu-1.4b --steps 8 --config.precision.mode=$mode \
       --json "$OUT/precision-$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/precision-$mode.txt"
   done
 fi
 # energy: tracking on/off interleaved and NVML joules per token (log line every 10 steps, as a real run's would be)
 if [[ $PARTS == *,energy,* ]]; then
 for size in 410m 1.4b; do
-  timeout 200 $PY scripts/benchmark.py energy --preset gpu-$size --set train.log_every=10 --steps 20 --pairs 3 \
+  timeout 200 $PY scripts/benchmark.py energy --preset gpu-$size --config.train.log_every=10 --steps 20 --pairs 3 \
     --json "$OUT/energy-gpu-$size.json" 2>&1 | grep -v -i warn | tee "$OUT/energy-gpu-$size.txt"
 done
 fi

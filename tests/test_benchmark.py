@@ -38,8 +38,8 @@ def test_train_benchmark_rejects_bad_variants_before_timing(capsys):
 @pytest.mark.slow
 def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
     out = tmp_path / "train.json"
-    benchmark("train", "--config", "configs/tiny.py", "--set", "model.num_layers=1", "--set", "train.batch_size=8",
-              "--set", "train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "2", "--compare-hf",
+    benchmark("train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.train.batch_size=8",
+              "--config.train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "2", "--compare-hf",
               "--variant", "train.loss_chunks=2", "--json", str(out), "--profile", str(tmp_path / "trace"))
     rows = json.loads(out.read_text())
     assert [r["impl"] for r in rows] == ["neox_jax", "neox_jax[loss_chunks=2]", "hf_torch_eager"]
@@ -81,8 +81,8 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys):
 @pytest.mark.slow
 def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     out = tmp_path / "energy.json"
-    benchmark("energy", "--set", "model.num_layers=1", "--set", "train.batch_size=8", "--set", "train.seq_len=16",
-              "--set", "train.log_every=2", "--steps", "4", "--pairs", "2", "--json", str(out))
+    benchmark("energy", "--config.model.num_layers=1", "--config.train.batch_size=8", "--config.train.seq_len=16",
+              "--config.train.log_every=2", "--steps", "4", "--pairs", "2", "--json", str(out))
     r = json.loads(out.read_text())
     assert len(r["step_time_off"]) == len(r["step_time_on"]) == 2 and r["steps_per_window"] == 4
     rel = [(b - a) / a for a, b in zip(r["step_time_off"], r["step_time_on"])]
