@@ -70,3 +70,27 @@ def test_typo_is_rejected_with_near_names():
     c.model.num_layer = 3  # a typo inside a config file
     with pytest.raises(C.ConfigError, match="model.num_layer"):
         C.validate(c)
+
+
+def test_command_line_config_args_are_split_once_and_typed_by_their_fields():
+    from neox_jax import cli
+
+    argv = ["--workdir", "w", "--config", "configs/tiny.py", "--config.optimizer.lr=3e-4", "--config.train.steps",
+            "7", "--config.data.order=gpt_neox", "--config.train.log_every=2", "--steps=5"]
+    spec, overrides, rest = cli.split_config_args(argv)
+    assert spec == "configs/tiny.py" and rest == ["--workdir", "w", "--steps=5"]
+    config = cli.load_config(spec, overrides, "--config")
+    assert (config.optimizer.lr, config.train.steps, config.data.order) == (3e-4, 7, "gpt_neox")
+    assert isinstance(config.train.steps, int) and isinstance(config.optimizer.lr, float)
+    flag = next(k for k, v in C.default_config().train.items() if isinstance(v, bool))
+    for text, value in (("true", True), ("False", False), ("1", True), ("no", False)):
+        assert C.merge(config, {f"train.{flag}": text})["train"][flag] is value
+    for field, text, message in (("train.steps", "abc", "--config.train.steps=abc: expected an integer"),
+                                 ("optimizer.lr", "fast", "--config.optimizer.lr=fast: expected a number"),
+                                 (f"train.{flag}", "maybe", "expected true or false")):
+        with pytest.raises(C.ConfigError, match=message):
+            cli.load_config(spec, {field: text}, "--config")
+    with pytest.raises(C.ConfigError, match="config file nope.py not found"):
+        cli.load_config("nope.py")
+    with pytest.raises(ValueError, match="--config.train.steps expects a value"):
+        cli.split_config_args(["--config.train.steps"])
