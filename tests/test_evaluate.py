@@ -82,9 +82,9 @@ def test_loglikelihood_matches_hf_backend_on_local_tasks(small_hf):
 
 
 @pytest.mark.slow
-def test_pythia_70m_shape_matches_hf_backend_limit_50(tmp_path):
+def test_pythia_70m_shape_matches_hf_backend_limit_20(tmp_path):
     path = make_hf_model(tmp_path / "hf70m", PYTHIA_70M, seed=1)
-    ours, theirs = run_both(path, list(E.LOCAL_TASKS), limit=50)
+    ours, theirs = run_both(path, list(E.LOCAL_TASKS), limit=20)
     compare(ours, theirs, E.LOCAL_TASKS)
 
 

@@ -25,9 +25,11 @@ def get_sweep():
 '''
 
 
-def _sweep_cli(*args, cwd=ROOT):
+def _sweep_cli(*args, cwd=ROOT, compile_cache=None):
     env = dict(os.environ)  # the runs train on one CPU device: cheaper than the tests' 8 simulated ones
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if compile_cache:  # one device, no collectives: safe to share compiled steps between the runs (conftest)
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=240, cwd=cwd,
                           env=env)
@@ -96,7 +98,7 @@ def test_summarize_without_runs_is_an_error(tmp_path):
 def test_local_sweep_then_summary(tmp_path):
     """configs/sweeps/tiny.py (2 x 2, 3 steps of a very small model) runs to the end; the summary has all 4."""
     proc = _sweep_cli("--sweep", str(ROOT / "configs" / "sweeps" / "tiny.py"), "--emit", "local",
-                      "--runs_dir", str(tmp_path), cwd=tmp_path)
+                      "--runs_dir", str(tmp_path), cwd=tmp_path, compile_cache=tmp_path / "xla_cache")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "4/4 runs finished" in proc.stdout
     proc = _sweep_cli("--summarize", str(tmp_path / "tiny"))
