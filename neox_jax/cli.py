@@ -96,6 +96,9 @@ def run_with_config(main, default_config: str) -> None:
     with errors.one_line_errors():
         spec, overrides, rest = split_config_args(sys.argv)
     spec = spec or default_config
+    if "config" not in flags.FLAGS:  # for --help only: split_config_args has taken the flag out of argv
+        flags.DEFINE_string("config", default_config, "config file, path[:arg]; any field is overridden with "
+                            "--config.FIELD=VALUE", module_name=sys.argv[0])
 
     def run(argv):
         with errors.one_line_errors():
@@ -136,7 +139,7 @@ def parse_absl_flags(argv):
         return flags.FLAGS(argv)
     except flags.UnrecognizedFlagError as e:
         own = sorted({f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
-                      if not module.startswith("absl") for f in defined})
+                      if not module.startswith("absl") for f in defined} - {"config"})
         near = difflib.get_close_matches(e.flagname, own, n=3, cutoff=0.6)
         errors.fatal(f"unknown flag --{e.flagname}" + (f"; did you mean {', '.join('--' + n for n in near)}?"
                                                       if near else "")
