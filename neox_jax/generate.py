@@ -169,7 +169,7 @@ class Generator:
         weights), and batch rows and the cache are split over the data axes.
 
         By default the generator keeps its own copy of the weights with one buffer per layer (and a per-layer
-        cache) and decodes through an unrolled layer loop: 1.6x the decode speed of the layer scan on CPU (see
+        cache) and decodes through an unrolled layer loop: 1.35-1.7x the decode speed of the layer scan on CPU (see
         README, Benchmarks). Drop other references to `params` to free the stacked copy; `stacked=True` uses
         `params` as they are."""
         self.m, self.mesh, self.stacked = m, mesh, stacked
