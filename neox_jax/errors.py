@@ -69,8 +69,8 @@ def one_line_errors():
 
 
 def guarded(main):
-    """A script's `main` run inside `one_line_errors` (decorate it; with absl: `app.run(main, flags_parser=
-    cli.parse_absl_flags)`)."""
+    """A script's `main` run inside `one_line_errors` (decorate it; an absl script that takes a config runs it with
+    `cli.run_with_config`, which parses the flags with `cli.parse_absl_flags`)."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):

@@ -134,6 +134,11 @@ def check_pair(context: Sequence[int], continuation: Sequence[int], max_length: 
                          f"(both must be non-empty, the continuation at most max_length={max_length})")
 
 
+def input_length(context: Sequence[int], continuation: Sequence[int], max_length: int) -> int:
+    """Positions a request needs on its own: its tokens after left truncation to max_length + 1, less the last."""
+    return min(len(context) + len(continuation), max_length + 1) - 1
+
+
 def group_requests(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
                    size_limit: int) -> tuple[list[_Group], list[tuple], list[list[int]]]:
     """Groups of equal truncated contexts (none over `size_limit` nodes), the scored (group, node, target)
@@ -284,7 +289,7 @@ class Scorer:
             members[id(g)] = members.get(id(g), 0) + 1
         st = self.stats
         st.requests += len(pairs)
-        st.tokens += sum(len((list(c) + list(x))[-(self.max_length + 1):]) - 1 for c, x in pairs)
+        st.tokens += sum(input_length(c, x, self.max_length) for c, x in pairs)
         rows = pack([g.size for g in groups], self.lengths)
         by_node: dict[int, dict[int, list[tuple[int, int]]]] = {}  # group -> node -> [(target, pair id)]
         for pair_id, (g, node, target) in enumerate(scored):

@@ -22,6 +22,7 @@ import jax
 from neox_jax import convert
 from neox_jax import evaluate as E
 from neox_jax import model as model_lib
+from neox_jax import scoring
 from neox_jax.cli import load_config
 from neox_jax.data import default_paths
 
@@ -103,7 +104,7 @@ def run(config_spec: str = "configs/pythia.py:70m", tasks: dict | None = None, b
     score_pairs = ours.score_pairs
 
     def recording(pairs, *args, **kwargs):
-        lengths.extend(len((list(c) + list(x))[-(ours.max_length + 1):]) - 1 for c, x in pairs)
+        lengths.extend(scoring.input_length(c, x, ours.max_length) for c, x in pairs)
         return score_pairs(pairs, *args, **kwargs)
 
     ours.score_pairs = recording
