@@ -36,6 +36,19 @@ def test_train_benchmark_rejects_bad_variants_before_timing(capsys):
         assert "row " not in out.out  # nothing was timed
 
 
+def test_config_flags_go_only_to_commands_that_take_a_config(capsys):
+    for argv, message in ((("data", "--config", "configs/tiny.py"), "FATAL: --config: this command takes no config"),
+                          (("generate", "--config.model.dtype=float32"),
+                           "FATAL: generate: --config.FIELD=VALUE overrides are for train and energy only "
+                           "(got --config.model.dtype)"),
+                          (("train", "--preset", "cpu-tiny", "--config.train.stepz=2"),
+                           "unknown config field 'train.stepz'; did you mean 'train.steps'")):
+        with pytest.raises(SystemExit) as e:
+            benchmark(*argv)
+        out = capsys.readouterr()
+        assert e.value.code == 2 and message in out.err and "row " not in out.out
+
+
 @pytest.mark.slow
 def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
     out = tmp_path / "train.json"

@@ -446,6 +446,11 @@ def test_plan_run_script_paper_check_and_sweep(tmp_path, capsys):
         _plan_run("--config", "configs/tiny.py", "--config.train.stepz=3", "--device", "A100", "--devices", "1",
                   "--mfu", "0.5")
     assert e.value.code == 2 and "FATAL: unknown config field 'train.stepz'" in capsys.readouterr().err
+    for argv, message in ((("--config", "configs/tiny.py", "--sweep", "configs/sweeps/tiny.py"), "not both"),
+                          ((), "give --config SPEC or --sweep FILE")):
+        with pytest.raises(SystemExit) as e:
+            _plan_run(*argv, "--device", "A100", "--devices", "1", "--mfu", "0.5")
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("same_host, counts", [(True, False), (False, True)])
