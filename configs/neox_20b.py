@@ -7,6 +7,11 @@ batch 1,536 x 2,048, 150,000 steps, fp16 with dynamic loss scaling.
 from neox_jax.config import default_config
 
 
+def devices(arg=None) -> int:
+    """The A100-40GB GPUs the paper trained on."""
+    return 96
+
+
 def get_config(arg=None):
     c = default_config()
     m = c.model

@@ -27,4 +27,5 @@ def get_config(arg=None):
     c.train.eval_every = 200
     c.train.eval_batches = 16  # 8k validation tokens: a steady estimate
     c.train.checkpoint_every = 200
+    c.data.bundled_sample = True  # the 6 MB Pile sample in neox_jax/assets, when no data.train_paths is given
     return c

@@ -113,6 +113,10 @@ def default_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             keep_every=0,  # 0: none kept permanently
             max_nonfinite_in_a_row=5,
+            # before the first step the compiled step's per-device peak is compared with the device's memory: over
+            # it the run stops naming settings that fit, near it a warning (neox_jax/fit.py); false: no check
+            memory_check=True,
+            device_memory_gb=0.0,  # 0: what the device reports (GPU/TPU; CPU reports none); else this many GB
             profile_steps="",  # "10,12": JAX profiler trace from step 10 to 12
             peak_tflops=0.0,  # 0: look up the device in metrics.PEAK_TFLOPS
             wandb_project="",  # "": no Weights & Biases logging; else the wandb project (needs wandb installed)
@@ -123,7 +127,10 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            train_paths="",  # comma-separated .bin/.idx prefixes or Pile-format files; "" -> bundled sample
+            train_paths="",  # comma-separated .bin/.idx prefixes or Pile-format files (README, "Data")
+            # with no train_paths, train on the 6 MB Pile sample bundled with the package: configs/tiny.py and the
+            # tests set it; any other run without data stops with one line instead of training on a toy corpus
+            bundled_sample=False,
             train_weights="",  # comma-separated mixing weights, same order as train_paths
             val_paths="",
             tokenizer="",  # "" -> bundled 20B tokenizer

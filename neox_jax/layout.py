@@ -32,23 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
 from neox_jax import model as model_lib
-from neox_jax import setup, sharding, train
+from neox_jax import fit, memory, setup, sharding, train
+from neox_jax.memory import (ACTIVATIONS, ATTENTION, COLLECTIVES, GRADIENTS, HEAD, HEAD_INPUTS, OTHER, PARTS,
+                             SHARDS, STAGE_INPUTS, STORED, UNATTRIBUTED)
 from neox_jax.pytree import path_name
 from neox_jax.setup import RunSetup
-
-# Named parts of the compiled temp, in the order reports print them.
-STAGE_INPUTS = "pipeline: stage inputs kept per tick"
-HEAD_INPUTS = "pipeline: head inputs kept per tick"
-REMAT = "saved layer inputs (remat)"
-ATTENTION = "attention scores"
-GRADIENTS = "gradients (param-sized)"
-SHARDS = "optimizer update (ZeRO-shard-sized)"
-ACTIVATIONS = "activations of the layer being computed"
-COLLECTIVES = "collective buffers"
-OTHER = "other"
-UNATTRIBUTED = "allocator padding and reuse"
-PARTS = (STAGE_INPUTS, HEAD_INPUTS, REMAT, ATTENTION, GRADIENTS, SHARDS, ACTIVATIONS, COLLECTIVES, OTHER, UNATTRIBUTED)
-
 
 # ---- state: placements and exact bytes ------------------------------------------------------------------
 
@@ -85,14 +73,13 @@ def layout_report(run: RunSetup) -> dict:
         master_specs = jax.tree.leaves(place.master, is_leaf=is_spec)
         opt += [_entry("master/" + path_name(p), b.value.shape, np.float32, s, mesh)
                 for (p, b), s in zip(flat, master_specs)]
-    grad_specs = jax.tree.leaves(place.grads, is_leaf=is_spec)
-    grads = sum(_entry("", b.value.shape, np.float32, s, mesh)["local_bytes"] for (_, b), s in zip(flat, grad_specs))
-    totals = {"params": sum(e["local_bytes"] for e in params), "optimizer": sum(e["local_bytes"] for e in opt),
-              "grads": grads}
+    totals = memory.state_bytes(run)
     totals["total: params + optimizer + grads (no activations)"] = sum(totals.values())
     notes = [f"ZeRO-1: no dim of {n} divisible by data x fsdp = {sharding.batch_split(mesh)}; its moments stay "
              "replicated" for n in place.replicated_moments]
     report = {"mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names}, "zero_stage": zero_stage,
+              "remat": config.model.remat_policy,
+              "rows_per_device": config.train.batch_size // micro_batches // sharding.batch_split(mesh),
               "precision": "master_weights" if master_weights else "fp32_params",
               "param_count": sum(math.prod(e["shape"]) for e in params),
               "params": params, "optimizer": opt, "per_device_bytes": totals, "notes": notes}
@@ -113,7 +100,7 @@ def add_compiled_memory(report: dict, stats, note: str | None = None, breakdown:
     temp = stats.temp_size_in_bytes
     compiled = {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
                 "aliased": stats.alias_size_in_bytes, "temp": temp}
-    peak = compiled["arguments"] + temp + compiled["outputs"] - compiled["aliased"]
+    peak = fit.compiled_peak(stats)
     report["compiled"] = compiled
     report["per_device_bytes"]["temp: activations + grads + workspace (compiled)"] = temp
     report["per_device_bytes"]["total: compiled peak estimate"] = peak
@@ -138,6 +125,8 @@ class StepShapes:
     layers: int  # layers per stage (all layers without a pipeline)
     heads: int  # attention heads per device
     query_block: int  # queries whose scores exist at once (the chunk of chunked attention, else seq_len)
+    vocab: int  # padded vocabulary per device (the head's logits)
+    head_rows: int  # tokens whose logits exist at once: rows x seq_len / train.loss_chunks
     param_shapes: frozenset  # per-device param shapes, size-1 dims dropped
     shard_shapes: frozenset  # per-device master / moment shapes
 
@@ -162,7 +151,10 @@ def step_shapes(run: RunSetup) -> StepShapes:
                       seq_len=c.train.seq_len, hidden=m.hidden_size, stages=stages,
                       ticks=c.train.micro_batches + stages - 1 if stages > 1 else 0,
                       layers=m.num_layers // stages, heads=m.num_heads // int(mesh.shape["tensor"]),
-                      query_block=chunk, param_shapes=local(place.params), shard_shapes=local(place.master))
+                      query_block=chunk, vocab=cfg.padded_vocab(m, int(mesh.shape["tensor"])) // int(mesh.shape["tensor"]),
+                      head_rows=c.train.batch_size // c.train.micro_batches // sharding.batch_split(mesh)
+                      * c.train.seq_len // c.train.loss_chunks,
+                      param_shapes=local(place.params), shard_shapes=local(place.master))
 
 
 _SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
@@ -185,8 +177,11 @@ def classify(dtype_dims: tuple[str, tuple], opcode: str, s: StepShapes) -> str:
         return STAGE_INPUTS
     if s.ticks and shape == _squeeze((s.ticks, s.rows, s.seq_len // s.stages, s.hidden)):
         return HEAD_INPUTS
-    if s.layers > 1 and shape == _squeeze((s.layers, s.rows, s.seq_len, s.hidden)):
-        return REMAT
+    lead = _squeeze((s.layers, s.rows, s.seq_len))
+    if s.layers > 1 and (shape[:len(lead)] == lead or shape[:2] == (s.layers, tokens)):
+        return STORED  # one slice per layer: what the remat policy keeps for the backward
+    if s.vocab in dims and math.prod(shape) % (s.head_rows * s.vocab) == 0:
+        return HEAD
     if len(dims) >= 2 and dims[-1] == s.seq_len and dims[-2] in (s.query_block, s.seq_len) and s.heads in dims:
         return ATTENTION
     if len(dims) >= 2 and dims[-2:] == (s.seq_len, s.query_block) and s.heads in dims:
@@ -252,68 +247,6 @@ def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict |
         return None  # this compiler's live ranges are not its final memory assignment (seen on TPU)
     parts[UNATTRIBUTED] = temp_bytes - sum(parts.values())
     return {p: int(parts[p]) for p in PARTS if parts[p]}
-
-
-# ---- model: the same parts from a formula ------------------------------------------------------------------
-
-def analytic_memory(config, mesh: Mesh, state_bytes: dict, attention: str = "xla") -> dict:
-    """Per-device bytes of a train step from the config's sizes: the state (exact, from the report) plus what the
-    step keeps at its memory peak, which for a stack of layers is the backward pass of one layer while everything
-    saved for the later ones is still held. Sizes: rows = sequences per device per micro-batch, T, H, F (mlp per
-    device), n (heads per device), L (layers per stage), S stages, M micro-batches, P (layer parameters per
-    device), G (bytes of the fp32 gradients at their ZeRO placement), b = the compute dtype's bytes, b_g = the
-    params' (gradients') bytes:
-
-      pipeline stage inputs       (M + S - 1) x rows x T x H x b         one per tick, kept until the backward
-      pipeline head inputs        (M + S - 1) x rows x T/S x H x b
-      saved layer inputs (remat)  L x rows x T x H x b                   full remat: one per layer
-      gradients                   pipeline: P x b_g                      the stage's, accumulated over ticks
-                                  micro-batches, ZeRO-1: G               the accumulator; each micro-batch's are
-                                                                         reduce-scattered into it layer by layer
-                                  micro-batches, else: 2 G + G b_g / 4   accumulator, one micro-batch's, its 16-bit
-      attention scores            3 x rows x n x q x T x 4               scores, probabilities, their gradient
-                                                                         (q = T for XLA, the chunk for chunked;
-                                                                         none for cuDNN flash attention)
-      one layer's backward        rows x T x (12 H + 4 F) x 4            fp32 LayerNorm and GELU intermediates,
-                                                                         the qkv and mlp activations, gradients
-      optimizer update (ZeRO-1)   the Adam moments' bytes                copies XLA keeps of the donated moments
-                                                                         for the in-place update
-
-    Fitted to XLA:CPU compiles (inspect_sharding's default); GPU compilers need less (flash attention, 16-bit
-    fusions, per-layer gradient reduction), so there it is an upper bound."""
-    c, m = config, config.model
-    stages = sharding.num_stages(mesh)
-    tensor = int(mesh.shape["tensor"])
-    rows = c.train.batch_size // c.train.micro_batches // sharding.batch_split(mesh)
-    t, h = c.train.seq_len, m.hidden_size
-    f, heads = cfg.ffn_size(m) // tensor, m.num_heads // tensor
-    b_act = np.dtype(m.dtype).itemsize
-    b_grad = np.dtype(cfg.state_param_dtype(c)).itemsize
-    layers = m.num_layers // stages
-    out = {}
-    if stages > 1:
-        ticks = c.train.micro_batches + stages - 1
-        out[STAGE_INPUTS] = ticks * rows * t * h * b_act
-        out[HEAD_INPUTS] = ticks * rows * (t // stages) * h * b_act
-    if m.remat_policy == "full":
-        out[REMAT] = layers * rows * t * h * b_act
-    vocab = cfg.padded_vocab(m, tensor)
-    embeddings = 2 * vocab * h // tensor // (sharding.batch_split(mesh) if c.zero_stage == 3 else 1)
-    params = state_bytes["params"] // b_grad - embeddings  # layer parameters per device
-    if stages > 1:
-        out[GRADIENTS] = params * b_grad
-    elif c.train.micro_batches > 1 and c.zero_stage == 1:  # reduce-scattered layer by layer into the accumulator
-        out[GRADIENTS] = state_bytes["grads"]
-    elif c.train.micro_batches > 1:
-        out[GRADIENTS] = 2 * state_bytes["grads"] + state_bytes["grads"] * b_grad // 4
-    if attention != "cudnn":  # flash attention keeps O(T) per head: nothing worth counting
-        out[ATTENTION] = 3 * rows * heads * (min(m.attention_chunk, t) if attention == "chunked" else t) * t * 4
-    out[ACTIVATIONS] = rows * t * (12 * h + 4 * f) * 4
-    if c.zero_stage == 1 and c.precision.mode == "master_weights":
-        out[SHARDS] = state_bytes["optimizer"] * 2 // 3  # the moments: 8 of the 12 bytes per parameter
-    temp = sum(out.values())
-    state = state_bytes["params"] + state_bytes["optimizer"]
-    return {"state": state, "temp": temp, "parts": out, "peak": state + temp}
 
 
 # ---- one call: report, compile, breakdown, model -------------------------------------------------------------
@@ -387,7 +320,7 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     report = add_compiled_memory(report, stats, breakdown=breakdown)
     report["target"] = platform
     report["attention"] = model_lib.attention_impl_for(compiled_config.model, platform)
-    report["model"] = analytic_memory(compiled_config, mesh, report["per_device_bytes"], report["attention"])
+    report["model"] = memory.analytic_memory(compiled, platform)
     report["notes"] += notes
     if platform == "cpu":
         report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "
@@ -417,6 +350,34 @@ def _with_layers(config, layers):
     c = config.copy_and_resolve_references()
     c.model.num_layers = layers
     return c
+
+
+# ---- one row per config: a family's presets on the device counts they were trained on ------------------------
+
+def preset_row(name: str, report: dict, device_bytes: int | None) -> dict:
+    """One row of a presets table: the layout, the compiled peak, the model's figure and its error, and whether
+    the step fits `device_bytes` per device."""
+    pdb, mesh = report["per_device_bytes"], report["mesh"]
+    peak, model = pdb["total: compiled peak estimate"], report["model"]["peak"]
+    return {"config": name, "devices": math.prod(mesh.values()),
+            "mesh": " x ".join(f"{a} {n}" for a, n in mesh.items() if n > 1) or "1 device",
+            "rows": report["rows_per_device"], "remat": report["remat"], "zero_stage": report["zero_stage"],
+            "params": pdb["params"], "optimizer": pdb["optimizer"], "peak": peak, "model": model,
+            "error": model / peak - 1, "fits": None if not device_bytes else peak <= device_bytes,
+            "device_bytes": device_bytes}
+
+
+def format_preset_rows(rows: list[dict], target: str) -> str:
+    head = (f"{'config':<24} {'devices':>7} {'mesh':<18} {'seqs/dev':>8} {'remat':<13} {'zero':>4} {'params':>9} "
+            f"{'optimizer':>9} {'compiled peak':>13} {'model (error)':>16} {'fits?':>6}")
+    lines = [f"per-device memory compiled for {target}", head, "-" * len(head)]
+    for r in rows:
+        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO")
+        model = f"{gb(r['model'])} ({r['error']:+.0%})"
+        lines.append(f"{r['config']:<24} {r['devices']:>7} {r['mesh']:<18} {r['rows']:>8} {r['remat']:<13} "
+                     f"{r['zero_stage']:>4} {gb(r['params']):>9} {gb(r['optimizer']):>9} {gb(r['peak']):>13} "
+                     f"{model:>16} {fits:>6}")
+    return "\n".join(lines)
 
 
 # ---- text -------------------------------------------------------------------------------------------------
@@ -462,10 +423,10 @@ def format_report(report: dict) -> str:
         lines.append(f"{k:<50} {gb(v):>12}")
     if "temp_breakdown" in report:
         lines += ["", "compiled temp at its peak, by part", "-" * 63]
-        lines += [f"  {k:<48} {gb(v):>12}" for k, v in report["temp_breakdown"].items()]
+        lines += [f"  {memory.label(k, report['remat']):<48} {gb(v):>12}" for k, v in report["temp_breakdown"].items()]
     if "model" in report:
         lines += ["", "analytic model (neox_jax.layout.analytic_memory)", "-" * 63]
-        lines += [f"  {k:<48} {gb(v):>12}" for k, v in report["model"]["parts"].items()]
+        lines += [f"  {memory.label(k, report['remat']):<48} {gb(v):>12}" for k, v in report["model"]["parts"].items()]
         lines.append(f"{'model peak (state + the parts above)':<50} {gb(report['model']['peak']):>12}")
     if "pipeline" in report:
         p = report["pipeline"]

@@ -141,7 +141,23 @@ def attention_impl(m, decoding: bool) -> str:
     if m.attention_impl != "auto":
         return m.attention_impl
     half = jnp.dtype(m.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return "cudnn" if (target_platform() == "gpu" and half and not decoding) else "xla"
+    if target_platform() != "gpu" or not half or decoding:
+        return "xla"
+    return "cudnn" if _cudnn_takes_head_dim(m.hidden_size // m.num_heads) else "chunked"
+
+
+def _cudnn_takes_head_dim(head_dim: int) -> bool:
+    """cuDNN flash attention takes head dims up to 128 (multiples of 8), and 256 on Hopper and later (pythia-1b's
+    is 256). A compile for a GPU this host does not have cannot ask the device, so there 128 is the limit."""
+    if head_dim % 8:
+        return False
+    if head_dim <= 128:
+        return True
+    try:
+        gpu = jax.local_devices(backend="gpu")[0]
+        return head_dim <= 256 and tuple(int(x) for x in gpu.compute_capability.split(".")) >= (9, 0)
+    except (RuntimeError, AttributeError, ValueError):  # no GPU here: a deviceless compile
+        return False
 
 
 def _cpu_fp16(*xs):

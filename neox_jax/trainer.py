@@ -27,10 +27,10 @@ from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
-from neox_jax import pretrained, setup, sharding
+from neox_jax import fit, pretrained, setup, sharding
 from neox_jax import train as train_lib
 from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
-                           tokenizes_text)
+                           tokenizes_text, train_spec)
 
 log = logging.getLogger("neox_jax")
 
@@ -124,6 +124,32 @@ def unigram_baseline(train_it, val_batches, vocab_size: int, max_tokens: int = 2
     return metrics_lib.unigram_cross_entropy(train, targets, vocab_size, weights=train_it.weights)
 
 
+def describe_devices(mesh) -> str:
+    """The start-up line: processes, devices and the mesh they form."""
+    sizes = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
+    d = jax.devices()[0]
+    return (f"devices: {jax.device_count()} {d.platform} ({d.device_kind}) in {jax.process_count()} process(es); "
+            f"mesh {sizes}")
+
+
+def compile_and_check(run: setup.RunSetup, say):
+    """The train step compiled ahead of time (the executable the loop calls), after its per-device peak was checked
+    against the device's memory (`fit.check`; train.memory_check=false skips the check)."""
+    t = run.config.train
+    say(f"compiling the train step ({cfg.param_count(run.model) / 1e6:,.0f}M parameters, "
+        f"{t.batch_size // t.micro_batches // sharding.batch_split(run.mesh)} sequences of {t.seq_len} per device "
+        f"per micro-batch)...")
+    start = time.perf_counter()
+    step = train_lib.compile_train_step(run)
+    took = f"compiled in {time.perf_counter() - start:.0f} s"
+    if not t.memory_check:
+        say(f"{took}; memory check off (train.memory_check=false)")
+        return step
+    line = fit.check(run, step.memory_analysis(), fit.device_bytes(t.device_memory_gb), say)
+    say(f"{took}; {line}")
+    return step
+
+
 def _any_process(flag: bool) -> bool:
     """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
     if jax.process_count() == 1:
@@ -147,6 +173,8 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
+    say(describe_devices(mesh))
+    train_spec(config)  # no data named: one line before anything is written
 
     last: dict = {}
     with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
@@ -183,7 +211,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
             del params
-        step_fn = train_lib.make_train_step(run)
+        step_fn = compile_and_check(run, say)
         eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
         if is_main:
             with open(f"{workdir}/config.json", "w") as f:

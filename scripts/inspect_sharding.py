@@ -54,6 +54,8 @@ def _flag_values(argv, name):
 
 
 def _devices_needed(argv) -> int:
+    if _flag_values(argv, "presets"):
+        return 256  # the largest family member's device count (pythia-12b)
     sizes = [parse_layout(v) for f in ("mesh", "compare") for v in _flag_values(argv, f)] or [{}]
     return max(math.prod(s.get(a, 1) for a in MESH_AXES) for s in sizes)
 
@@ -62,7 +64,10 @@ if __name__ == "__main__":
     from neox_jax import targets
 
     try:
-        _TARGET = targets.parse((_flag_values(sys.argv, "target") or ["cpu"])[-1])
+        _SPEC = (_flag_values(sys.argv, "target") or ["cpu"])[-1]
+        if _flag_values(sys.argv, "presets") and _SPEC.count(":") == 1:
+            _SPEC += ":8"  # the GPU kind alone: each preset brings its count
+        _TARGET = targets.parse(_SPEC)
     except targets.TargetError as e:
         errors.fatal(f"inspect_sharding: {e}")
     # Simulated devices and plugin settings must be in place before jax is imported.
@@ -93,6 +98,9 @@ _DEVICE_GB = flags.DEFINE_float("device_memory", None, "device memory line on th
 _COMPILE = flags.DEFINE_bool("compile", True, "AOT-compile the train step for the activation/temp estimate")
 _COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 0,
                                        "0: compile all layers; N: compile N and 2N layers and extrapolate linearly")
+_PRESETS = flags.DEFINE_string("presets", None, "a config file whose every preset (e.g. configs/pythia.py: each "
+                                "size) is compiled on the device count it was trained on (the file's devices(arg)); "
+                                "one table row each; --target's GPU kind is kept, its count replaced")
 _HOISTING = flags.DEFINE_bool("cpu_hoisting", False, "on CPU, keep XLA:CPU's hoisting of fp32 copies of 16-bit "
                               "loop operands (off by default: GPU/TPU compilers do not make them)")
 
@@ -120,10 +128,13 @@ def compared(first: dict, spec: str) -> dict:
 def main(argv, config, config_spec):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    if not _MESH.value:
-        raise errors.InputError("--mesh is required, e.g. --mesh data=12,tensor=2")
     from neox_jax import layout, targets
     from neox_jax.config import ConfigError
+
+    if _PRESETS.value:
+        return presets_table(_PRESETS.value, cli.split_config_args(sys.argv)[1])
+    if not _MESH.value:
+        raise errors.InputError("--mesh is required, e.g. --mesh data=12,tensor=2")
 
     config = config.copy_and_resolve_references()
     for field, flag in (("model.remat_policy", _REMAT), ("train.batch_size", _BATCH),
@@ -144,6 +155,8 @@ def main(argv, config, config_spec):
         if len(devices) < count or (target.device_count and len(devices) != count):
             raise ConfigError(f"config field mesh: the layout uses {count} devices but --target "
                               f"{target.spec} has {len(devices)}")
+        print(f"compiling the train step of layout {len(reports) + 1}/{len(layouts)} for {target.spec} "
+              f"({count} devices)...", file=sys.stderr, flush=True)
         reports.append(layout.inspect(c, devices[:count], target.platform, _COMPILE.value, _COMPILE_LAYERS.value,
                                       _HOISTING.value))
     if _PLOT.value:
@@ -159,6 +172,34 @@ def main(argv, config, config_spec):
     for other in reports[1:]:
         print()
         print(layout.format_comparison(layout.compare_reports(reports[0], other)))
+
+
+def presets_table(path: str, overrides: dict) -> None:
+    """Every preset of the config file `path` compiled for --target on the device count it was trained on."""
+    from neox_jax import layout, targets
+
+    module = cli.import_file(path, "_neox_presets_")
+    if not hasattr(module, "devices"):
+        raise errors.InputError(f"--presets {path}: defines no devices(arg) (the device count each preset was "
+                                "trained on), as configs/pythia.py and configs/neox_20b.py do")
+    kind = ":".join(_TARGET_FLAG.value.split(":")[:2]) if _TARGET_FLAG.value.startswith("gpu:") else _TARGET_FLAG.value
+    rows, reports = [], []
+    for arg in getattr(module, "SIZES", [None]):
+        spec = f"{path}:{arg}" if arg else path
+        count = module.devices(arg)
+        target = targets.parse(f"{kind}:{count}" if kind.startswith("gpu:") else kind)
+        print(f"compiling {spec} for {target.spec} ({count} devices)...", file=sys.stderr, flush=True)
+        report = layout.inspect(cli.load_config(spec, overrides, "--config"), targets.devices(target)[:count],
+                                target.platform, _COMPILE.value, _COMPILE_LAYERS.value, _HOISTING.value)
+        device = _DEVICE_GB.value * 1e9 if _DEVICE_GB.value else target.device_bytes
+        rows.append(layout.preset_row(os.path.basename(spec), report, device))
+        reports.append(report)
+    if _FORMAT.value == "json":
+        print(json.dumps(rows, indent=1))
+    else:
+        print(layout.format_preset_rows(rows, _TARGET_FLAG.value))
+    if _PLOT.value:
+        print(f"plot: {layout.plot_memory(reports, _PLOT.value, rows[0]['device_bytes'])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def test_breakdown_finds_what_the_pipeline_keeps(pipelined_report):
     ticks = MICRO + STAGES - 1
     assert parts[layout.STAGE_INPUTS] == ticks * ROWS * SEQ * HIDDEN * 2
     assert parts[layout.HEAD_INPUTS] == ticks * ROWS * (SEQ // STAGES) * HIDDEN * 2
-    assert parts[layout.REMAT] == (LAYERS // STAGES) * ROWS * SEQ * HIDDEN * 2
+    assert parts[layout.STORED] == (LAYERS // STAGES) * ROWS * SEQ * HIDDEN * 2
     temp = pipelined_report["compiled"]["temp"]
     assert sum(parts.values()) == temp
     assert 0 <= parts.get(layout.UNATTRIBUTED, 0) < 0.25 * temp

@@ -31,6 +31,7 @@ def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0, *, stage=1, **sections):
     c.model.update(MODEL)
     c.optimizer.update(OPTIMIZER)
     c.train.update(TRAIN)
+    c.data.bundled_sample = True
     c.mesh.update(dict(stage=stage, data=data, fsdp=fsdp, tensor=tensor))
     c.zero_stage = zero_stage
     for name, fields in sections.items():

@@ -17,6 +17,7 @@ _EXPORTS = {
     "IndexedDataset": "indexed", "IndexedWriter": "indexed", "IndexedFormatError": "indexed",
     "make_train_iterator": "dataset", "make_val_batches": "dataset", "resolve_paths": "dataset",
     "TrainIterator": "dataset", "steps_batches": "dataset", "tokenizes_text": "dataset", "run_datasets": "dataset",
+    "train_spec": "dataset",
     "dedup_report": "dedup",
 }
 

@@ -336,8 +336,19 @@ def _process(process_index, process_count):
     return process_index, process_count
 
 
-def _train_spec(config) -> str:
-    return config.data.train_paths or default_paths()["train"]
+def train_spec(config) -> str:
+    """data.train_paths, or the bundled sample where the config asks for it (data.bundled_sample); a config with
+    neither is one ConfigError saying how to point it at data."""
+    d = config.data
+    if d.train_paths:
+        return d.train_paths
+    if d.bundled_sample:
+        return default_paths()["train"]
+    raise errors.InputError(
+        "config field data.train_paths: empty, and this config does not train on the bundled 6 MB sample; point it "
+        "at your data with --config.data.train_paths=PREFIX (a .bin/.idx prefix from scripts/preprocess_data.py, "
+        "or .jsonl.zst files; README, \"Data\": getting and tokenizing the Pile), or try the config on the sample "
+        "with --config.data.bundled_sample=true")
 
 
 def num_samples(config) -> int:
@@ -402,7 +413,7 @@ def make_train_iterator(config, process_index: int | None = None, process_count:
     """The training batches of this process, from global batch `start` (default data.start_batch; or call
     `set_state` afterwards)."""
     d = config.data
-    prefixes = run_datasets(config, _train_spec(config), "data.train_paths")
+    prefixes = run_datasets(config, train_spec(config), "data.train_paths")
     weights = parse_weights(d.train_weights, len(prefixes))
     order = train_order(config, prefixes, weights)
     process_index, process_count = _process(process_index, process_count)
@@ -434,7 +445,7 @@ def make_val_batches(config, process_index: int | None = None, process_count: in
     kw = dict(seq_len=t.seq_len, global_batch=t.batch_size, num_batches=num_batches,
               process_index=process_index, process_count=process_count)
     if d.order == "gpt_neox" and d.split:
-        prefix = run_datasets(config, _train_spec(config), "data.train_paths")[0]
+        prefix = run_datasets(config, train_spec(config), "data.train_paths")[0]
         _, valid = _split_ranges(prefix, d.split)
         if valid[1] == valid[0]:
             return None
@@ -442,7 +453,7 @@ def make_val_batches(config, process_index: int | None = None, process_count: in
         source = _process_0_first(lambda: neox_index.NeoxSamples(
             prefix, "valid", evals * t.eval_batches * t.batch_size, t.seq_len, t.seed, valid, d.cache_dir))
         return ValBatches([prefix], source=source, **kw)
-    spec = d.val_paths or ("" if d.train_paths else default_paths()["val"])
+    spec = d.val_paths or (default_paths()["val"] if d.bundled_sample and not d.train_paths else "")
     if not spec:
         return None
     return ValBatches(run_datasets(config, spec, "data.val_paths"), **kw)
