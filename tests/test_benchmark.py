@@ -3,8 +3,11 @@ by running the benchmarks, not asserted here)."""
 
 import functools
 import json
+import os
 import re
 import runpy
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -185,3 +188,28 @@ def test_train_benchmark_table_on_cpu(capsys):
     out = capsys.readouterr()
     assert_clean_table(out.out)
     assert "neox_jax" in out.out and out.err.count("row {") == 1
+
+
+@pytest.mark.slow
+def test_profile_of_a_training_run_as_documented(tmp_path, capsys):
+    """README's sequence: a tiny run with train.profile_steps set, then `benchmark.py profile WORKDIR/profile
+    --steps STOP-START`; a workdir without a trace says how to write one."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny.py",
+                           "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
+                           "--config.train.profile_steps=1,3"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    benchmark("profile", str(tmp_path / "run" / "profile"), "--steps", "2")
+    assert capsys.readouterr().out.startswith("== ")
+    (tmp_path / "untraced").mkdir()
+    with pytest.raises(SystemExit) as e:
+        benchmark("profile", str(tmp_path / "untraced"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "train.profile_steps" in err
+    assert benchmark_module().PROFILE_RUN in err
+
+
+def benchmark_module():
+    return types.SimpleNamespace(**runpy.run_path(str(ROOT / "scripts" / "benchmark.py"), run_name="benchmark"))
