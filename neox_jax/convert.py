@@ -18,9 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
-import os
 import pathlib
-import tempfile
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -34,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 from neox_jax import config as C
 from neox_jax import errors
+from neox_jax import files as files_lib
 from neox_jax import model as M
 
 CONFIG_FILE = "config.json"
@@ -465,11 +464,11 @@ def save_hf(config, params, path, *, dtype: str = "float32", max_shard_bytes: in
     for stale in sorted(path.glob("model*.safetensors*")) + sorted(path.glob("pytorch_model*.bin*")):
         if not stale.name.endswith(".tmp"):
             stale.unlink()
-    if len(shards) == 1:
-        files = [shards[0][0].rename(path / SAFETENSORS_FILE)]
-    else:
-        files = [tmp.rename(path / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-                 for i, (tmp, _, _) in enumerate(shards)]
+    files = [path / SAFETENSORS_FILE] if len(shards) == 1 else [
+        path / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for (tmp, _, _), file in zip(shards, files):
+        files_lib.publish(tmp, file)
+    if len(shards) > 1:
         index = {"metadata": {"total_size": sum(s for _, _, s in shards)},
                  "weight_map": {n: f.name for f, (_, names, _) in zip(files, shards) for n in names}}
         (path / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -493,25 +492,11 @@ def save_params(config, params, directory, overwrite: bool = False) -> pathlib.P
     check_params(config.model, params)
     directory = output_dir(directory, overwrite)
     flat = {_fmt(p): np.ascontiguousarray(_cpu_array(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    with _atomic(directory / PARAMS_FILE) as tmp:
+    with files_lib.atomic_path(directory / PARAMS_FILE) as tmp:
         safetensors.numpy.save_file(flat, tmp, metadata={"format": "neox_jax"})
-    with _atomic(directory / CONFIG_FILE) as tmp:
+    with files_lib.atomic_path(directory / CONFIG_FILE) as tmp:
         tmp.write_text(config.to_json(indent=2) + "\n")
     return directory
-
-
-@contextlib.contextmanager
-def _atomic(target: pathlib.Path):
-    """A temporary path beside `target`, renamed onto it when the block completes (removed if it fails)."""
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield pathlib.Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_config(file) -> ml_collections.ConfigDict:

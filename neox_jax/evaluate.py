@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Sequence
@@ -39,6 +40,23 @@ from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
 
 TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
 LOCAL_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+# lm-eval's bootstrap stderrs (perplexity, ...) run in a fork()ed multiprocessing Pool unless DISABLE_MULTIPROC
+# is set; forking a process where JAX's threads run can deadlock (and JAX says so on stderr). Its one-process path
+# draws the same resamples (random.Random(i) per chunk of 1000), so the figures do not change.
+os.environ.setdefault("DISABLE_MULTIPROC", "1")
+
+
+class _NoMetadataAdvice(logging.Filter):
+    """Drop lm-eval's warning, logged for every task with a `custom_dataset`, that custom kwargs can be passed with
+    --metadata: our local tasks' loaders take none, so it is advice about nothing, six times a run."""
+
+    def filter(self, record):
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataAdvice())
 
 
 @register_model("neox_jax")
@@ -177,7 +195,7 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
              seed: int = 1234, log_samples: bool = False) -> dict:
     """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict. A task that is not one of
     LOCAL_TASKS comes from lm-eval's own registry (its data from the Hugging Face hub)."""
-    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    hub = check_offline(tasks)
     manager = task_manager(data_dir, include_builtin or bool(hub))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -196,6 +214,20 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
         raise ValueError(f"lm-eval task(s) {', '.join(hub)} download their data from the Hugging Face hub, which "
                          f"is not reachable ({str(e).splitlines()[0]}); run where it is (with HF_HUB_OFFLINE and "
                          f"HF_DATASETS_OFFLINE unset), or use the offline tasks {', '.join(LOCAL_TASKS)}") from None
+
+
+def check_offline(tasks: Sequence[str]) -> list[str]:
+    """The tasks that are not ours (lm-eval's, their data on the Hugging Face hub); refused at once when the hub
+    is off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), before a model is loaded or lm-eval tries to download."""
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
+    offline = [v for v in OFFLINE_ENV if os.environ.get(v, "").strip().upper() in ("1", "ON", "YES", "TRUE")]
+    if hub and offline:
+        near = {m for t in hub for m in difflib.get_close_matches(t, LOCAL_TASKS, n=1)}
+        raise ValueError(f"task(s) {', '.join(hub)} are not offline tasks" + (f" (did you mean {', '.join(sorted(near))}?)"
+                         if near else "") + f"; lm-eval's own tasks download their data from the Hugging Face hub "
+                         f"and {offline[0]}=1 is set: unset {' and '.join(OFFLINE_ENV)} where the hub is reachable, "
+                         f"or use the offline tasks {', '.join(LOCAL_TASKS)}")
+    return hub
 
 
 def results_table(results: dict) -> str:

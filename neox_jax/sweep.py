@@ -46,9 +46,13 @@ class Run:
     workdir: str
     overrides: dict  # fixed + this run's overrides, in command-line order
 
+    def args(self, config: str) -> list[str]:
+        """scripts/train.py's arguments for this run."""
+        return ["--config", config, *(f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()),
+                "--workdir", self.workdir]
+
     def argv(self, config: str, python: str = "python", script: str = TRAIN_SCRIPT) -> list[str]:
-        return [python, script, "--config", config, *(f"--config.{k}={_flag_value(v)}" for k, v in
-                                                      self.overrides.items()), "--workdir", self.workdir]
+        return [python, script, *self.args(config)]
 
 
 def grid(axes: dict[str, Sequence]) -> list[dict]:
@@ -158,6 +162,12 @@ def run_local(sweep: Sweep, runs: list[Run], log=print) -> dict[str, int]:
     return status
 
 
+SBATCH_SCRIPT = "scripts/slurm/train.sbatch"  # from the repository root, where sbatch is run
+TRAIN_SBATCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), SBATCH_SCRIPT)
+# The directives the array sets per sweep; every other #SBATCH line of train.sbatch (--signal, --exclusive,
+# --cpus-per-task) is copied, so the two scripts cannot drift apart.
+_ARRAY_DIRECTIVES = ("--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node", "--output", "--array")
+
 SLURM_HEADER = """#!/bin/bash
 #SBATCH --job-name={name}
 #SBATCH --array=0-{last}%{parallel}
@@ -165,23 +175,35 @@ SLURM_HEADER = """#!/bin/bash
 #SBATCH --ntasks-per-node={tasks_per_node}
 #SBATCH --gpus-per-node={gpus_per_node}
 #SBATCH --output={log_dir}/%A_%a.out
-# One array task per sweep run; each task is a whole (possibly multi-node) training run whose processes find
-# each other through SLURM's environment (see scripts/slurm/train.sbatch). Submit from the repository root
-# with the environment activated:  sbatch {path}
+{shared}
+# One array task per sweep run; each task is a whole (possibly multi-node) training run started by
+# scripts/slurm/train.sbatch (srun --kill-on-bad-exit, the heartbeat and start-up timeouts, checkpoint on the
+# --signal before the time limit). Submit from the repository root:  sbatch {path}
 set -euo pipefail
 """
 
 
+def shared_directives(sbatch: str = TRAIN_SBATCH) -> list[str]:
+    """train.sbatch's #SBATCH lines that are not the array's own (`_ARRAY_DIRECTIVES`)."""
+    with open(sbatch) as f:
+        lines = [line.strip() for line in f if line.startswith("#SBATCH ")]
+    return [line for line in lines if line.split()[1].split("=")[0] not in _ARRAY_DIRECTIVES]
+
+
 def slurm_array(sweep: Sweep, runs: list[Run], path: str, *, nodes: int = 1, tasks_per_node: int = 8,
                 gpus_per_node: int = 8, parallel: int = 4) -> str:
-    """Write a SLURM job-array script running one sweep run per array task; returns its path."""
+    """Write a SLURM job-array script running one sweep run per array task through scripts/slurm/train.sbatch
+    (with this interpreter as its PYTHON); returns its path."""
     log_dir = os.path.join(os.path.dirname(runs[0].workdir), "slurm")
-    lines = [SLURM_HEADER.format(name=f"sweep-{sweep.name}", last=len(runs) - 1, parallel=parallel, nodes=nodes,
+    header = SLURM_HEADER.format(name=f"sweep-{sweep.name}", last=len(runs) - 1, parallel=parallel, nodes=nodes,
                                  tasks_per_node=tasks_per_node, gpus_per_node=gpus_per_node, log_dir=log_dir,
-                                 path=path), f"mkdir -p {shlex.quote(log_dir)}", "RUNS=("]
-    lines += [f"  {shlex.quote(c)}" for c in commands(sweep, runs)]
+                                 path=path, shared="\n".join(shared_directives()))
+    lines = [header, f"mkdir -p {shlex.quote(log_dir)}", f"export PYTHON=${{PYTHON:-{shlex.quote(python())}}}",
+             "RUNS=("]
+    lines += [f"  {shlex.quote(shlex.join(r.args(sweep.config)))}" for r in runs]
     lines += [")", 'echo "sweep run $SLURM_ARRAY_TASK_ID: ${RUNS[$SLURM_ARRAY_TASK_ID]}"',
-              'srun bash -c "${RUNS[$SLURM_ARRAY_TASK_ID]}"', ""]
+              'eval "set -- ${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+              f'exec bash {SBATCH_SCRIPT} "$@"', ""]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines))

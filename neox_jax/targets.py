@@ -4,10 +4,10 @@
 planned for, from a CPU-only host, and reads that compiler's memory figures:
 
     cpu                     simulated CPU devices (XLA:CPU; the default, needs nothing)
-    tpu:v5p:4x4x4           a TPU slice from libtpu (`pip install "jax[tpu]==<jax version>"`), e.g. v4:4x4x4,
+    tpu:v5p:4x4x4           a TPU slice from libtpu (in .venv-tpu: `make venv-tpu`), e.g. v4:4x4x4,
                             v5p:4x4x4, v5e:8x8 (jax.experimental.topologies.get_topology_desc)
     gpu:a100-40gb:96        N GPUs of a kind below, 8 per host, from the CUDA plugin without a GPU
-                            (`pip install "jax[cuda13]==<jax version>"`); deviceless compilation needs the
+                            (in .venv-cuda: `make venv-cuda`); deviceless compilation needs the
                             device's description, given here for the kinds in GPU_KINDS
 
 Each returns a flat device list to build the mesh on, the platform model code is traced for
@@ -109,7 +109,13 @@ def devices(target: Target):
         return topologies.get_topology_desc(platform="cuda", target_config=_GPU.format(**GPU_KINDS[name]),
                                             topology=f"1x{target.device_count // per_host}x{per_host}").devices
     except Exception as e:  # each plugin fails its own way when absent
-        extra = "tpu" if target.platform == "tpu" else "cuda13"
         raise TargetError(f"--target {target.spec}: cannot build {target.platform.upper()} devices here "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); install the plugin with "
-                          f"pip install \"jax[{extra}]=={jax.__version__}\" (BUILD.md)") from None
+                          f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); {plugin_hint(target.platform)}") from None
+
+
+def plugin_hint(platform: str) -> str:
+    """How to get the compiler plugin for `platform` ("tpu" or "gpu"): a venv of its own (BUILD.md), never the
+    training venv, where the plugin would become the default backend."""
+    venv = "tpu" if platform == "tpu" else "cuda"
+    return (f"compile-only plugins live in a venv of their own: run `make venv-{venv}`, then this command with "
+            f".venv-{venv}/bin/python (BUILD.md)")

@@ -9,7 +9,8 @@
   python scripts/benchmark.py data                                      # loader tokens/s, preprocessing MB/s,
                                                                         # gpt_neox index build and load seconds
   python scripts/benchmark.py train --preset cpu-small --profile /tmp/prof   # + where the step's time goes
-  python scripts/benchmark.py profile runs/tiny/profile --steps 2            # the same for a training trace
+  python scripts/benchmark.py profile runs/tiny-profile/profile --steps 2    # the same for a training trace
+                                                  # (written by --config.train.profile_steps=10,12: 2 steps)
   python scripts/benchmark.py energy --pairs 10                             # energy tracking's cost per step
   python scripts/benchmark.py eval --config configs/pythia.py:70m           # lm-eval: neox_jax vs the hf backend
 """
@@ -22,6 +23,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import cli, errors  # noqa: E402
+
+
+# The documented way to get a trace: steps 10 and 11 of a fresh tiny run (one that finished returns at once).
+PROFILE_RUN = (".venv/bin/python scripts/train.py --config configs/tiny.py --workdir runs/tiny-profile "
+               "--config.train.profile_steps=10,12")
 
 
 def _write(rows, path):
@@ -66,8 +72,10 @@ def profile(args):
 
     try:
         groups = prof.busiest(args.trace_dir, steps=args.steps)
-    except FileNotFoundError as e:
-        raise errors.InputError(f"profile: {e}") from None
+    except FileNotFoundError as e:  # a run writes a trace only when asked: say how
+        raise errors.InputError(f"profile: {e}; a training run writes one when config field train.profile_steps "
+                                f"is set, e.g. {PROFILE_RUN}, then: benchmark.py profile runs/tiny-profile/profile "
+                                "--steps 2") from None
     print(prof.format_table(groups, top=args.top))
     _write(groups, args.json)
 
@@ -153,7 +161,8 @@ def main(argv=None):
 
     pr = sub.add_parser("profile", help="where the time goes in a jax.profiler trace (e.g. a run's workdir/profile)")
     pr.add_argument("trace_dir")
-    pr.add_argument("--steps", type=int, default=1, help="steps the trace holds: times are divided by it")
+    pr.add_argument("--steps", type=int, default=1, help="steps the trace holds (STOP - START of the run's "
+                    "train.profile_steps=START,STOP): times are divided by it")
     pr.add_argument("--top", type=int, default=25, help="names listed per thread")
     pr.add_argument("--json", help="write the per-thread tables here")
     pr.set_defaults(func=profile)

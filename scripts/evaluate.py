@@ -48,10 +48,12 @@ def main(argv=None):
     if limit is not None and limit <= 0:
         raise errors.InputError(f"--limit={args.limit}: expected a number of documents >= 1 or a fraction in (0, 1)")
     cli.check_writable(args.output, "--output")  # before the evaluation whose results it holds
+    tasks = [t for t in args.tasks.split(",") if t]
     try:
+        E.check_offline(tasks)  # before the model loads
         lm = E.NeoXLM(hf=args.hf, checkpoint=args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
                       dtype=args.dtype, tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel)
-        results = E.evaluate(lm, [t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot, limit=limit,
+        results = E.evaluate(lm, tasks, num_fewshot=args.num_fewshot, limit=limit,
                              data_dir=args.data_dir, include_builtin=args.include_builtin_tasks, seed=args.seed,
                              bootstrap_iters=args.bootstrap_iters)
     except ValueError as e:  # the harness's and the task loaders' verdicts on tasks and data files

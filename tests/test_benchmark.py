@@ -3,11 +3,19 @@ by running the benchmarks, not asserted here)."""
 
 import functools
 import json
+import os
+import re
 import runpy
+import subprocess
+import sys
+import types
 
+import numpy as np
 import pytest
 
 from neox_jax.bench import device, timing
+from neox_jax.bench import generate as gen_bench
+from neox_jax.bench import train as train_bench
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -64,6 +72,7 @@ def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
         assert r["vs_hf_eager"] == pytest.approx(r["tokens_per_s"] / hf["tokens_per_s"])
     printed = capsys.readouterr().out
     assert "vs HF" in printed and "where the step's time goes" in printed
+    assert_clean_table(printed.split("where the step's time goes")[0])
 
     # the trace of the first row's steps, summarised again by the profile subcommand
     benchmark("profile", str(tmp_path / "trace" / "configs_tiny.py"), "--steps", "2", "--json", str(tmp_path / "p.json"))
@@ -78,7 +87,7 @@ def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
 @pytest.mark.slow
 def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys, monkeypatch):
     out = tmp_path / "generate.json"
-    # the read rate over a 16 MiB array instead of 256 MiB: 14 s of bf16 sums on CPU for a figure the test ignores
+    # the read rate over a 16 MiB array instead of 256 MiB: seconds of sums on CPU for a figure checked by hand above
     monkeypatch.setattr(device, "memory_bandwidth_gbs", functools.partial(device.memory_bandwidth_gbs, 2**24, 3))
     benchmark("generate", "--config", "configs/tiny.py", "--dtype", "float32", "--batches", "1,2",
               "--prompt-len", "4", "--new-tokens", "4", "--layer-loops", "scan,unstacked", "--json", str(out))
@@ -88,7 +97,7 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys, monkeypatch):
     for r in rows:
         assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * r["decode_steps_per_s"])
         assert 0 < r["fraction_of_roofline"] == pytest.approx(r["decode_steps_per_s"] / r["roofline_steps_per_s"])
-    capsys.readouterr()
+    assert_clean_table(capsys.readouterr().out)
     with pytest.raises(SystemExit) as e:
         benchmark("generate", "--config", "configs/tiny.py", "--batches", "1", "--layer-loops", "scannn")
     assert e.value.code == 2 and "FATAL: layer loop 'scannn'" in capsys.readouterr().err
@@ -126,3 +135,81 @@ def test_eval_benchmark_rows_on_a_tiny_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark("eval", "--tasks", "piqa=all")
     assert e.value.code == 2 and "FATAL: eval: --tasks expects TASK[=LIMIT]" in capsys.readouterr().err
+
+
+def assert_clean_table(printed: str):
+    """What a table may show: figures, or "-" where there is none; no nan, no share of a bound above 100%, and
+    no progress lines (those go to stderr)."""
+    assert "nan" not in printed.lower() and "row {" not in printed
+    shares = [float(p) for p in re.findall(r"(\d[\d,]*\.?\d*)%", printed.replace(",", ""))]
+    assert all(0 <= p <= 100 for p in shares), shares
+
+
+def test_roofline_fraction_is_the_formula_by_hand():
+    """Bytes a decode step reads: the weights but the input embedding (one row per sequence of it), plus the mean
+    filled KV cache; the roofline is the read rate over them."""
+    m = types.SimpleNamespace(num_layers=2, hidden_size=8, dtype="bfloat16")
+    params = {"embed_in": np.zeros((100, 8), np.float32), "embed_out": np.zeros((8, 100), np.float32),
+              "layers": {"w": np.zeros((2, 8, 8), np.float16)}}
+    batch, prompt, new = 3, 10, 4
+    weights = 8 * 100 * 4 + 2 * 8 * 8 * 2 + batch * 8 * 4
+    kv = 2 * 2 * batch * (prompt + new / 2) * 8 * 2  # k and v, 2 layers, 12 positions on average, bf16
+    step_bytes = gen_bench.decode_bytes_per_step(m, params, batch, prompt, new)
+    assert step_bytes == weights + kv
+    assert gen_bench.roofline_steps_per_s(step_bytes, 10.0) == pytest.approx(10e9 / (weights + kv))
+
+
+def test_tables_show_dashes_for_missing_figures():
+    """CPU has no memory_stats and no peak, a run without --compare-hf no HF ratio, the HF generate row no
+    roofline, and a decode that beat its bound has no fraction of it."""
+    train_row = {"name": "configs/tiny.py", "impl": "neox_jax", "device": "cpu", "batch": 8, "seq_len": 16,
+                 "tokens_per_s": 1000.0, "step_time": 0.128, "mfu_measured_peak": None, "mfu_datasheet_peak": None,
+                 "vs_hf_eager": None}
+    table = train_bench.format_rows([train_row])
+    assert_clean_table(table)
+    assert table.splitlines()[-1].split()[-4:] == ["-", "-", "-", "-"]
+    gen_rows = [{"impl": "neox_jax", "batch": 1, "prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0,
+                 "decode_steps_per_s": 5.0, "roofline_steps_per_s": 0.4, "fraction_of_roofline": 12.5},
+                {"impl": "neox_jax", "batch": 2, "prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 5.0,
+                 "decode_steps_per_s": 2.5, "roofline_steps_per_s": 10.0, "fraction_of_roofline": 0.25},
+                {"impl": "hf_generate", "batch": 1, "prefill_tokens_per_s": 10.0, "decode_tokens_per_s": 2.0,
+                 "decode_steps_per_s": 2.0}]
+    table = gen_bench.format_rows(gen_rows)
+    assert_clean_table(table)
+    lines = table.splitlines()
+    assert lines[2].split()[-1] == "-" and lines[3].split()[-1] == "25.0%" and lines[4].split()[-2:] == ["-", "-"]
+    assert "no roofline applies" in lines[-1]
+
+
+def test_train_benchmark_table_on_cpu(capsys):
+    """A run on CPU (no memory stats, no peak, no HF): the table has dashes, the progress lines went to stderr."""
+    benchmark("train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.train.batch_size=8",
+              "--config.train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "1")
+    out = capsys.readouterr()
+    assert_clean_table(out.out)
+    assert "neox_jax" in out.out and out.err.count("row {") == 1
+
+
+@pytest.mark.slow
+def test_profile_of_a_training_run_as_documented(tmp_path, capsys):
+    """README's sequence: a tiny run with train.profile_steps set, then `benchmark.py profile WORKDIR/profile
+    --steps STOP-START`; a workdir without a trace says how to write one."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny.py",
+                           "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
+                           "--config.train.profile_steps=1,3"], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    benchmark("profile", str(tmp_path / "run" / "profile"), "--steps", "2")
+    assert capsys.readouterr().out.startswith("== ")
+    (tmp_path / "untraced").mkdir()
+    with pytest.raises(SystemExit) as e:
+        benchmark("profile", str(tmp_path / "untraced"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "train.profile_steps" in err
+    assert benchmark_module().PROFILE_RUN in err
+
+
+def benchmark_module():
+    return types.SimpleNamespace(**runpy.run_path(str(ROOT / "scripts" / "benchmark.py"), run_name="benchmark"))

@@ -2,6 +2,10 @@
 
 import json
 import os
+import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from conftest import FIXTURES  # noqa: E402
+from conftest import FIXTURES, ROOT  # noqa: E402
 from neox_jax import evaluate as E  # noqa: E402
 from neox_jax.data import default_paths  # noqa: E402
 
@@ -163,13 +167,40 @@ def test_missing_or_malformed_task_files_name_the_file(small_hf, tmp_path, monke
 
 
 def test_other_task_names_go_to_lm_evals_registry(small_hf):
-    """A name that is not one of ours is lm-eval's own task; offline (as here) that is one clear error."""
+    """A name that is not one of ours is lm-eval's own task; offline (as here) that is one clear error at once."""
     lm = E.NeoXLM(hf=str(small_hf))
-    with pytest.raises(ValueError, match=r"^lm-eval task\(s\) sciq download their data from the Hugging Face hub, "
-                                         r"which is not reachable \(.*sciq.*\); run where it is"):
+    with pytest.raises(ValueError, match=r"^task\(s\) sciq are not offline tasks; lm-eval's own tasks download their "
+                                         r"data from the Hugging Face hub and HF_HUB_OFFLINE=1 is set"):
         E.evaluate(lm, ["sciq"], limit=1)
-    with pytest.raises(ValueError, match=r"unknown task\(s\) hellaswagg \(did you mean hellaswag\?\)"):
+    with pytest.raises(ValueError, match=r"task\(s\) hellaswagg are not offline tasks \(did you mean hellaswag\?\)"):
         E.evaluate(lm, ["hellaswagg"], limit=1)
+
+
+def evaluate_script(*args):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's neox_jax, whatever the venv points at
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
+                          text=True, timeout=600, env=env)
+    return done, time.monotonic() - start
+
+
+def test_evaluate_script_forks_nothing_and_warns_nothing(small_hf):
+    """Bootstrap stderrs (LAMBADA's perplexity) without a fork()ed pool beside JAX's threads, and none of lm-eval's
+    "Custom kwargs" advice for our local tasks."""
+    done, _ = evaluate_script("--hf", str(small_hf), "--tasks", "lambada_openai,piqa", "--limit", "3",
+                              "--bootstrap_iters", "100")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "os.fork()" not in done.stderr and "Custom kwargs" not in done.stderr
+    assert "lambada_openai" in done.stdout and "perplexity" in done.stdout
+
+
+def test_evaluate_script_refuses_a_hub_task_offline_at_once(small_hf):
+    done, seconds = evaluate_script("--hf", str(small_hf), "--tasks", "sciq")
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("FATAL: task(s) sciq are not offline tasks"), done.stderr
+    assert seconds < 10  # a bound (no model load, no download retries), not a timing goal
 
 
 def test_bundled_eval_sets_are_the_full_sets(monkeypatch):

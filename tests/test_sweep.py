@@ -70,8 +70,28 @@ def test_emit_slurm_writes_a_job_array(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = script.read_text()
     assert "#SBATCH --array=0-3%4" in text and "#SBATCH --nodes=2" in text and "--ntasks-per-node=4" in text
-    assert text.count(f"'{S.python()} scripts/train.py") == 4
+    assert "#SBATCH --signal=TERM@300" in text and "#SBATCH --exclusive" in text  # train.sbatch's own directives
+    assert text.count("#SBATCH --nodes=") == 1 and text.count("#SBATCH --ntasks-per-node=") == 1
+    assert text.count("'--config configs/tiny.py --config.") == 4 and "exec bash scripts/slurm/train.sbatch" in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+    # run array task 2 with a stand-in srun: train.sbatch starts it with the interpreter that ran sweep.py,
+    # --kill-on-bad-exit and the timeouts
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $* heartbeat=$NEOX_JAX_HEARTBEAT_TIMEOUT '
+                               'init=$NEOX_JAX_INIT_TIMEOUT"\n')
+    (fake / "srun").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", VENV=str(tmp_path / "no_venv"), SLURM_ARRAY_TASK_ID="2",
+               SLURM_JOB_ID="7", SLURM_NNODES="2", SLURM_JOB_NODELIST="n[1-2]", SLURM_NTASKS="8")
+    env.pop("PYTHON", None)
+    (tmp_path / "scripts").symlink_to(ROOT / "scripts")  # a repository root whose runs/ is the test's
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    srun = [line for line in done.stdout.splitlines() if line.startswith("srun ")]
+    assert srun == [f"srun --kill-on-bad-exit=1 {S.python()} scripts/train.py --config configs/tiny.py "
+                    "--config.train.steps=5 --config.optimizer.lr=0.003 --config.train.batch_size=8 "
+                    "--workdir runs/sweeps/grid/lr=0.003,batch_size=8 heartbeat=100 init=600"]
 
 
 @pytest.mark.parametrize("body, message", [

@@ -12,7 +12,6 @@ tolerance), neox_jax's padding overhead (positions computed / tokens laid out) a
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ from neox_jax import convert
 from neox_jax import evaluate as E
 from neox_jax import model as model_lib
 from neox_jax import scoring
+from neox_jax.bench import timing
 from neox_jax.cli import load_config
 from neox_jax.data import default_paths
 
@@ -134,7 +134,7 @@ def run(config_spec: str = "configs/pythia.py:70m", tasks: dict | None = None, b
                    "torch_threads": torch.get_num_threads(), "load_avg": list(os.getloadavg()),
                    **compare(out["neox_jax"], out["hf"], task)}
             rows.append(row)
-            print("row " + json.dumps(row), flush=True)
+            timing.progress(row)
     if tmp is not None:
         tmp.cleanup()
     return rows

@@ -1,7 +1,10 @@
-"""Wall-clock timing shared by the JAX and PyTorch sides of a benchmark (imports neither)."""
+"""Wall-clock timing shared by the JAX and PyTorch sides of a benchmark (imports neither); the
+progress lines and percentages of the tables."""
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from typing import Callable
 
@@ -18,3 +21,15 @@ def best_window(step: Callable[[], object], sync: Callable[[object], None], step
         sync(out)
         best = min(best, (time.perf_counter() - t0) / steps)
     return best
+
+
+def progress(row: dict) -> None:
+    """Each row as soon as it is measured, on stderr (the tables on stdout stay clean), so a run cut short still
+    reports what it finished."""
+    print("row " + json.dumps(row), file=sys.stderr, flush=True)
+
+
+def share(value: float | None) -> str:
+    """A fraction of a bound (a roofline, a peak) as a percentage; "-" without a bound, or where the measurement
+    beat it (above 100%: the bound does not hold on this device, so no percentage of it is right)."""
+    return "-" if value is None or not 0 <= value <= 1 else f"{value:.1%}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import sys
 import time
 
 import jax
@@ -112,17 +112,17 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
                 res = torch_ref.run_isolated("train", m, batch=t.batch_size, seq_len=t.seq_len, steps=steps,
                                              warmup=warmup, windows=windows, compile=compiled, bf16=bf16)
                 if "error" in res:
-                    print(res["error"], flush=True)
+                    print(res["error"], file=sys.stderr, flush=True)
                     continue
                 hf_rows.append(row(impl, res))
-                _progress(hf_rows[-1])
+                timing.progress(hf_rows[-1])
         ours = []
         for i, (variant, vconfig) in enumerate(zip(override_sets, configs)):
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
             trace = profile_subdir(profile_dir, name) if profile_dir and i == 0 else None
             ours.append(row("neox_jax" + (f"[{label}]" if label else ""),
                             jax_train_throughput(vconfig, steps, warmup, windows, trace)))
-            _progress(ours[-1])
+            timing.progress(ours[-1])
         group = [*ours, *hf_rows]
         eager = [r for r in hf_rows if r["impl"] == "hf_torch_eager"]
         for r in group:
@@ -136,20 +136,15 @@ def profile_subdir(profile_dir: str, name: str) -> str:
     return f"{profile_dir}/" + "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
-def _progress(row: dict) -> None:
-    """Each row as soon as it is measured, so a run cut short still reports what it finished."""
-    print("row " + json.dumps(row), flush=True)
-
-
 def format_rows(rows: list[dict]) -> str:
     width = max([17, *(len(r["impl"]) for r in rows)])
     head = f"{'name':<10} {'impl':<{width}} {'device':<18} {'batch':>5} {'seq':>5} {'tok/s':>11} {'step s':>8} " \
            f"{'MFU(meas)':>9} {'MFU(sheet)':>10} {'mem GB':>7} {'vs HF':>6}"
     lines = [head, "-" * len(head)]
-    for r in rows:
-        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+    for r in rows:  # "-" where there is no figure: no peak to divide by, no memory_stats (CPU), no HF row
+        mem, vs_hf = r.get("peak_mem_gb"), r.get("vs_hf_eager")
         lines.append(f"{r['name']:<10} {r['impl']:<{width}} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
-                     f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {pct(r['mfu_measured_peak']):>9} "
-                     f"{pct(r['mfu_datasheet_peak']):>10} {r.get('peak_mem_gb', float('nan')):>7.1f} "
-                     f"{r.get('vs_hf_eager') or float('nan'):>6.2f}")
+                     f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {timing.share(r['mfu_measured_peak']):>9} "
+                     f"{timing.share(r['mfu_datasheet_peak']):>10} {'-' if mem is None else f'{mem:.1f}':>7} "
+                     f"{'-' if vs_hf is None else f'{vs_hf:.2f}':>6}")
     return "\n".join(lines)

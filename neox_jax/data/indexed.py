@@ -23,11 +23,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 
 import numpy as np
 
-from neox_jax import errors
+from neox_jax import errors, files
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -35,12 +34,6 @@ VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class IndexedFormatError(errors.InputError):
@@ -181,9 +174,9 @@ class IndexedWriter:
         folder = os.path.dirname(os.path.abspath(self.prefix))
         os.makedirs(folder, exist_ok=True)
         base = os.path.basename(self.prefix)
-        fd, self._tmp_bin = tempfile.mkstemp(prefix=base + ".bin.", suffix=".tmp", dir=folder)
+        fd, self._tmp_bin = files.temp_beside(os.path.join(folder, base + ".bin"))
         self._bin = os.fdopen(fd, "wb")
-        fd, self._tmp_idx = tempfile.mkstemp(prefix=base + ".idx.", suffix=".tmp", dir=folder)
+        fd, self._tmp_idx = files.temp_beside(os.path.join(folder, base + ".idx"))
         os.close(fd)
         return self
 
@@ -206,10 +199,8 @@ class IndexedWriter:
             self._bin.close()
             if exc_type is None:
                 self._write_index()
-                for p in (self._tmp_bin, self._tmp_idx):
-                    os.chmod(p, 0o666 & ~_umask())  # mkstemp makes 0600 files; give outputs the usual mode
-                os.replace(self._tmp_bin, self.prefix + ".bin")
-                os.replace(self._tmp_idx, self.prefix + ".idx")
+                files.publish(self._tmp_bin, self.prefix + ".bin")
+                files.publish(self._tmp_idx, self.prefix + ".idx")
         finally:
             for p in (self._tmp_bin, self._tmp_idx):
                 if os.path.exists(p):
@@ -259,17 +250,11 @@ def token_range(data: IndexedDataset, cache_dir: str = "") -> tuple[int, int]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # missing, stale or unreadable: scan again
     lo, hi = _scan_range(data)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(cache) + ".", suffix=".tmp", dir=os.path.dirname(cache) or ".")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({**key, "min_id": lo, "max_id": hi}, f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, cache)
+        with files.atomic_path(cache) as tmp:
+            tmp.write_text(json.dumps({**key, "min_id": lo, "max_id": hi}))
     except OSError:  # a cache that cannot be written costs a scan next time, nothing else
         pass
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return lo, hi
 
 
