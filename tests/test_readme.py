@@ -1,7 +1,7 @@
 """Every command of the README runs as written on a fresh clone, or is named with what it needs (issue 23).
 
 Each command of README.md's and BUILD.md's ```bash blocks (`readme_commands.py` parses them) is one test, in file
-order. RULES classifies it, first match wins:
+order; the ones that run are marked slow, so the fast tier still fails on a command no rule classifies. RULES classifies it, first match wins:
   RUN    it runs in a fresh clone of this checkout (HEAD plus the working tree's changes, no `../shared` beside it,
          `.venv` linked to the venv running pytest, nothing installed or downloaded) with `bash -c`, one command
          after another in README order, so later commands use earlier outputs (`runs/tiny` from `make train`);
@@ -34,8 +34,6 @@ import pytest
 
 from conftest import ROOT
 from readme_commands import Command, commands
-
-pytestmark = pytest.mark.slow
 
 DOCS = ("README.md", "BUILD.md")
 TIMEOUT_S = 300  # one command; the slowest run here takes ~1 minute on 2 busy cores
@@ -86,6 +84,9 @@ RULES = [
     (r"plan_run\.py .*--benchmark train-gpu-", SKIP,
      "reads the JSON of `benchmark.py train --json` run on a GPU; tests/test_energy.py::"
      "test_planner_mfu_from_a_benchmark_file reads a written one"),
+    (r"sweep\.py --sweep configs/sweeps/tiny\.py --emit local|sweep\.py --summarize runs/sweeps/tiny\b", SKIP,
+     "4 training runs (~40 s idle, 2.5 minutes on 2 busy cores), then their summary: tests/test_sweep.py::"
+     "test_local_sweep_then_summary runs the same sweep file and summarizes it"),
     (r"dedup_report\.py .*\[--json", XFAIL,
      "issue 23: the Data section writes the optional `[--json report.json]` in brackets, which bash passes to "
      "the script as an input named `[--json`"),
@@ -151,10 +152,14 @@ def _case_id(case: Case) -> str:
 CASES = _cases()
 
 
+def _marks(case: Case) -> list:
+    """Running cases are slow (the fast tier leaves them out); skipped and unclassified ones cost nothing."""
+    return {RUN: [pytest.mark.slow], XFAIL: [pytest.mark.slow, pytest.mark.xfail(strict=True, reason=case.reason)]
+            }.get(case.action, [])
+
+
 def _params():
-    return [pytest.param(i, id=_case_id(case),
-                         marks=[pytest.mark.xfail(strict=True, reason=case.reason)] if case.action == XFAIL else [])
-            for i, case in enumerate(CASES)]
+    return [pytest.param(i, id=_case_id(case), marks=_marks(case)) for i, case in enumerate(CASES)]
 
 
 def _clone(dest: pathlib.Path) -> None:
@@ -223,7 +228,10 @@ class Walk:
 
 @pytest.fixture(scope="module")
 def walk(tmp_path_factory):
-    return Walk(tmp_path_factory.mktemp("readme_walk"))
+    w = Walk(tmp_path_factory.mktemp("readme_walk"))
+    yield w
+    for folder in (w.clone, w.tmp):  # ~0.5 GB (pythia-70m weights, checkpoints); the logs stay
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("index", _params())
@@ -237,4 +245,36 @@ def test_readme_command(index, request):
         pytest.skip(f"{where} `{case.command.text}`: {case.reason}")
     script, status, log = request.getfixturevalue("walk").through(index)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    assert status == 0, f"{where}: exit status {status} of\n  {script}\n(ran in a fresh clone)\n--- last lines:\n{tail}"
+    assert status == 0, (f"{where}: exit status {status} of\n  {script}\n(ran in a fresh clone; whole output in {log})"
+                         f"\n--- last lines:\n{tail}")
+
+
+def test_commands_are_parsed_as_bash_reads_them():
+    text = """# Title
+```bash
+make train   # a comment
+# a comment line
+.venv/bin/python scripts/a.py --x 1 \\
+    --y '#not a comment' --z "a # b"  # but this is
+echo "two
+lines" && echo done
+cat a |
+  wc -l
+```
+```
+not bash
+```
+## Later
+<!-- section:later -->
+```bash
+run --tag=x#y
+```
+"""
+    got = [(c.line, c.section, c.tag, c.text) for c in commands(text, "X.md")]
+    assert got == [
+        (3, "", "", "make train"),
+        (5, "", "", ".venv/bin/python scripts/a.py --x 1 --y '#not a comment' --z \"a # b\""),
+        (7, "", "", 'echo "two\nlines" && echo done'),
+        (9, "", "", "cat a | wc -l"),
+        (18, "Later", "later", "run --tag=x#y"),
+    ]
