@@ -1,0 +1,281 @@
+"""Every command of the README runs as written on a fresh clone, or is named with what it needs (issue 23).
+
+Each command of README.md's and BUILD.md's ```bash blocks (`readme_commands.py` parses them) is one test, in file
+order; the ones that run are marked slow, so the fast tier still fails on a command no rule classifies. RULES classifies it, first match wins:
+  RUN    it runs in a fresh clone of this checkout (HEAD plus the working tree's changes, no `../shared` beside it,
+         `.venv` linked to the venv running pytest, nothing installed or downloaded) with `bash -c`, one command
+         after another in README order, so later commands use earlier outputs (`runs/tiny` from `make train`);
+         the exit status must be 0. Selecting one case (`-k`) runs the commands before it first.
+  SKIP   it cannot run on 2 CPU cores here: the reason names what it needs and what test covers it instead
+         (pytest -rs lists them).
+  XFAIL  it fails as written for a known reason (strict: once it passes, remove the entry).
+A command no rule matches fails, asking for a rule: every future README command is either run or named.
+
+What a RUN case changes before running, all listed here:
+  - `/tmp/...` paths point into the walk's own temporary folder, so two walks on one machine (or an earlier run's
+    leftovers, which `convert_hf.py` rightly refuses to overwrite) do not meet;
+  - CHEAPER: a run of `configs/tiny.py` (`make train` included) trains 4 steps instead of 800.
+The commands see a user's environment: no XLA_FLAGS (conftest's 8 simulated devices are for in-process tests;
+a command that wants devices sets XLA_FLAGS itself, as the README's do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
+PYTHONPATH (every script finds its own checkout). The walk took 5.4 minutes on 2 cores shared with other jobs
+(load average ~6; 3.5 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
+"""
+
+import dataclasses
+import functools
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from readme_commands import Command, commands
+
+DOCS = ("README.md", "BUILD.md")
+TIMEOUT_S = 300  # one command; the slowest run here takes ~1 minute on 2 busy cores
+TINY_STEPS = "--config.train.steps=4"
+
+RUN, SKIP, XFAIL = "run", "skip", "xfail"
+_SLOW_BENCH = "a benchmark: minutes on 2 cores (measured: `train --preset cpu-small --profile` 150 s, with " \
+              "--compare-hf over 400 s); tests/test_benchmark.py runs the subcommand end to end on a tiny shape"
+_BIG_COMPILE = "compiles GPT-NeoX-20B's train step for dozens of simulated devices: minutes on 2 cores; " \
+               "tests/test_layout.py runs the same report (--compare, --plot) on a tiny model"
+
+# (regex searched in the command, action, reason); first match wins. Match by pattern, not by exact text: the
+# sections change under other hands, and a changed command should land in the same rule.
+RULES = [
+    (r"^make test\b", SKIP, "is this suite (tests/test_readme.py runs inside `make test`)"),
+    (r"^(python3 -m venv|(\S*/)?pip install)\b", SKIP,
+     "installs into a new venv from PyPI (network); `make` set up the venv these tests run in the same way, and "
+     "CI's .ci/run does it from a clean clone"),
+    (r"^gcloud\b", SKIP, "needs a TPU pod slice (gcloud, TPU VMs)"),
+    (r"\bsbatch\b", SKIP, "needs a SLURM cluster (issue 26 runs it under a local slurmctld)"),
+    (r"^\.venv-cuda/", SKIP, "needs the CUDA plugin venv .venv-cuda (BUILD.md, ~4 GB from PyPI)"),
+    (r"^\.venv-tpu/", SKIP, "needs the TPU compiler venv .venv-tpu (libtpu from PyPI, BUILD.md)"),
+    (r"--coordinator_address", SKIP,
+     "needs 2 hosts; tests/test_distributed.py runs the same flags as 2 processes over loopback"),
+    (r"scripts/gpu_bench\.sh", SKIP, "needs an NVIDIA GPU"),
+    (r"print\(jax\.devices\(\)\)", SKIP, "shows the GPUs a CUDA venv sees: needs an NVIDIA GPU"),
+    (r"scripts/cpu_figures\.sh", SKIP,
+     "re-measures every CPU figure of the README (hours); its commands are the benchmark commands here"),
+    (r"benchmark\.py (train|energy) --preset gpu-", SKIP, "needs an NVIDIA GPU (a gpu-* preset)"),
+    (r"benchmark\.py generate .*pythia\.py:1\.4b", SKIP,
+     "decodes pythia-1.4b against HF torch: a GPU benchmark (~6 GB of weights, minutes per batch on CPU); "
+     "tests/test_benchmark.py runs `generate` on configs/tiny.py"),
+    (r"benchmark\.py (train|energy|eval)\b", SKIP, _SLOW_BENCH),
+    (r"benchmark\.py data .*--input BIG\.jsonl\.zst", SKIP, "BIG.jsonl.zst stands for your own input"),
+    (r"benchmark\.py data\b", SKIP,
+     "builds a gpt_neox index of up to 150 M samples (~4 GB of memory, ~1 minute); "
+     "tests/test_data_pipeline.py::test_bench_reports_throughput runs it small"),
+    (r"benchmark\.py profile runs/tiny/profile", XFAIL,
+     "issue 23: `make train` writes no runs/tiny/profile (configs/tiny.py leaves train.profile_steps empty), so "
+     "the Benchmarks section's `profile` command has no trace to read"),
+    (r"inspect_sharding\.py .*configs/neox_20b\.py", SKIP, _BIG_COMPILE),
+    (r"/data/pythia/", SKIP,
+     "needs Pythia's pre-shuffled Pile at /data/pythia (not bundled); tests/test_data_order.py reads the "
+     "sequential order and the batch viewer on small files"),
+    (r"scripts/train\.py .*configs/pythia\.py", SKIP,
+     "trains a Pythia model (hours on 2 cores; mesh.tensor=2 needs an even device count); tests/test_sharding.py "
+     "and tests/test_train_step.py hold tensor-parallel layouts to the 1-device run"),
+    (r"plan_run\.py .*--benchmark train-gpu-", SKIP,
+     "reads the JSON of `benchmark.py train --json` run on a GPU; tests/test_energy.py::"
+     "test_planner_mfu_from_a_benchmark_file reads a written one"),
+    (r"sweep\.py --sweep configs/sweeps/tiny\.py --emit local|sweep\.py --summarize runs/sweeps/tiny\b", SKIP,
+     "4 training runs (~40 s idle, 2.5 minutes on 2 busy cores), then their summary: tests/test_sweep.py::"
+     "test_local_sweep_then_summary runs the same sweep file and summarizes it"),
+    (r"dedup_report\.py .*\[--json", XFAIL,
+     "issue 23: the Data section writes the optional `[--json report.json]` in brackets, which bash passes to "
+     "the script as an input named `[--json`"),
+    (r"^(make train\b|\.venv/bin/python -c |cp )", RUN, ""),
+    (r"^(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/(train|convert_hf|export_params|inspect_sharding|"
+     r"train_tokenizer|preprocess_data|dedup_report|batch_viewer|sweep|evaluate|generate|plan_run)\.py\b", RUN, ""),
+]
+
+# Commands too slow to run as written, run cheaper: (regex, replacement, why). Keep this short and honest.
+CHEAPER = [
+    (r"^make train$", f'make train ARGS="{TINY_STEPS}"',
+     "800 steps take ~5 minutes on 2 cores; 4 steps write the same runs/tiny (checkpoints, metrics.jsonl, "
+     "config.json, loss.png); tests/test_trainer.py checks the loop"),
+    (r"^((XLA_FLAGS=\S+ )?\.venv/bin/python scripts/train\.py --config configs/tiny\.py\b(?!.*--config\.train\.steps="
+     r").*)$", rf"\1 {TINY_STEPS}",
+     "800 steps (~5 minutes, ~10 pipelined); tests/test_pipeline.py holds the pipelined steps to the plain ones"),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    command: Command
+    action: str  # RUN, SKIP, XFAIL or "" (no rule)
+    reason: str
+    run: str     # what bash runs (RUN and XFAIL), before /tmp is moved
+
+
+def _classify(cmd: Command, earlier: dict[str, "Case"]) -> tuple[str, str]:
+    if cmd.text in earlier:
+        first = earlier[cmd.text]
+        where = f"the same command as {first.command.file}:{first.command.line}"
+        return SKIP, (f"{where}, which runs it" if first.action in (RUN, XFAIL) else f"{where}: {first.reason}")
+    for pattern, action, reason in RULES:
+        if re.search(pattern, cmd.text):
+            return action, reason
+    return "", ""
+
+
+def _cheaper(text: str) -> str:
+    for pattern, replacement, _ in CHEAPER:
+        text = re.sub(pattern, replacement, text)
+    return text
+
+
+def _cases() -> list[Case]:
+    cases, earlier = [], {}
+    for doc in DOCS:
+        for cmd in commands((ROOT / doc).read_text(), doc):
+            action, reason = _classify(cmd, earlier)
+            cases.append(Case(cmd, action, reason, _cheaper(cmd.text)))
+            earlier.setdefault(cmd.text, cases[-1])
+    return cases
+
+
+def _case_id(case: Case) -> str:
+    c = case.command
+    words = re.sub(r"^(\S+=\S+ )*(\.venv\S*/bin/python )?", "", c.text).split()[:2]
+    words = [w.strip("'\"").removeprefix("scripts/").removesuffix(".py") for w in words]
+    where = c.tag or (c.section.split()[0].lower() if c.section else "top")
+    return re.sub(r"[^\w.:=,+-]+", "_", f"{c.file}:{c.line}-{where}-{'_'.join(words)}")
+
+
+CASES = _cases()
+
+
+def _marks(case: Case) -> list:
+    """Running cases are slow (the fast tier leaves them out); skipped and unclassified ones cost nothing."""
+    return {RUN: [pytest.mark.slow], XFAIL: [pytest.mark.slow, pytest.mark.xfail(strict=True, reason=case.reason)]
+            }.get(case.action, [])
+
+
+def _params():
+    return [pytest.param(i, id=_case_id(case), marks=_marks(case)) for i, case in enumerate(CASES)]
+
+
+def _clone(dest: pathlib.Path) -> None:
+    """A fresh clone of this checkout: HEAD, then the working tree's tracked and untracked (not ignored) files."""
+    git = functools.partial(subprocess.run, check=True, capture_output=True, text=True)
+    head = git(["git", "-C", str(ROOT), "rev-parse", "HEAD"]).stdout.strip()
+    git(["git", "clone", "-q", "--no-checkout", str(ROOT), str(dest)])
+    git(["git", "-C", str(dest), "checkout", "-q", "--detach", head])
+    listed = git(["git", "-C", str(ROOT), "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout
+    for name in filter(None, listed.split("\0")):
+        src, dst = ROOT / name, dest / name
+        if src.is_symlink() or src.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.is_symlink() or dst.exists():
+                dst.unlink()
+            shutil.copy2(src, dst, follow_symlinks=False)
+        elif not src.exists() and (dst.is_symlink() or dst.is_file()):
+            dst.unlink()  # deleted in the working tree
+
+
+class Walk:
+    """The clone and the commands run in it so far; `through(i)` runs every RUN / XFAIL command up to case i."""
+
+    def __init__(self, base: pathlib.Path):
+        self.clone, self.tmp, self.logs = base / "neox_jax", base / "tmp", base / "logs"
+        self.tmp.mkdir()
+        self.logs.mkdir()
+        _clone(self.clone)
+        venv = pathlib.Path(sys.prefix)
+        stamp = venv / ".installed"  # the Makefile's stamp: `make` reinstalls when setup.cfg / pyproject.toml are newer
+        if venv == pathlib.Path(sys.base_prefix) or not stamp.exists():
+            pytest.fail(f"tests/test_readme.py runs the README's commands with the venv running pytest, and "
+                        f"{sys.prefix} is no venv set up by `make` (no {stamp}): run the suite with `make test`")
+        (self.clone / ".venv").symlink_to(venv, target_is_directory=True)
+        for name in ("setup.cfg", "pyproject.toml"):
+            os.utime(self.clone / name, (0, 0))  # older than the stamp: `make` finds the venv set up
+        self.env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+        self.env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        found = self._bash(".venv/bin/python -c \"import importlib.util as u; print(u.find_spec('neox_jax').origin)\"",
+                           self.logs / "venv.log", 60)
+        origin = (self.logs / "venv.log").read_text().strip()
+        assert found == 0 and pathlib.Path(origin).is_relative_to(self.clone), \
+            f"the clone's .venv/bin/python imports neox_jax from {origin}, not from the clone {self.clone}"
+        self.results: dict[int, tuple[str, int, pathlib.Path]] = {}
+
+    def _bash(self, script: str, log: pathlib.Path, timeout: int) -> int:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(["bash", "-c", script], cwd=self.clone, env=self.env, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            try:
+                return proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # the command's whole process group: make, python, workers
+                proc.wait()
+                out.write(f"\n[killed after {timeout} s]\n")
+                return -signal.SIGKILL
+
+    def through(self, index: int) -> tuple[str, int, pathlib.Path]:
+        for i, case in enumerate(CASES[:index + 1]):
+            if i not in self.results and case.action in (RUN, XFAIL):
+                script = re.sub(r"(?<![\w.~-])/tmp/", f"{self.tmp}/", case.run)
+                log = self.logs / f"{i:03d}.log"
+                self.results[i] = script, self._bash(script, log, TIMEOUT_S), log
+        return self.results[index]
+
+
+@pytest.fixture(scope="module")
+def walk(tmp_path_factory):
+    w = Walk(tmp_path_factory.mktemp("readme_walk"))
+    yield w
+    for folder in (w.clone, w.tmp):  # ~0.5 GB (pythia-70m weights, checkpoints); the logs stay
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("index", _params())
+def test_readme_command(index, request):
+    case = CASES[index]
+    where = f"{case.command.file}:{case.command.line}"
+    if not case.action:
+        pytest.fail(f"{where}: no rule in tests/test_readme.py RULES classifies `{case.command.text}`: add one "
+                    f"(RUN it, or SKIP / XFAIL it with the reason it cannot run here and what covers it)")
+    if case.action == SKIP:
+        pytest.skip(f"{where} `{' '.join(case.command.text.split())}`: {case.reason}")
+    script, status, log = request.getfixturevalue("walk").through(index)
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert status == 0, (f"{where}: exit status {status} of\n  {script}\n(ran in a fresh clone; whole output in {log})"
+                         f"\n--- last lines:\n{tail}")
+
+
+def test_commands_are_parsed_as_bash_reads_them():
+    text = """# Title
+```bash
+make train   # a comment
+# a comment line
+.venv/bin/python scripts/a.py --x 1 \\
+    --y '#not a comment' --z "a # b"  # but this is
+echo "two
+lines" && echo done
+cat a |
+  wc -l
+```
+```
+not bash
+```
+## Later
+<!-- section:later -->
+```bash
+run --tag=x#y
+```
+"""
+    got = [(c.line, c.section, c.tag, c.text) for c in commands(text, "X.md")]
+    assert got == [
+        (3, "", "", "make train"),
+        (5, "", "", ".venv/bin/python scripts/a.py --x 1 --y '#not a comment' --z \"a # b\""),
+        (7, "", "", 'echo "two\nlines" && echo done'),
+        (9, "", "", "cat a | wc -l"),
+        (18, "Later", "later", "run --tag=x#y"),
+    ]
