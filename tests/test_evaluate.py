@@ -162,7 +162,8 @@ def test_missing_or_malformed_task_files_name_the_file(small_hf, tmp_path, monke
     write(tmp_path / "piqa" / "valid-labels.lst", "0\n1\n")
     with pytest.raises(ValueError, match=r"valid-labels\.lst: expected 1 lines"):
         E.evaluate(lm, ["piqa"], limit=1, data_dir=tmp_path)
-    with pytest.raises(ValueError, match=r"unknown task\(s\) lambada_opnai"):
+    with pytest.raises(ValueError, match=r"task\(s\) lambada_opnai are not offline tasks "
+                                         r"\(did you mean lambada_openai\?\)"):
         E.evaluate(lm, ["lambada_opnai"], limit=1, data_dir=tmp_path)
 
 
