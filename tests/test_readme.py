@@ -19,8 +19,8 @@ What a RUN case changes before running, all listed here:
     of the train.profile_steps window it asks for).
 The commands see a user's environment: no XLA_FLAGS (conftest's 8 simulated devices are for in-process tests;
 a command that wants devices sets XLA_FLAGS itself, as the README's do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
-PYTHONPATH (every script finds its own checkout). The walk took 6.0 minutes on 2 cores shared with other jobs
-(load average ~6; 4 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
+PYTHONPATH (every script finds its own checkout). The walk took 5.8 minutes on 2 cores shared with other jobs
+(load average ~6; 3.9 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
 """
 
 import dataclasses
