@@ -1,9 +1,10 @@
 """Every command of the README runs as written on a fresh clone, or is named with what it needs (issue 23).
 
 Each command of README.md's and BUILD.md's ```bash blocks (`readme_commands.py` parses them) is one test, in file
-order; the ones that run are marked slow, so the fast tier still fails on a command no rule classifies. RULES classifies it, first match wins:
+order; the ones that run are marked slow, so the fast tier still fails on a command no rule classifies. RULES
+classifies each, first match wins:
   RUN    it runs in a fresh clone of this checkout (HEAD plus the working tree's changes, no `../shared` beside it,
-         `.venv` linked to the venv running pytest, nothing installed or downloaded) with `bash -c`, one command
+         `.venv` the venv running pytest, nothing installed or downloaded) with `bash -c`, one command
          after another in README order, so later commands use earlier outputs (`runs/tiny` from `make train`);
          the exit status must be 0. Selecting one case (`-k`) runs the commands before it first.
   SKIP   it cannot run on 2 CPU cores here: the reason names what it needs and what test covers it instead
@@ -14,11 +15,12 @@ A command no rule matches fails, asking for a rule: every future README command 
 What a RUN case changes before running, all listed here:
   - `/tmp/...` paths point into the walk's own temporary folder, so two walks on one machine (or an earlier run's
     leftovers, which `convert_hf.py` rightly refuses to overwrite) do not meet;
-  - CHEAPER: a run of `configs/tiny.py` (`make train` included) trains 4 steps instead of 800.
+  - `_cheaper`: a run of `configs/tiny.py` (`make train` included) trains 4 steps instead of 800 (or up to the end
+    of the train.profile_steps window it asks for).
 The commands see a user's environment: no XLA_FLAGS (conftest's 8 simulated devices are for in-process tests;
 a command that wants devices sets XLA_FLAGS itself, as the README's do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
-PYTHONPATH (every script finds its own checkout). The walk took 5.4 minutes on 2 cores shared with other jobs
-(load average ~6; 3.5 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
+PYTHONPATH (every script finds its own checkout). The walk took 5.8 minutes on 2 cores shared with other jobs
+(load average ~6; 3.9 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
 """
 
 import dataclasses
@@ -38,7 +40,6 @@ from readme_commands import Command, commands
 
 DOCS = ("README.md", "BUILD.md")
 TIMEOUT_S = 300  # one command; the slowest run here takes ~1 minute on 2 busy cores
-TINY_STEPS = "--config.train.steps=4"
 
 RUN, SKIP, XFAIL = "run", "skip", "xfail"
 _SLOW_BENCH = "a benchmark: minutes on 2 cores (measured: `train --preset cpu-small --profile` 150 s, with " \
@@ -50,13 +51,13 @@ _BIG_COMPILE = "compiles GPT-NeoX-20B's train step for dozens of simulated devic
 # sections change under other hands, and a changed command should land in the same rule.
 RULES = [
     (r"^make test\b", SKIP, "is this suite (tests/test_readme.py runs inside `make test`)"),
-    (r"^(python3 -m venv|(\S*/)?pip install)\b", SKIP,
-     "installs into a new venv from PyPI (network); `make` set up the venv these tests run in the same way, and "
-     "CI's .ci/run does it from a clean clone"),
+    (r"^(python3 -m venv|(\S*/)?pip install|make (setup|venv-\w+))\b", SKIP,
+     "sets up a venv from PyPI (network; the CUDA / TPU ones for hardware not here); the venv these tests run in "
+     "was set up the same way, and CI's .ci/run runs `make test` from a clean clone"),
     (r"^gcloud\b", SKIP, "needs a TPU pod slice (gcloud, TPU VMs)"),
     (r"\bsbatch\b", SKIP, "needs a SLURM cluster (issue 26 runs it under a local slurmctld)"),
-    (r"^\.venv-cuda/", SKIP, "needs the CUDA plugin venv .venv-cuda (BUILD.md, ~4 GB from PyPI)"),
-    (r"^\.venv-tpu/", SKIP, "needs the TPU compiler venv .venv-tpu (libtpu from PyPI, BUILD.md)"),
+    (r"^\.venv-cuda/", SKIP, "needs the CUDA plugin venv .venv-cuda (`make venv-cuda`, ~4 GB from PyPI)"),
+    (r"^\.venv-tpu/", SKIP, "needs the TPU compiler venv .venv-tpu (`make venv-tpu`, libtpu from PyPI)"),
     (r"--coordinator_address", SKIP,
      "needs 2 hosts; tests/test_distributed.py runs the same flags as 2 processes over loopback"),
     (r"scripts/gpu_bench\.sh", SKIP, "needs an NVIDIA GPU"),
@@ -72,16 +73,13 @@ RULES = [
     (r"benchmark\.py data\b", SKIP,
      "builds a gpt_neox index of up to 150 M samples (~4 GB of memory, ~1 minute); "
      "tests/test_data_pipeline.py::test_bench_reports_throughput runs it small"),
-    (r"benchmark\.py profile runs/tiny/profile", XFAIL,
-     "issue 23: `make train` writes no runs/tiny/profile (configs/tiny.py leaves train.profile_steps empty), so "
-     "the Benchmarks section's `profile` command has no trace to read"),
     (r"inspect_sharding\.py .*configs/neox_20b\.py", SKIP, _BIG_COMPILE),
     (r"/data/pythia/", SKIP,
      "needs Pythia's pre-shuffled Pile at /data/pythia (not bundled); tests/test_data_order.py reads the "
      "sequential order and the batch viewer on small files"),
     (r"scripts/train\.py .*configs/pythia\.py", SKIP,
-     "trains a Pythia model (hours on 2 cores; mesh.tensor=2 needs an even device count); tests/test_sharding.py "
-     "and tests/test_train_step.py hold tensor-parallel layouts to the 1-device run"),
+     "trains a Pythia model: GPUs and tokenized Pile data (hours to days on 2 CPU cores); tests/test_train_step.py "
+     "and tests/test_pipeline.py hold the layouts its config uses to the 1-device run"),
     (r"plan_run\.py .*--benchmark train-gpu-", SKIP,
      "reads the JSON of `benchmark.py train --json` run on a GPU; tests/test_energy.py::"
      "test_planner_mfu_from_a_benchmark_file reads a written one"),
@@ -91,20 +89,34 @@ RULES = [
     (r"dedup_report\.py .*\[--json", XFAIL,
      "issue 23: the Data section writes the optional `[--json report.json]` in brackets, which bash passes to "
      "the script as an input named `[--json`"),
+    (r"scripts/train\.py --config configs/pretrained\.py:", XFAIL,
+     "issue 23: since data.bundled_sample (default false) a config other than configs/tiny.py refuses to train on "
+     "the bundled sample, and the \"Starting from pretrained weights\" command gives no data: it needs "
+     "--config.data.bundled_sample=true (or data.train_paths)"),
     (r"^(make train\b|\.venv/bin/python -c |cp )", RUN, ""),
+    (r"^\.venv/bin/python scripts/benchmark\.py profile\b", RUN, ""),
     (r"^(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/(train|convert_hf|export_params|inspect_sharding|"
      r"train_tokenizer|preprocess_data|dedup_report|batch_viewer|sweep|evaluate|generate|plan_run)\.py\b", RUN, ""),
 ]
 
-# Commands too slow to run as written, run cheaper: (regex, replacement, why). Keep this short and honest.
-CHEAPER = [
-    (r"^make train$", f'make train ARGS="{TINY_STEPS}"',
-     "800 steps take ~5 minutes on 2 cores; 4 steps write the same runs/tiny (checkpoints, metrics.jsonl, "
-     "config.json, loss.png); tests/test_trainer.py checks the loop"),
-    (r"^((XLA_FLAGS=\S+ )?\.venv/bin/python scripts/train\.py --config configs/tiny\.py\b(?!.*--config\.train\.steps="
-     r").*)$", rf"\1 {TINY_STEPS}",
-     "800 steps (~5 minutes, ~10 pipelined); tests/test_pipeline.py holds the pipelined steps to the plain ones"),
-]
+# The one command family too slow to run as written, run cheaper. A run of configs/tiny.py (`make train`, or
+# scripts/train.py with no --config or --config configs/tiny.py) that sets no train.steps trains 4 steps, or up to
+# the end of its train.profile_steps window: its 800 steps take ~5 minutes on 2 cores (~10 pipelined), and 4 write
+# the same workdir (checkpoints, metrics.jsonl, config.json, loss.png) for the commands after it.
+# tests/test_trainer.py checks the loop, tests/test_pipeline.py the pipelined steps.
+_TINY_RUN = re.compile(r"^(make train\b|(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/train\.py\b)")
+
+
+def _cheaper(text: str) -> str:
+    config = re.search(r"--config[ =](\S+)", text)
+    if not _TINY_RUN.match(text) or "--config.train.steps=" in text or (config and config[1] != "configs/tiny.py"):
+        return text
+    window = re.search(r"--config\.train\.profile_steps=\d+,(\d+)", text)
+    steps = f"--config.train.steps={max(4, int(window[1]) if window else 0)}"
+    make = re.fullmatch(r'make train(?: ARGS="([^"]*)")?', text)
+    if make:
+        return f'make train ARGS="{make[1] + " " if make[1] else ""}{steps}"'
+    return text if text.startswith("make") else f"{text} {steps}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,18 +138,12 @@ def _classify(cmd: Command, earlier: dict[str, "Case"]) -> tuple[str, str]:
     return "", ""
 
 
-def _cheaper(text: str) -> str:
-    for pattern, replacement, _ in CHEAPER:
-        text = re.sub(pattern, replacement, text)
-    return text
-
-
 def _cases() -> list[Case]:
     cases, earlier = [], {}
     for doc in DOCS:
         for cmd in commands((ROOT / doc).read_text(), doc):
             action, reason = _classify(cmd, earlier)
-            cases.append(Case(cmd, action, reason, _cheaper(cmd.text)))
+            cases.append(Case(cmd, action, reason, _cheaper(cmd.text) if action in (RUN, XFAIL) else cmd.text))
             earlier.setdefault(cmd.text, cases[-1])
     return cases
 
@@ -189,22 +195,37 @@ class Walk:
         self.tmp.mkdir()
         self.logs.mkdir()
         _clone(self.clone)
-        venv = pathlib.Path(sys.prefix)
-        stamp = venv / ".installed"  # the Makefile's stamp: `make` reinstalls when setup.cfg / pyproject.toml are newer
-        if venv == pathlib.Path(sys.base_prefix) or not stamp.exists():
-            pytest.fail(f"tests/test_readme.py runs the README's commands with the venv running pytest, and "
-                        f"{sys.prefix} is no venv set up by `make` (no {stamp}): run the suite with `make test`")
-        (self.clone / ".venv").symlink_to(venv, target_is_directory=True)
-        for name in ("setup.cfg", "pyproject.toml"):
-            os.utime(self.clone / name, (0, 0))  # older than the stamp: `make` finds the venv set up
         self.env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
         self.env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        self._link_venv()
         found = self._bash(".venv/bin/python -c \"import importlib.util as u; print(u.find_spec('neox_jax').origin)\"",
                            self.logs / "venv.log", 60)
         origin = (self.logs / "venv.log").read_text().strip()
         assert found == 0 and pathlib.Path(origin).is_relative_to(self.clone), \
             f"the clone's .venv/bin/python imports neox_jax from {origin}, not from the clone {self.clone}"
         self.results: dict[int, tuple[str, int, pathlib.Path]] = {}
+
+    def _link_venv(self) -> None:
+        """The clone's .venv: the venv running pytest, entry by entry, with the Makefile's stamps made fresh, so
+        `make train` finds it set up (the stamps are newer than the clone's setup.cfg) and installs nothing."""
+        venv = pathlib.Path(sys.prefix)
+        if venv == pathlib.Path(sys.base_prefix):
+            pytest.fail(f"tests/test_readme.py runs the README's commands with the venv running pytest; "
+                        f"{sys.executable} is in none: run the suite with `make test`")
+        mirror = self.clone / ".venv"
+        mirror.mkdir()
+        for entry in venv.iterdir():
+            if entry.name.startswith(".installed"):
+                (mirror / entry.name).touch()
+            else:
+                (mirror / entry.name).symlink_to(entry)
+        make = functools.partial(subprocess.run, cwd=self.clone, env=self.env, capture_output=True, text=True)
+        if make(["make", "-q", "setup"]).returncode != 0:  # a venv set up under another Makefile's stamp name
+            stamps = re.findall(r"^touch (\.venv/\S+)$", make(["make", "-n", "setup"]).stdout, re.M)
+            for stamp in stamps:
+                (self.clone / stamp).touch()
+        assert make(["make", "-q", "setup"]).returncode == 0, \
+            f"`make setup` in the clone would install packages into {venv}: {make(['make', '-n', 'setup']).stdout}"
 
     def _bash(self, script: str, log: pathlib.Path, timeout: int) -> int:
         with open(log, "w") as out:
