@@ -86,13 +86,6 @@ RULES = [
     (r"sweep\.py --sweep configs/sweeps/tiny\.py --emit local|sweep\.py --summarize runs/sweeps/tiny\b", SKIP,
      "4 training runs (~40 s idle, 2.5 minutes on 2 busy cores), then their summary: tests/test_sweep.py::"
      "test_local_sweep_then_summary runs the same sweep file and summarizes it"),
-    (r"dedup_report\.py .*\[--json", XFAIL,
-     "issue 23: the Data section writes the optional `[--json report.json]` in brackets, which bash passes to "
-     "the script as an input named `[--json`"),
-    (r"scripts/train\.py --config configs/pretrained\.py:", XFAIL,
-     "issue 23: since data.bundled_sample (default false) a config other than configs/tiny.py refuses to train on "
-     "the bundled sample, and the \"Starting from pretrained weights\" command gives no data: it needs "
-     "--config.data.bundled_sample=true (or data.train_paths)"),
     (r"^(make train\b|\.venv/bin/python -c |cp )", RUN, ""),
     (r"^\.venv/bin/python scripts/benchmark\.py profile\b", RUN, ""),
     (r"^(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/(train|convert_hf|export_params|inspect_sharding|"
