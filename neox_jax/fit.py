@@ -60,7 +60,7 @@ def check(run: setup.RunSetup, stats, limit: int | None, say) -> str:
     line = f"train step: {peak / 1e9:.2f} GB per device at its peak (compiled), of {limit / 1e9:.2f} GB"
     if peak > limit:
         found = settings_that_fit(run, limit, peak)
-        hint = ("; settings that fit (model estimate): " + "; ".join(f"{s.flags()} (~{s.peak / 1e9:.1f} GB)"
+        hint = ("; settings that fit (model estimate): " + "; ".join(f"{s.flags()} (~{s.peak / 1e9:.2f} GB)"
                                                                      for s in found[:3])) if found else \
             "; no change of micro-batches, remat, head slices or ZeRO-3 fits: use more devices or tensor parallelism"
         raise DoesNotFitError(f"the compiled train step needs {peak / 1e9:.2f} GB per device, more than the "
@@ -83,8 +83,8 @@ def _candidates(config) -> list[tuple[dict, float]]:
     if t.loss_chunks == 1 and t.seq_len % 8 == 0:
         chunks += [({"train.loss_chunks": 8}, 1.01)]
     zero = [({}, 1.0)]
-    if config.zero_stage != 3 and config.mesh.stage == 1:
-        fsdp = config.mesh.data * config.mesh.fsdp
+    fsdp = config.mesh.data * config.mesh.fsdp
+    if config.zero_stage != 3 and config.mesh.stage == 1 and fsdp > 1:  # ZeRO-3 over every data-parallel device
         zero += [({"zero_stage": 3, "mesh.fsdp": fsdp, "mesh.data": 1}, 1.1)]
     out = []
     for parts in itertools.product(micro, remat, chunks, zero):

@@ -179,6 +179,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     last: dict = {}
     with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
         cleanup.enter_context(hold_workdir(workdir))
+        step_fn = compile_and_check(run, say)  # before anything else is written or allocated
         writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
                                       run_config=config.to_dict())
         cleanup.callback(writers.close)
@@ -211,7 +212,6 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
             del params
-        step_fn = compile_and_check(run, say)
         eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
         if is_main:
             with open(f"{workdir}/config.json", "w") as f:

@@ -180,8 +180,9 @@ def test_grain_worker_processes_give_the_same_batches(two_datasets):
 
 
 @pytest.mark.slow
-def test_default_config_trains_on_bundled_sample(tmp_path):
+def test_a_config_asking_for_the_bundled_sample_trains_on_it(tmp_path):
     c = default_config()
+    c.data.bundled_sample = True
     c.data.cache_dir = str(tmp_path / "cache")
     batches = take(dataset.make_train_iterator(c, 0, 1), 20)
     assert batches[0].shape == (c.train.batch_size, c.train.seq_len + 1)

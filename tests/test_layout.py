@@ -61,7 +61,7 @@ def test_a_target_without_its_plugin_is_one_clear_error():
         pytest.skip("libtpu is installed here: the TPU target works")
     except ImportError:
         pass
-    with pytest.raises(targets.TargetError, match=r'make venv-tpu'):
+    with pytest.raises(targets.TargetError, match=r'run `make venv-tpu`, then this command with \.venv-tpu/bin/python'):
         targets.devices(targets.parse("tpu:v5p:2x2x1"))
 
 
