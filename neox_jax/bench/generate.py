@@ -100,6 +100,7 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
         for loop in layer_loops:
             mu = m.copy_and_resolve_references()
             mu.scan_unroll = m.num_layers if loop == "unrolled" else 1
+            timing.starting(f"generate {config_spec} batch {b} layer loop {loop}")
             r = {"impl": "neox_jax" + ("" if loop == "scan" else "_" + loop), "config": config_spec,
                  "dtype": dtype, "device": jax.devices()[0].device_kind, "bandwidth_gbs": bandwidth,
                  **jax_generate_throughput(mu, b, prompt_len, new_tokens, bandwidth, stacked=loop != "unstacked")}

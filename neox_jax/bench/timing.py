@@ -23,6 +23,12 @@ def best_window(step: Callable[[], object], sync: Callable[[object], None], step
     return best
 
 
+def starting(what: str) -> None:
+    """A line on stderr before a measurement that starts with a compile (minutes for a large model), so a long
+    benchmark never sits silent."""
+    print(f"{what}: compiling and timing...", file=sys.stderr, flush=True)
+
+
 def progress(row: dict) -> None:
     """Each row as soon as it is measured, on stderr (the tables on stdout stay clean), so a run cut short still
     reports what it finished."""

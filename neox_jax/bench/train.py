@@ -124,6 +124,7 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
         for i, (variant, vconfig) in enumerate(zip(override_sets, configs)):
             label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in variant.items())
             trace = profile_subdir(profile_dir, name) if profile_dir and i == 0 else None
+            timing.starting(f"{name} neox_jax{f'[{label}]' if label else ''}")
             ours.append(row("neox_jax" + (f"[{label}]" if label else ""),
                             jax_train_throughput(vconfig, steps, warmup, windows, trace)))
             timing.progress(ours[-1])
