@@ -18,6 +18,7 @@ import jax
 
 from neox_jax import config as cfg
 from neox_jax import errors, memory, setup, sharding
+from neox_jax import model as model_lib
 
 NEAR = 0.9  # warn above this share of the device's memory: fragmentation and collectives' buffers need room
 
@@ -100,7 +101,8 @@ def _candidates(config) -> list[tuple[dict, float]]:
 def settings_that_fit(run: setup.RunSetup, limit: int, compiled: int | None = None) -> list[Setting]:
     """Changes of this run's config that the analytic model puts under NEAR x `limit` per device, cheapest first.
     With the compiled peak of the run as it is, each estimate is scaled by compiled / model for this config."""
-    base = memory.analytic_memory(run)["peak"]
+    platform = model_lib.target_platform()  # the model's constants for the compiler that made `compiled`
+    base = memory.analytic_memory(run, platform)["peak"]
     scale = compiled / base if compiled else 1.0
     found = []
     for overrides, cost in _candidates(run.config):
@@ -109,7 +111,7 @@ def settings_that_fit(run: setup.RunSetup, limit: int, compiled: int | None = No
             other = setup.build(cfg.validate(config), sharding.make_mesh(config, run.mesh.devices.flat))
         except (cfg.ConfigError, ValueError):
             continue
-        peak = int(memory.analytic_memory(other)["peak"] * scale)
+        peak = int(memory.analytic_memory(other, platform)["peak"] * scale)
         if peak <= NEAR * limit:
             found.append(Setting(overrides, peak, cost))
     return sorted(found, key=lambda s: (s.cost, s.peak))

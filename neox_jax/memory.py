@@ -10,15 +10,16 @@ n (heads per device), L (layers per stage), S stages, M micro-batches, V (padded
 compute dtype's bytes, b_g = the params' (gradients') bytes, P = layer parameters per device, G = bytes of the fp32
 gradients at their ZeRO placement.
 
-  kept for the backward        L x N x kept(policy) x b        what the remat policy saves of every layer
-                               full: H (the layer's input); attention_out: 2H; dots_no_batch: 6H + F (the input
-                               and every weight matmul's output); dots: the same plus, outside cuDNN, the attention
-                               matmuls' outputs (n T + H); none: KEPT_NONE (every intermediate)
-  one layer's backward         N x work(policy, platform)      the layer being recomputed and differentiated
-  attention scores             3 x rows x n x q x T x 4        XLA (q = T) or chunked (q = the chunk) attention's
-                                                               scores, probabilities and their gradient; cuDNN
-                                                               flash attention keeps O(T) per head: none
-  output head                  N / loss_chunks x V x 4 x 2     the fp32 logits of one head slice and their gradient
+  kept for the backward        L x N x KEPT_PER_TOKEN x b      what the remat policy saves of every layer
+                               full: H (the layer's input); attention_out: 2H; dots_no_batch: 4H + F (qkv, the
+                               attention dense, the first MLP matmul); dots: the same, plus outside cuDNN every
+                               layer's fp32 T x T scores; none: 15H + 4F (every intermediate), plus with XLA
+                               attention its fp32 probabilities
+  one layer's backward         N x WORK x b                    the layer being recomputed and differentiated
+                               (+ SCORE_BUFFERS x rows x n x q x T x 4 outside cuDNN: q = T for XLA, the chunk
+                               for chunked attention)
+  output head                  N / loss_chunks x V x (4 + b)   one head slice's fp32 logits and their gradient (x 8
+                               unsliced); at the peak instead of the layer's work when it is larger
   pipeline stage inputs        (M + S - 1) x rows x T x H x b  one per tick, kept until the backward
   pipeline head inputs         (M + S - 1) x rows x T/S x H x b
   gradients                    pipeline: P x b_g; micro-batches with ZeRO-1: G (the accumulator; each
@@ -27,9 +28,8 @@ gradients at their ZeRO placement.
   optimizer update (ZeRO-1)    the Adam moments' bytes         copies XLA keeps of the donated moments (master
                                                                weights)
 
-The per-token constants are counted from the block's operations and checked against compiles of pythia-160m, 1b
-and 1.4b in every policy (tests/test_memory.py holds the model to small compiles; the README table to the real
-sizes).
+The per-token constants are the slopes (kept) and intercepts (work) of compiles of pythia-160m and 1.4b at two
+depths; tests/test_memory.py holds the model to recorded compiles of pythia-160m, 1b and 1.4b in every policy.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def state_bytes(run: RunSetup) -> dict:
     mesh, place = run.mesh, run.placement
     is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    shapes = jax.tree.leaves(jax.tree.map(lambda b: b.value, run.param_shapes, is_leaf=is_boxed))
+    weights = jax.tree.map(lambda b: b.value, run.param_shapes, is_leaf=is_boxed)
+    shapes = jax.tree.leaves(weights)
 
     def local(shape, dtype, spec) -> int:
         return int(np.prod(NamedSharding(mesh, spec).shard_shape(tuple(shape)))) * np.dtype(dtype).itemsize
@@ -100,8 +101,7 @@ def state_bytes(run: RunSetup) -> dict:
     def total(arrays, specs, dtype=None) -> int:
         return sum(local(a.shape, dtype or a.dtype, s) for a, s in zip(arrays, jax.tree.leaves(specs, is_leaf=is_spec)))
 
-    opt = jax.tree.leaves(jax.eval_shape(run.optimizer.init, jax.tree.unflatten(
-        jax.tree.structure(jax.tree.map(lambda b: b.value, run.param_shapes, is_leaf=is_boxed)), shapes)))
+    opt = jax.tree.leaves(jax.eval_shape(run.optimizer.init, weights))
     out = {"params": total(shapes, place.params, cfg.state_param_dtype(run.config)),
            "optimizer": total(opt, place.opt_state),
            "grads": total(shapes, place.grads, np.float32)}
@@ -161,4 +161,4 @@ def analytic_memory(run: RunSetup, platform: str = "cpu") -> dict:
         out[SHARDS] = state["optimizer"] * 2 // 3  # the moments: 8 of the 12 bytes per parameter
     temp = sum(out.values())
     held = state["params"] + state["optimizer"]
-    return {"state": held, "temp": temp, "parts": out, "peak": held + temp, "policy": policy}
+    return {"state": held, "temp": temp, "parts": out, "peak": held + temp}
