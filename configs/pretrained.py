@@ -7,7 +7,7 @@ released model with its own config file, `--config configs/pythia.py:160m --conf
 same thing.
 """
 
-from neox_jax import pretrained
+from neox_jax import weights
 from neox_jax.config import default_config
 
 
@@ -15,7 +15,7 @@ def get_config(path=None):
     if not path:
         raise ValueError("configs/pretrained.py needs the checkpoint: --config configs/pretrained.py:DIR")
     c = default_config()
-    c.model = pretrained.model_config(path)
+    c.model = weights.model_config(path)
     c.train.init_from = path
     c.train.seq_len = min(c.train.seq_len, c.model.max_position_embeddings)
     c.optimizer.lr = 1e-4

@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from jax.experimental import multihost_utils
 
-from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax.pytree import path_name
 
@@ -269,6 +268,15 @@ class Checkpointer:
         meta = self.manager.item_metadata(step)[STATE]
         return getattr(meta, "tree", meta)
 
+    def restore_numpy(self, step: int, item: Any) -> Any:
+        """The arrays of `item` (a part of `stored_metadata(step)`, nested as in the state, e.g.
+        {"train": {"params": ...}}) as host numpy arrays on any mesh; nothing else of the step is read."""
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item,
+                                is_leaf=lambda m: hasattr(m, "shape"))
+        return ocp.PyTreeCheckpointer().restore(
+            os.path.join(self.step_dir(step), STATE),
+            args=ocp.args.PyTreeRestore(item=item, restore_args=as_numpy, partial_restore=True))
+
     def stored_shapes(self, step: int) -> dict[str, tuple]:
         return {path_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_leaves_with_path(
             self.stored_metadata(step), is_leaf=lambda m: hasattr(m, "shape"))}
@@ -327,32 +335,3 @@ def check_shapes(stored: dict[str, tuple], target: Any, where: str) -> None:
                 f"checkpoint {where}: {key} has shape {stored[key]} but the config expects {want}; the checkpoint "
                 "was written for a different model config (resume with the config it was saved with, or use a "
                 "new --workdir)")
-
-
-def load_workdir_params(workdir: str, step: int | None = None) -> tuple[Any, dict]:
-    """(run config, params as host numpy arrays) of a training workdir's latest (or `step`) checkpoint.
-
-    Only the weights are read (not the optimizer's moments): the fp32 master of a run with
-    precision.mode=master_weights (its 16-bit params are that master's cast), else the params. The config's
-    model.padded_vocab_size is pinned to the stored embedding, so `config.model` rebuilds exactly these shapes on
-    any mesh.
-    """
-    if not os.path.isdir(checkpoint_dir(workdir)):
-        raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; expected a training workdir")
-    ckpt = Checkpointer(workdir, async_save=False, create=False)
-    try:
-        step = ckpt.intact_step(step)
-        config = cfg.from_saved(ckpt.restore_config(step), f"{ckpt.directory}/{step}/config")
-        stored = ckpt.stored_metadata(step)["train"]
-        weights = "master" if stored.get("master") else "params"
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored[weights],
-                                is_leaf=lambda m: hasattr(m, "shape"))
-        restored = ocp.PyTreeCheckpointer().restore(
-            os.path.join(ckpt.directory, str(step), STATE),
-            args=ocp.args.PyTreeRestore(item={"train": {weights: stored[weights]}},
-                                        restore_args={"train": {weights: as_numpy}}, partial_restore=True))
-    finally:
-        ckpt.close()
-    params = restored["train"][weights]
-    config.model.padded_vocab_size = int(np.shape(params["embed_in"])[0])
-    return config, params

@@ -1,9 +1,9 @@
-"""Weights between HF `GPTNeoXForCausalLM` directories and neox_jax params, plus a pickle-free params dir.
+"""The mapping between HF `GPTNeoXForCausalLM` directories and neox_jax params (any other weights source, and the
+params dir, is `neox_jax.weights`).
 
     load_hf(path) -> (config, params)       HF dir (safetensors, sharded or not; pytorch_model.bin via
                                             torch.load(weights_only=True)) -> run config + param tree
     save_hf(config, params, path)           param tree -> HF dir that transformers 4.x and 5.x load
-    save_params / load_params               config.json + params.safetensors with "a/b/c" keys
 
 Every HF tensor maps to one param leaf by a transpose and/or a reshape (`tensor_rules`), so the conversion is
 exact both ways. Reading goes tensor by tensor into preallocated stacks (layers are stacked on a leading
@@ -40,7 +40,6 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-PARAMS_FILE = "params.safetensors"
 _FINITE_SLICE = 1 << 24  # elements per isfinite pass (16 MiB of mask)
 
 # HF activations the model implements (exact GELU; the rest are the tanh approximation), kept by name in
@@ -74,7 +73,7 @@ _OTHER_KNOWN = ("model_type", "tie_word_embeddings", "attention_bias", "rope_par
                 "rotary_pct", "rotary_emb_base", "architectures")
 
 
-def _read_json(file: pathlib.Path) -> dict:
+def read_json(file: pathlib.Path) -> dict:
     if not file.is_file():
         raise ConversionError(f"{file} not found")
     try:
@@ -248,7 +247,7 @@ def flat_param_shapes(m) -> dict[tuple[str, ...], tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(nn.meta.unbox(M.param_shapes(m))).items()}
 
 
-def _fmt(path) -> str:
+def param_name(path) -> str:
     return "/".join(path)
 
 
@@ -257,7 +256,7 @@ def _fmt(path) -> str:
 def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS_FILE), (TORCH_INDEX, TORCH_FILE)):
         if (path / index_name).is_file():
-            index = _read_json(path / index_name)
+            index = read_json(path / index_name)
             if not isinstance(index.get("weight_map"), dict):
                 raise ConversionError(f"{path / index_name}: missing 'weight_map' object")
             files = [path / name for name in sorted(set(index["weight_map"].values()))]
@@ -271,12 +270,12 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                           f"{TORCH_FILE} or {TORCH_INDEX})")
 
 
-def _cpu_array(x) -> np.ndarray:
+def host_array(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
 @contextlib.contextmanager
-def _open_safetensors(file: pathlib.Path, framework: str = "np"):
+def open_safetensors(file: pathlib.Path, framework: str = "np"):
     """safe_open, with a truncated or garbled file (header, offsets, tensor bytes) as one ConversionError."""
     try:
         with safe_open(file, framework=framework) as f:
@@ -302,21 +301,21 @@ def check_finite(x: np.ndarray, name: str, file) -> np.ndarray:
 def _safetensors_tensors(file: pathlib.Path) -> Iterator[tuple[str, tuple, Any]]:
     """(name, shape, read) per tensor; nothing is read until `read()`. numpy has no bfloat16, so BF16
     tensors go through safetensors' flax reader, kept on the CPU."""
-    with _open_safetensors(file) as f:
+    with open_safetensors(file) as f:
         for name in f.keys():
             tensor = f.get_slice(name)
             if tensor.get_dtype() == "BF16":
                 def read(name=name):
                     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-                        with _open_safetensors(file, "flax") as fx:
-                            return _cpu_array(_get_tensor(fx, name, file))
+                        with open_safetensors(file, "flax") as fx:
+                            return host_array(get_tensor(fx, name, file))
             else:
                 def read(name=name):
-                    return _get_tensor(f, name, file)
+                    return get_tensor(f, name, file)
             yield name, tuple(tensor.get_shape()), read
 
 
-def _get_tensor(f, name: str, file):
+def get_tensor(f, name: str, file):
     try:
         return f.get_tensor(name)
     except SafetensorError as e:
@@ -350,7 +349,7 @@ def load_hf(path) -> tuple[ml_collections.ConfigDict, dict]:
     path = pathlib.Path(path)
     if not path.is_dir():
         raise ConversionError(f"HF checkpoint directory {path} not found")
-    config = config_from_hf(_read_json(path / CONFIG_FILE), path / CONFIG_FILE)
+    config = config_from_hf(read_json(path / CONFIG_FILE), path / CONFIG_FILE)
     m = config.model
     shapes = flat_param_shapes(m)
     dtype = np.dtype(m.param_dtype)
@@ -387,7 +386,7 @@ def load_hf(path) -> tuple[ml_collections.ConfigDict, dict]:
 
 # ---- writing HF ------------------------------------------------------------------------------------------
 
-def _pin_padded_vocab(config, params) -> ml_collections.ConfigDict:
+def pin_padded_vocab(config, params) -> ml_collections.ConfigDict:
     """A copy of `config` whose auto (0) padded_vocab_size is fixed to the embedding's rows: training pads to a
     multiple of 128 x tensor-parallel size, which the saved config must record to rebuild the same shapes."""
     config = ml_collections.ConfigDict(config.to_dict())
@@ -404,13 +403,13 @@ def check_params(m, params, source="params", config_name="its config") -> None:
     found = traverse_util.flatten_dict(params)
     for path, shape in expected.items():
         if path not in found:
-            raise ConversionError(f"{source}: param {_fmt(path)} missing (expected shape {list(shape)})")
+            raise ConversionError(f"{source}: param {param_name(path)} missing (expected shape {list(shape)})")
         if tuple(np.shape(found[path])) != shape:
-            raise ConversionError(f"{source}: param {_fmt(path)} has shape {list(np.shape(found[path]))}, "
+            raise ConversionError(f"{source}: param {param_name(path)} has shape {list(np.shape(found[path]))}, "
                                   f"expected {list(shape)} from {config_name}")
     extra = [p for p in found if p not in expected]
     if extra:
-        raise ConversionError(f"{source}: unexpected param {_fmt(extra[0])}")
+        raise ConversionError(f"{source}: unexpected param {param_name(extra[0])}")
 
 
 def _hf_tensors_of(m, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
@@ -418,7 +417,7 @@ def _hf_tensors_of(m, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
     for rule in tensor_rules(m):
         leaf = flat[rule.path]
         for i in range(m.num_layers) if rule.per_layer else [None]:
-            value = _cpu_array(leaf if i is None else leaf[i])  # one layer at a time, also for jax arrays
+            value = host_array(leaf if i is None else leaf[i])  # one layer at a time, also for jax arrays
             yield rule.hf_name.format(i), rule.to_hf(value).astype(dtype, copy=False)
 
 
@@ -448,7 +447,7 @@ def save_hf(config, params, path, *, dtype: str = "float32", max_shard_bytes: in
     `path` is refused unless `overwrite`; then its old weight files are removed once the new ones are complete, so
     shards of two models never mix.
     """
-    config = _pin_padded_vocab(config, params)
+    config = pin_padded_vocab(config, params)
     m = config.model if "model" in config else config
     C.validate_model(m)
     check_params(m, params)
@@ -480,64 +479,3 @@ def _write_shard(path, i, tensors):
     tmp = path / f"model.part{i}.safetensors.tmp"
     safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})  # "pt": what transformers expects
     return tmp, list(tensors), sum(t.nbytes for t in tensors.values())
-
-
-# ---- params dir ------------------------------------------------------------------------------------------
-
-def save_params(config, params, directory, overwrite: bool = False) -> pathlib.Path:
-    """Write `config.json` (the run config) + `params.safetensors` (keys like "layers/attention/dense/kernel").
-    A non-empty `directory` is refused unless `overwrite`; both files are written under temporary names and
-    renamed when complete, so an interrupted write leaves what was there before."""
-    config = C.validate(_pin_padded_vocab(config, params))
-    check_params(config.model, params)
-    directory = output_dir(directory, overwrite)
-    flat = {_fmt(p): np.ascontiguousarray(_cpu_array(v)) for p, v in traverse_util.flatten_dict(params).items()}
-    with files_lib.atomic_path(directory / PARAMS_FILE) as tmp:
-        safetensors.numpy.save_file(flat, tmp, metadata={"format": "neox_jax"})
-    with files_lib.atomic_path(directory / CONFIG_FILE) as tmp:
-        tmp.write_text(config.to_json(indent=2) + "\n")
-    return directory
-
-
-def load_config(file) -> ml_collections.ConfigDict:
-    """A run config saved as JSON, over the current defaults, validated."""
-    try:
-        return C.from_saved(_read_json(pathlib.Path(file)), str(file))
-    except C.ConfigError as e:
-        raise ConversionError(str(e)) from e
-
-
-def load_params(directory) -> tuple[ml_collections.ConfigDict, dict]:
-    """Read a params dir written by `save_params` -> (config, params as host numpy arrays)."""
-    directory = pathlib.Path(directory)
-    config = load_config(directory / CONFIG_FILE)
-    file = directory / PARAMS_FILE
-    if not file.is_file():
-        raise ConversionError(f"{file} not found")
-    expected = flat_param_shapes(config.model)
-    flat = {}
-    with _open_safetensors(file) as f:
-        names = set(f.keys())
-        for path, shape in expected.items():
-            name = _fmt(path)
-            if name not in names:
-                raise ConversionError(f"{file}: param {name} missing (expected shape {list(shape)})")
-            found = tuple(f.get_slice(name).get_shape())
-            if found != shape:
-                raise ConversionError(f"{file}: param {name} has shape {list(found)}, expected {list(shape)} "
-                                      f"from {directory / CONFIG_FILE}")
-            flat[path] = check_finite(_get_tensor(f, name, file), name, file)
-    extra = sorted(names - {_fmt(p) for p in expected})
-    if extra:
-        raise ConversionError(f"{file}: unexpected param {extra[0]}")
-    return config, traverse_util.unflatten_dict(flat)
-
-
-def describe(config, params) -> str:
-    """A short human summary: parameter count and the architecture."""
-    m = config.model if "model" in config else config
-    n = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
-    fields = ("vocab_size", "padded_vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-              "rotary_pct", "rotary_emb_base", "max_position_embeddings", "layernorm_eps", "hidden_act",
-              "use_parallel_residual")
-    return f"{n:,} parameters\n" + "\n".join(f"  model.{k} = {m[k]!r}" for k in fields)

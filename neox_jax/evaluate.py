@@ -35,8 +35,9 @@ from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
 from neox_jax import generate as gen_lib
-from neox_jax import load, scoring, sharding
+from neox_jax import scoring, sharding, weights
 from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
+from neox_jax.data import tokenizer as tok_lib
 
 TASK_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs" / "eval_tasks"
 LOCAL_TASKS = ("lambada_openai", "piqa", "arc_easy", "arc_challenge", "winogrande", "hellaswag")
@@ -74,9 +75,9 @@ class NeoXLM(TemplateLM):
                  model_config: Any = None, params: Any = None, mesh: Any = None, **unused):
         super().__init__()
         if model_config is None:
-            model_config, params = load.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
+            model_config, params = weights.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load.load_tokenizer(hf=hf, path=tokenizer)
+            tokenizer = tok_lib.load_tokenizer(tokenizer, hf_dir=hf)
         self.mesh = sharding.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
         self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh)
         self.m, self.params, self.tokenizer = model_config, self._generator.params, tokenizer

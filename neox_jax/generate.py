@@ -8,7 +8,8 @@ they share cache slots; the pads are masked out of attention and the rotary posi
 strings to check on the host, DECODE_CHUNK at a time (stopping at the first chunk after every row has stopped);
 with streaming a Python loop around the step checks stop conditions and streams text token by token.
 
-What a generator starts from (a model, its weights, a tokenizer, prompts) is loaded by `neox_jax.load`.
+A generator starts from a model and its weights (`neox_jax.weights.load_model`), a tokenizer
+(`neox_jax.data.tokenizer.load_tokenizer`) and prompts (`read_prompts`, below).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -311,6 +314,32 @@ def _stable_prefix(text: str, stops: Sequence[str]) -> str:
     text = text.rstrip("\ufffd")
     hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
     return text[:len(text) - hold]
+
+
+# ---- prompts ----------------------------------------------------------------------------------------------
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a .txt file (one per non-empty line) or a .jsonl file ({"prompt": ...} per line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file {path} not found")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if not path.endswith(".jsonl"):
+                prompts.append(line.rstrip("\n"))
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise errors.InputError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise errors.InputError(f'{path}, line {number}: expected an object with a string "prompt" field')
+            prompts.append(record["prompt"])
+    if not prompts:
+        raise errors.InputError(f"prompt file {path} holds no prompts")
+    return prompts
 
 
 # ---- placement on a mesh -------------------------------------------------------------------------------------

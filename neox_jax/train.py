@@ -92,7 +92,7 @@ def state_shapes(run: RunSetup) -> TrainState:
 def init_train_state(run: RunSetup, rng, params=None) -> TrainState:
     """The initial state created directly in its sharded layout (no host-side full copy). `params`: start from
     these weights (host or device arrays of the model's shapes, e.g. a converted HF checkpoint) instead of a random
-    init (e.g. pretrained weights, `neox_jax.pretrained`; each device receives only its shard of them, and the
+    init (e.g. pretrained weights, `neox_jax.weights`; each device receives only its shard of them, and the
     optimizer state starts fresh); with master weights the fp32 master holds them exactly and the params are
     their 16-bit cast."""
     init = functools.partial(_init_state, run.model, run.optimizer, run.config.precision)

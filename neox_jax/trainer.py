@@ -27,7 +27,7 @@ from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
-from neox_jax import fit, pretrained, setup, sharding
+from neox_jax import fit, setup, sharding, weights
 from neox_jax import train as train_lib
 from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
                            tokenizes_text, train_spec)
@@ -207,7 +207,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
             train_it.set_state(data_state)
             say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
         else:
-            params = pretrained.params_for(model, t.init_from) if t.init_from else None
+            params = weights.params_for(model, t.init_from) if t.init_from else None
             state = train_lib.init_train_state(run, rng, params)
             if params is not None:
                 say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")

@@ -3,14 +3,15 @@
     python scripts/convert_hf.py --hf_dir PATH --out PARAMS_DIR        # HF -> params dir
     python scripts/convert_hf.py --params_dir PARAMS_DIR --hf_out PATH  # params dir (or workdir) -> HF
 
-An output directory that is not empty is refused unless --overwrite. The logic lives in neox_jax/convert.py.
+An output directory that is not empty is refused unless --overwrite. The logic lives in neox_jax/convert.py (the HF
+mapping) and neox_jax/weights.py (params dirs, training workdirs).
 Exit status: 0 written, 2 bad flag or input (one FATAL: line on stderr).
 """
 
 import argparse
 import sys
 
-from neox_jax import convert, errors, pretrained
+from neox_jax import convert, errors, weights
 from neox_jax.config import DTYPES
 
 
@@ -37,14 +38,14 @@ def main(argv=None):
     convert.output_dir(args.out or args.hf_out, args.overwrite, create=False)  # before a long read
     if args.hf_dir:
         config, params = convert.load_hf(args.hf_dir)
-        convert.save_params(config, params, args.out, overwrite=args.overwrite)
+        weights.save_params(config, params, args.out, overwrite=args.overwrite)
         where = args.out
     else:
-        config, params = pretrained.load(args.params_dir, "--params_dir")
+        config, params = weights.load(args.params_dir, "--params_dir")
         files = convert.save_hf(config, params, args.hf_out, dtype=args.dtype,
                                 max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
         where = f"{args.hf_out} ({len(files)} safetensors file{'s' if len(files) > 1 else ''}, {args.dtype})"
-    print(f"wrote {where}\n{convert.describe(config, params)}")
+    print(f"wrote {where}\n{weights.describe(config, params)}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import checkpoint, convert, errors  # noqa: E402
+from neox_jax import convert, errors, weights  # noqa: E402
 
 
 @errors.guarded
@@ -28,9 +28,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="write into an --out directory that is not empty")
     args = p.parse_args(argv)
     convert.output_dir(args.out, args.overwrite, create=False)  # before reading the checkpoint
-    config, params = checkpoint.load_workdir_params(args.workdir, args.step)
-    convert.save_params(config, params, args.out, overwrite=args.overwrite)
-    print(f"wrote {args.out}\n{convert.describe(config, params)}")
+    config, params = weights.load_workdir_params(args.workdir, args.step)
+    weights.save_params(config, params, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}\n{weights.describe(config, params)}")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ import argparse
 import json
 import sys
 
-from neox_jax import cli, errors, load, sharding
+from neox_jax import cli, errors, sharding, weights
 from neox_jax import generate as G
 from neox_jax.config import DTYPES
+from neox_jax.data.tokenizer import load_tokenizer
 
 
 def parse(argv):
@@ -50,9 +51,9 @@ def parse(argv):
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     cli.check_writable(args.output, "--output")  # before the model is loaded and run
-    prompts = args.prompt + (load.read_prompts(args.prompt_file) if args.prompt_file else [])
-    tokenizer = load.load_tokenizer(hf=args.hf, path=args.tokenizer)
-    m, params = load.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
+    prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
+    tokenizer = load_tokenizer(args.tokenizer, hf_dir=args.hf)
+    m, params = weights.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
     sampling = G.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                           stop_token_ids=tuple(args.stop_token_id) + (() if args.ignore_eod else (tokenizer.eod_id,)))

@@ -11,7 +11,7 @@ import pytest
 from safetensors import safe_open
 
 from conftest import FIXTURES, ROOT
-from neox_jax import convert
+from neox_jax import convert, weights
 from neox_jax.model import GPTNeoX
 
 TOL = 1e-4
@@ -176,44 +176,7 @@ def test_live_transformers(case, tmp_path):
     np.testing.assert_allclose(back_logits, logits, rtol=0, atol=1e-6)
 
 
-# ---- params dir -------------------------------------------------------------------------------------------
-
-def test_params_dir_round_trip(tmp_path):
-    config, params = convert.load_hf(reference_dir())
-    convert.save_params(config, params, tmp_path / "p")
-    config2, params2 = convert.load_params(tmp_path / "p")
-    assert config2.to_dict() == config.to_dict()
-    jax.tree.map(np.testing.assert_array_equal, params2, params)
-    with safe_open(tmp_path / "p" / "params.safetensors", framework="np") as f:
-        assert "layers/attention/dense/kernel" in f.keys()
-
-
-def test_auto_padded_vocab_is_pinned_to_the_embedding(tmp_path):
-    """Training pads the vocabulary to 128 x tensor-parallel size (300 -> 512 at TP 2, not 384): the saved
-    config must say what the params hold."""
-    config, params = convert.load_hf(reference_dir())
-    config.model.vocab_size, config.model.padded_vocab_size = 300, 0
-    convert.save_params(config, params, tmp_path / "p")
-    config2, _ = convert.load_params(tmp_path / "p")
-    assert (config2.model.vocab_size, config2.model.padded_vocab_size) == (300, 512)
-    convert.save_hf(config, params, tmp_path / "hf")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["vocab_size"] == 512
-
-
-def test_params_dir_shape_mismatch(tmp_path):
-    config, params = convert.load_hf(reference_dir())
-    convert.save_params(config, params, tmp_path / "p")
-    saved = json.loads((tmp_path / "p" / "config.json").read_text())
-    saved["model"]["intermediate_size"] = 128
-    (tmp_path / "p" / "config.json").write_text(json.dumps(saved))
-    expected = r"param layers/mlp/dense_4h_to_h/kernel has shape \[2, 256, 64\], expected \[2, 128, 64\]"
-    with pytest.raises(convert.ConversionError, match=expected):
-        convert.load_params(tmp_path / "p")
-    saved["model"]["intermediat_size"] = saved["model"].pop("intermediate_size")
-    (tmp_path / "p" / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(convert.ConversionError, match="unknown config field 'model.intermediat_size'"):
-        convert.load_params(tmp_path / "p")
-
+# ---- params that do not fit -------------------------------------------------------------------------------
 
 def test_save_rejects_params_that_do_not_match_config(tmp_path):
     config, params = convert.load_hf(reference_dir())
@@ -222,7 +185,7 @@ def test_save_rejects_params_that_do_not_match_config(tmp_path):
     with pytest.raises(convert.ConversionError, match=expected):
         convert.save_hf(config, params, tmp_path / "hf")
     with pytest.raises(convert.ConversionError, match="layers/attention/dense/bias"):
-        convert.save_params(config, params, tmp_path / "p")
+        weights.save_params(config, params, tmp_path / "p")
 
 
 # ---- bad input --------------------------------------------------------------------------------------------

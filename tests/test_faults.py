@@ -23,7 +23,7 @@ import pytest
 
 from conftest import FIXTURES, ROOT
 from neox_jax import checkpoint as ckpt
-from neox_jax import convert, errors, metrics, trainer
+from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax.data import dataset, indexed, preprocess
 from tiny_configs import TINY_PY, tiny_py
 
@@ -441,9 +441,9 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
         convert.load_hf(hf)
     config, params = convert.load_hf(TINY_HF)
     params["final_layer_norm"]["bias"] = np.full_like(params["final_layer_norm"]["bias"], np.inf)
-    convert.save_params(config, params, tmp_path / "p")
+    weights.save_params(config, params, tmp_path / "p")
     with pytest.raises(convert.ConversionError, match="tensor 'final_layer_norm/bias' holds 64 non-finite"):
-        convert.load_params(tmp_path / "p")
+        weights.load_params(tmp_path / "p")
 
 
 def test_outputs_are_not_overwritten_without_overwrite(tmp_path, capsys):
@@ -458,7 +458,7 @@ def test_outputs_are_not_overwritten_without_overwrite(tmp_path, capsys):
     assert f"{workdir} is not empty" in line
     assert (workdir / "config.json").read_text() == '{"mine": 1}'
     convert_hf.main(["--hf_dir", src, "--out", str(workdir), "--overwrite"])
-    _, params = convert.load_params(workdir)
+    _, params = weights.load_params(workdir)
     _, reference = convert.load_hf(src)
     jax.tree.map(np.testing.assert_array_equal, params, reference)
     assert sorted(os.listdir(workdir)) == ["config.json", "params.safetensors"]  # no temporary left

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from conftest import FIXTURES
-from neox_jax import convert, files
+from neox_jax import convert, files, weights
 from neox_jax.data import indexed, neox_index, preprocess as pp
 
 
@@ -32,7 +32,7 @@ def test_umask_is_read_without_changing_it(umask):
 def test_exports_follow_the_umask(umask, tmp_path):
     expected = {0o022: 0o644, 0o077: 0o600}[umask]
     config, params = convert.load_hf(FIXTURES / "hf_reference" / "tiny-gpt-neox-parallel")
-    convert.save_params(config, params, tmp_path / "params")
+    weights.save_params(config, params, tmp_path / "params")
     convert.save_hf(config, params, tmp_path / "hf")
     convert.save_hf(config, params, tmp_path / "hf_sharded", max_shard_bytes=1 << 14)
     written = {f"{d}/{name}": mode for d in ("params", "hf", "hf_sharded") for name, mode in modes(tmp_path / d).items()}

@@ -14,7 +14,7 @@ from neox_jax import config as cfg
 from neox_jax import convert
 from neox_jax import generate as G
 from neox_jax import model as model_lib
-from neox_jax import sharding
+from neox_jax import sharding, weights
 from neox_jax.data import default_paths
 from tiny_configs import tiny_model
 
@@ -197,7 +197,7 @@ def test_generate_script_writes_jsonl(tiny, tmp_path, capsys):
     config = cfg.default_config()
     config.model = m
     config.train.seq_len = 128
-    convert.save_params(config, random_params(m, 1), tmp_path / "params")
+    weights.save_params(config, random_params(m, 1), tmp_path / "params")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "Hello world"}) + "\n" + json.dumps({"prompt": "The cat"}) + "\n")
     tokenizer = default_paths()["tokenizer"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, train, trainer
+from neox_jax import cli, convert, train, trainer, weights
 from neox_jax.config import ConfigError, validate
 from neox_jax.pytree import path_name
 
@@ -114,7 +114,7 @@ def test_master_weights_resume_bit_exact_and_export_reads_the_master(tmp_path):
     trainer.train(_config(**extra), str(resumed))
     want, got = _train_losses(straight), _train_losses(resumed)
     assert {s: v[-1] for s, v in got.items()} == {s: v[0] for s, v in want.items()}
-    (_, a), (_, b) = ckpt.load_workdir_params(str(straight)), ckpt.load_workdir_params(str(resumed))
+    (_, a), (_, b) = weights.load_workdir_params(str(straight)), weights.load_workdir_params(str(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == np.float32
         np.testing.assert_array_equal(x, y)

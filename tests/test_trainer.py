@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, load, metrics, optim, setup, sharding, trainer
+from neox_jax import cli, convert, metrics, optim, setup, sharding, trainer, weights
 from neox_jax import model as model_lib
 from neox_jax import train as train_lib
 
@@ -220,7 +220,7 @@ def test_resume_past_a_damaged_latest_checkpoint(reference, tmp_path, capsys):
 @pytest.mark.slow
 def test_export_params_then_hf(reference, tmp_path):
     workdir = reference[0]
-    config, params = ckpt.load_workdir_params(str(workdir))
+    config, params = weights.load_workdir_params(str(workdir))
     assert config.model.hidden_size == 64 and config.model.padded_vocab_size == 50688
     out = tmp_path / "params"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_params.py"), "--workdir",
@@ -235,11 +235,11 @@ def test_export_params_then_hf(reference, tmp_path):
     checkpointer = ckpt.Checkpointer(str(workdir))
     params4 = checkpointer.restore(abstract, step=4)[0]["train"].params
     checkpointer.close()
-    loaded_config, loaded = convert.load_params(out)
+    loaded_config, loaded = weights.load_params(out)
     jax.tree.map(np.testing.assert_array_equal, loaded, params4)
     assert not np.array_equal(params4["embed_in"], params["embed_in"])  # step 4 is not the latest (8)
     # the eval and generation tools take the workdir itself
-    m, latest = load.load_model(checkpoint=str(workdir))
+    m, latest = weights.load_model(checkpoint=str(workdir))
     assert m.padded_vocab_size == 50688
     jax.tree.map(np.testing.assert_array_equal, latest, params)
     convert.save_hf(loaded_config, loaded, tmp_path / "hf")

@@ -88,8 +88,12 @@ class SentencePieceTokenizer:
 Tokenizer = HFTokenizer | SentencePieceTokenizer
 
 
-def load_tokenizer(path: str | None = None, add_special_tokens: bool = False) -> Tokenizer:
-    """Load an HF JSON tokenizer or a sentencepiece model; None or "" -> the bundled 20B tokenizer."""
+def load_tokenizer(path: str | None = None, add_special_tokens: bool = False, *, hf_dir: str | None = None
+                   ) -> Tokenizer:
+    """Load an HF JSON tokenizer or a sentencepiece model: `path` if given, else the tokenizer.json of the HF model
+    directory `hf_dir` when it has one, else (None or "") the bundled 20B tokenizer."""
+    if not path and hf_dir and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        path = os.path.join(hf_dir, "tokenizer.json")
     if not path:
         path = default_paths()["tokenizer"]
     path = os.fspath(path)
