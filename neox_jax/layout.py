@@ -368,13 +368,13 @@ def preset_row(name: str, report: dict, device_bytes: int | None) -> dict:
 
 
 def format_preset_rows(rows: list[dict], target: str) -> str:
-    columns = [table.Column("config", "config", align="<", width=24), table.Column("devices", "devices"),
+    columns = (table.Column("config", "config", align="<", width=24), table.Column("devices", "devices"),
                table.Column("mesh", "mesh", align="<", width=18), table.Column("seqs/dev", "rows"),
                table.Column("remat", "remat", align="<", width=13), table.Column("zero", "zero_stage"),
                table.Column("params", "params", gb, width=9), table.Column("optimizer", "optimizer", gb),
                table.Column("compiled peak", "peak", gb),
                table.Column("model (error)", lambda r: f"{gb(r['model'])} ({r['error']:+.0%})", width=16),
-               table.Column("fits?", lambda r: None if r["fits"] is None else ("yes" if r["fits"] else "NO"), width=6)]
+               table.Column("fits?", lambda r: None if r["fits"] is None else ("yes" if r["fits"] else "NO"), width=6))
     return f"per-device memory compiled for {target}\n" + table.render(columns, rows)
 
 

@@ -4,7 +4,7 @@ row; columns sized to their widest cell. A module that prints a table keeps only
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 MISSING = "-"  # the cell of a value that is None: no figure (no peak to divide by, no HF row, ...)
 
@@ -31,7 +31,7 @@ class Column:
         return self.fmt(v) if callable(self.fmt) else format(v, self.fmt)
 
 
-def render(columns: Sequence[Column], rows: Sequence[Any], gap: str = " ") -> str:
+def render(columns: Sequence[Column], rows: Iterable[Any], gap: str = " ") -> str:
     """The header, a rule as wide as the table, then one line per row; columns joined by `gap`, trailing spaces
     dropped."""
     cells = [[c.cell(r) for c in columns] for r in rows]
