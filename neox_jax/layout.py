@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
 from neox_jax import model as model_lib
-from neox_jax import fit, memory, setup, sharding, train
+from neox_jax import fit, memory, setup, sharding, table, train
 from neox_jax.memory import (ACTIVATIONS, ATTENTION, COLLECTIVES, GRADIENTS, HEAD, HEAD_INPUTS, OTHER, PARTS,
                              SHARDS, STAGE_INPUTS, STORED, UNATTRIBUTED)
 from neox_jax.pytree import path_name
@@ -368,16 +368,14 @@ def preset_row(name: str, report: dict, device_bytes: int | None) -> dict:
 
 
 def format_preset_rows(rows: list[dict], target: str) -> str:
-    head = (f"{'config':<24} {'devices':>7} {'mesh':<18} {'seqs/dev':>8} {'remat':<13} {'zero':>4} {'params':>9} "
-            f"{'optimizer':>9} {'compiled peak':>13} {'model (error)':>16} {'fits?':>6}")
-    lines = [f"per-device memory compiled for {target}", head, "-" * len(head)]
-    for r in rows:
-        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "NO")
-        model = f"{gb(r['model'])} ({r['error']:+.0%})"
-        lines.append(f"{r['config']:<24} {r['devices']:>7} {r['mesh']:<18} {r['rows']:>8} {r['remat']:<13} "
-                     f"{r['zero_stage']:>4} {gb(r['params']):>9} {gb(r['optimizer']):>9} {gb(r['peak']):>13} "
-                     f"{model:>16} {fits:>6}")
-    return "\n".join(lines)
+    columns = (table.Column("config", "config", align="<", width=24), table.Column("devices", "devices"),
+               table.Column("mesh", "mesh", align="<", width=18), table.Column("seqs/dev", "rows"),
+               table.Column("remat", "remat", align="<", width=13), table.Column("zero", "zero_stage"),
+               table.Column("params", "params", gb, width=9), table.Column("optimizer", "optimizer", gb),
+               table.Column("compiled peak", "peak", gb),
+               table.Column("model (error)", lambda r: f"{gb(r['model'])} ({r['error']:+.0%})", width=16),
+               table.Column("fits?", lambda r: None if r["fits"] is None else ("yes" if r["fits"] else "NO"), width=6))
+    return f"per-device memory compiled for {target}\n" + table.render(columns, rows)
 
 
 # ---- text -------------------------------------------------------------------------------------------------
@@ -407,27 +405,47 @@ def compare_reports(a: dict, b: dict) -> dict:
             "optimizer_arrays_changed": opt_changed, "per_device_bytes": totals}
 
 
+_PARAM_COLUMNS = (
+    table.Column("parameter", "name", align="<", width=44),
+    table.Column("logical axes", "logical", ",".join, align="<", width=34),
+    table.Column("spec", "spec", align="<", width=36),
+    table.Column("global shape", lambda e: str(tuple(e["shape"])), align="<", width=22),
+    table.Column("per-device shape", lambda e: str(tuple(e["local_shape"])), align="<", width=22),
+    table.Column("global", "bytes", gb, width=12), table.Column("per device", "local_bytes", gb, width=12))
+_ARROW = table.Column("", lambda e: "->", align="<")
+_CHANGED_COLUMNS = (  # what a parameter's spec and per-device bytes were -> are
+    table.Column("parameter", "name", align="<", width=44),
+    table.Column("spec", lambda e: e["spec"][0], align="<", width=34), _ARROW,
+    table.Column("", lambda e: e["spec"][1], align="<", width=34),
+    table.Column("per device", lambda e: e["local_bytes"][0], gb, width=12), _ARROW,
+    table.Column("", lambda e: e["local_bytes"][1], gb, width=12))
+
+
+def _memory_sections(report: dict) -> list[tuple[str, list]]:
+    """The report's memory tables: (title, [(label, bytes), ...]) each."""
+    part = lambda k: "  " + memory.label(k, report["remat"])  # noqa: E731
+    sections = [("per-device memory", list(report["per_device_bytes"].items()))]
+    if "temp_breakdown" in report:
+        sections.append(("compiled temp at its peak, by part",
+                         [(part(k), v) for k, v in report["temp_breakdown"].items()]))
+    if "model" in report:
+        sections.append(("analytic model (neox_jax.layout.analytic_memory)",
+                         [*((part(k), v) for k, v in report["model"]["parts"].items()),
+                          ("model peak (state + the parts above)", report["model"]["peak"])]))
+    return sections
+
+
 def format_report(report: dict) -> str:
     """Human-readable tables: params (logical axes, spec, global / per-device shape and bytes), memory."""
-    lines = [f"layout {_layout_name(report)}  ({report['param_count']:,} params, {report['precision']})", ""]
-    header = (f"{'parameter':<44} {'logical axes':<34} {'spec':<36} {'global shape':<22} {'per-device shape':<22} "
-              f"{'global':>12} {'per device':>12}")
-    lines += [header, "-" * len(header)]
-    for e in report["params"]:
-        lines.append(f"{e['name']:<44} {','.join(e['logical']):<34} {e['spec']:<36} {str(tuple(e['shape'])):<22} "
-                     f"{str(tuple(e['local_shape'])):<22} {gb(e['bytes']):>12} {gb(e['local_bytes']):>12}")
+    lines = [f"layout {_layout_name(report)}  ({report['param_count']:,} params, {report['precision']})", "",
+             table.render(_PARAM_COLUMNS, report["params"])]
     opt_sharded = sum(1 for e in report["optimizer"] if e["local_bytes"] < e["bytes"])
     lines += ["", f"optimizer state: {len(report['optimizer'])} arrays, {opt_sharded} split across devices"]
-    lines += ["", "per-device memory", "-" * 63]
-    for k, v in report["per_device_bytes"].items():
-        lines.append(f"{k:<50} {gb(v):>12}")
-    if "temp_breakdown" in report:
-        lines += ["", "compiled temp at its peak, by part", "-" * 63]
-        lines += [f"  {memory.label(k, report['remat']):<48} {gb(v):>12}" for k, v in report["temp_breakdown"].items()]
-    if "model" in report:
-        lines += ["", "analytic model (neox_jax.layout.analytic_memory)", "-" * 63]
-        lines += [f"  {memory.label(k, report['remat']):<48} {gb(v):>12}" for k, v in report["model"]["parts"].items()]
-        lines.append(f"{'model peak (state + the parts above)':<50} {gb(report['model']['peak']):>12}")
+    sections = _memory_sections(report)
+    width = max(50, *(len(text) for title, rows in sections for text in [title, *(label for label, _ in rows)]))
+    for title, rows in sections:  # one width for all, so that they line up
+        lines += ["", table.render([table.Column(title, 0, align="<", width=width), table.Column("", 1, gb, width=12)],
+                                   rows)]
     if "pipeline" in report:
         p = report["pipeline"]
         lines += ["", f"pipeline ({p['schedule']}): {p['stages']} stages x {p['layers_per_stage']} layers"
@@ -441,13 +459,12 @@ def format_report(report: dict) -> str:
 def format_comparison(cmp: dict) -> str:
     a, b = cmp["layouts"]
     lines = [f"{a}  ->  {b}", ""]
-    for e in cmp["params_changed"]:
-        lines.append(f"{e['name']:<44} {e['spec'][0]:<34} -> {e['spec'][1]:<34} "
-                     f"{gb(e['local_bytes'][0]):>12} -> {gb(e['local_bytes'][1]):>12}")
+    if cmp["params_changed"]:
+        lines.append(table.render(_CHANGED_COLUMNS, cmp["params_changed"]))
     lines.append(f"optimizer arrays with a different spec: {cmp['optimizer_arrays_changed']}")
-    lines += ["", f"{'per device':<50} {a:>30} {b:>30}"]
-    for k, (x, y) in cmp["per_device_bytes"].items():
-        lines.append(f"{k:<50} {gb(x):>30} {gb(y):>30}")
+    columns = [table.Column("per device", 0, align="<", width=50), table.Column(a, lambda r: r[1][0], gb, width=30),
+               table.Column(b, lambda r: r[1][1], gb, width=30)]
+    lines += ["", table.render(columns, cmp["per_device_bytes"].items())]
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from neox_jax import energy as energy_lib
 from neox_jax import errors
 from neox_jax import metrics
 from neox_jax import sweep as sweep_lib
+from neox_jax import table
 
 
 class PlanError(errors.InputError):
@@ -133,26 +134,30 @@ def estimate_sweep(path: str, device: str, devices: int, overrides: dict | None 
                      **kwargs) for run in runs]
 
 
+def _readable(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+_COLUMNS = (
+    table.Column("run", "name", align="<"),
+    table.Column("devices", lambda p: f"{p['devices']} x {p['device']}", width=11),
+    table.Column("params", "params", lambda v: f"{v / 1e9:.3g}B", width=8),
+    table.Column("tok/step", "tokens_per_step", ",", width=10), table.Column("steps", "steps", ",", width=8),
+    table.Column("tokens", "tokens", ".3g", width=9), table.Column("FLOPs", "flops", ".3g", width=9),
+    table.Column("MFU", "mfu", ".1%", width=6), table.Column("TFLOP/s/dev", "tflops_per_device", ".1f"),
+    table.Column("days", "wall_days", ".3g", width=8), table.Column("dev-hours", "device_hours", _readable, width=10),
+    table.Column("MWh", lambda p: p["energy_kwh"] / 1000, ".3g", width=8),
+    table.Column("t CO2e", lambda p: p["co2e_kg"] / 1000, ".3g", width=8))
+
+
 def format_table(plans: list[RunPlan]) -> str:
     """One row per plan: FLOPs in scientific notation, time in days, energy in MWh, CO2e in tonnes."""
-    width = max([3, *(len(p.name) for p in plans)])
-    head = (f"{'run':<{width}} {'devices':>11} {'params':>8} {'tok/step':>10} {'steps':>8} {'tokens':>9} "
-            f"{'FLOPs':>9} {'MFU':>6} {'TFLOP/s/dev':>11} {'days':>8} {'dev-hours':>10} {'MWh':>8} {'t CO2e':>8}")
-    lines = [head, "-" * len(head)]
-    for p in plans:
-        lines.append(f"{p.name:<{width}} {f'{p.devices} x {p.device}':>11} {p.params / 1e9:>7.3g}B "
-                     f"{p.tokens_per_step:>10,} {p.steps:>8,} {p.tokens:>9.3g} {p.flops:>9.3g} {p.mfu:>6.1%} "
-                     f"{p.tflops_per_device:>11.1f} {p.wall_days:>8.3g} {_readable(p.device_hours):>10} "
-                     f"{p.energy_kwh / 1000:>8.3g} {p.co2e_kg / 1000:>8.3g}")
+    lines = [table.render(_COLUMNS, as_dicts(plans))]
     if plans:
         p = plans[0]
         lines.append(f"(FLOPs/token 6N + 12LHS; peak {p.peak_tflops:g} TFLOP/s; {p.watts:g} W x utilisation "
                      f"{p.utilisation:g} x PUE {p.pue:g}; {p.carbon_intensity:.0f} g CO2e/kWh)")
     return "\n".join(lines)
-
-
-def _readable(value: float) -> str:
-    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def as_dicts(plans: list[RunPlan]) -> list[dict]:

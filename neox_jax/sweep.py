@@ -23,6 +23,7 @@ from neox_jax import cli
 from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
+from neox_jax import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = "scripts/train.py"
@@ -250,15 +251,8 @@ def summarize(runs_dir: str) -> tuple[list[str], list[dict]]:
 
 
 def format_table(columns: list[str], rows: list[dict]) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return table.render([table.Column(c, c, cell, align="<") for c in columns], rows, gap="  ")
 
 
 def write_summary(runs_dir: str, columns: list[str], rows: list[dict]) -> tuple[str, str]:

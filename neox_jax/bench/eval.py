@@ -21,7 +21,7 @@ import jax
 from neox_jax import convert
 from neox_jax import evaluate as E
 from neox_jax import model as model_lib
-from neox_jax import scoring
+from neox_jax import scoring, table
 from neox_jax.bench import timing
 from neox_jax.cli import load_config
 from neox_jax.data import default_paths
@@ -149,16 +149,21 @@ def _delta(before: dict, stats) -> dict:
     return {k: getattr(stats, k) - v for k, v in before.items()}
 
 
+_COLUMNS = (
+    table.Column("task", "task", align="<", width=15), table.Column("pass", "pass"),
+    table.Column("reqs", "requests", width=5), table.Column("neox_jax req/s", "neox_jax_requests_per_s", ".1f"),
+    table.Column("hf req/s", "hf_requests_per_s", ".1f", width=9),
+    table.Column("ratio", "ratio", lambda v: f"{v:.2f}x", width=6),
+    table.Column("padding", "padding_overhead", ".3f", width=8),
+    table.Column("hf pos/tok", lambda r: r["hf_positions"] / max(r["request_tokens"], 1), ".3f"),
+    table.Column("max |dLL|", "max_abs_loglik_diff", ".1e"),
+    table.Column("same acc", lambda r: "yes" if r["identical_accuracies"] else "NO"),
+    table.Column("scores (neox_jax / hf)", "scores", align="<",
+                 fmt=lambda scores: ", ".join(f"{k} {a:.4f}/{b:.4f}" for k, (a, b) in scores.items())))
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'task':<15} {'pass':>4} {'reqs':>5} {'neox_jax req/s':>14} {'hf req/s':>9} {'ratio':>6} "
-            f"{'padding':>8} {'hf pos/tok':>10} {'max |dLL|':>9} {'same acc':>8}  scores (neox_jax / hf)")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        scores = ", ".join(f"{k} {a:.4f}/{b:.4f}" for k, (a, b) in r["scores"].items())
-        lines.append(f"{r['task']:<15} {r['pass']:>4} {r['requests']:>5} {r['neox_jax_requests_per_s']:>14.1f} "
-                     f"{r['hf_requests_per_s']:>9.1f} {r['ratio']:>5.2f}x {r['padding_overhead']:>8.3f} "
-                     f"{r['hf_positions'] / max(r['request_tokens'], 1):>10.3f} {r['max_abs_loglik_diff']:>9.1e} "
-                     f"{'yes' if r['identical_accuracies'] else 'NO':>8}  {scores}")
+    lines = [table.render(_COLUMNS, rows)]
     shapes = sorted({tuple(s) for r in rows for s in r["body_shapes"]})
     lines.append(f"neox_jax body shapes compiled (rows, row length): {shapes}; load average {os.getloadavg()}")
     return "\n".join(lines)

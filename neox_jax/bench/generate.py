@@ -21,6 +21,7 @@ from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import generate as gen_lib
 from neox_jax import model as model_lib
+from neox_jax import table
 from neox_jax.bench import device, timing, torch_ref
 from neox_jax.cli import load_config
 
@@ -117,17 +118,17 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
     return rows
 
 
+_COLUMNS = (table.Column("impl", "impl", align="<", width=18), table.Column("batch", "batch", width=5),
+            table.Column("prefill tok/s", "prefill_tokens_per_s", ",.0f", width=14),
+            table.Column("decode tok/s", "decode_tokens_per_s", ",.0f", width=13),
+            table.Column("steps/s", "decode_steps_per_s", ",.1f", width=9),
+            table.Column("roofline", "roofline_steps_per_s", ",.0f", width=9),
+            table.Column("frac", "fraction_of_roofline", timing.share, width=6))
+
+
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'impl':<18} {'batch':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'steps/s':>9} {'roofline':>9} "
-            f"{'frac':>6}")
-    lines, beaten = [head, "-" * len(head)], False
-    for r in rows:
-        frac, roof = r.get("fraction_of_roofline"), r.get("roofline_steps_per_s")
-        beaten |= frac is not None and frac > 1
-        lines.append(f"{r['impl']:<18} {r['batch']:>5} {r['prefill_tokens_per_s']:>14,.0f} "
-                     f"{r['decode_tokens_per_s']:>13,.0f} {r['decode_steps_per_s']:>9,.1f} "
-                     f"{'-' if roof is None else f'{roof:,.0f}':>9} {timing.share(frac):>6}")
-    if beaten:
+    lines = [table.render(_COLUMNS, rows)]
+    if any(r.get("fraction_of_roofline") is not None and r["fraction_of_roofline"] > 1 for r in rows):
         lines.append("frac -: decode beat the measured read rate (weights served from cache); no roofline applies")
     return "\n".join(lines)
 

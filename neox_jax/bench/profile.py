@@ -11,6 +11,9 @@ import collections
 import gzip
 import json
 import pathlib
+import textwrap
+
+from neox_jax import table
 
 
 def newest_trace(trace_dir: str | pathlib.Path) -> pathlib.Path:
@@ -42,6 +45,10 @@ def busiest(trace_dir, steps: int = 1) -> list[dict]:
     return sorted(groups, key=lambda g: -g["total_ms"])
 
 
+_COLUMNS = (table.Column("ms", "ms", ".2f", width=10), table.Column("share", "share", ".1%", width=6),
+            table.Column("count", "count", ".3g"), table.Column("event", "name", lambda name: name[:100], align="<"))
+
+
 def format_table(groups: list[dict], top: int = 25, min_share: float = 0.02) -> str:
     """The busiest `top` names of every thread holding at least `min_share` of the busiest thread's time.
     Events nest (an op inside its module), so a thread's total may count some time twice."""
@@ -51,8 +58,7 @@ def format_table(groups: list[dict], top: int = 25, min_share: float = 0.02) -> 
     for g in groups:
         if g["total_ms"] < floor:
             continue
-        lines.append(f"== {g['process']} / {g['thread']}: {g['total_ms']:,.1f} ms per step")
-        for e in g["events"][:top]:
-            share = 100 * e["ms"] / g["total_ms"]
-            lines.append(f"  {e['ms']:10.2f} ms {share:5.1f}% x{e['count']:<7.3g} {e['name'][:100]}")
+        rows = [{**e, "share": e["ms"] / g["total_ms"]} for e in g["events"][:top]]
+        lines += [f"== {g['process']} / {g['thread']}: {g['total_ms']:,.1f} ms per step",
+                  textwrap.indent(table.render(_COLUMNS, rows), "  ")]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from neox_jax import config as cfg
-from neox_jax import metrics, setup, sharding
+from neox_jax import metrics, setup, sharding, table
 from neox_jax import train as train_lib
 from neox_jax.bench import device, timing, torch_ref
 from neox_jax.cli import load_config
@@ -141,15 +141,16 @@ def profile_subdir(profile_dir: str, name: str) -> str:
     return f"{profile_dir}/" + "".join(c if c.isalnum() or c in "-." else "_" for c in name)
 
 
+# "-" where there is no figure: no peak to divide by, no memory_stats (CPU), no HF row
+_COLUMNS = (table.Column("name", "name", align="<", width=10), table.Column("impl", "impl", align="<", width=17),
+            table.Column("device", "device", lambda d: d[:18], align="<", width=18),
+            table.Column("batch", "batch", width=5), table.Column("seq", "seq_len", width=5),
+            table.Column("tok/s", "tokens_per_s", ",.0f", width=11),
+            table.Column("step s", "step_time", ".4f", width=8),
+            table.Column("MFU(meas)", "mfu_measured_peak", timing.share),
+            table.Column("MFU(sheet)", "mfu_datasheet_peak", timing.share),
+            table.Column("mem GB", "peak_mem_gb", ".1f", width=7), table.Column("vs HF", "vs_hf_eager", ".2f", width=6))
+
+
 def format_rows(rows: list[dict]) -> str:
-    width = max([17, *(len(r["impl"]) for r in rows)])
-    head = f"{'name':<10} {'impl':<{width}} {'device':<18} {'batch':>5} {'seq':>5} {'tok/s':>11} {'step s':>8} " \
-           f"{'MFU(meas)':>9} {'MFU(sheet)':>10} {'mem GB':>7} {'vs HF':>6}"
-    lines = [head, "-" * len(head)]
-    for r in rows:  # "-" where there is no figure: no peak to divide by, no memory_stats (CPU), no HF row
-        mem, vs_hf = r.get("peak_mem_gb"), r.get("vs_hf_eager")
-        lines.append(f"{r['name']:<10} {r['impl']:<{width}} {r['device'][:18]:<18} {r['batch']:>5} {r['seq_len']:>5} "
-                     f"{r['tokens_per_s']:>11,.0f} {r['step_time']:>8.4f} {timing.share(r['mfu_measured_peak']):>9} "
-                     f"{timing.share(r['mfu_datasheet_peak']):>10} {'-' if mem is None else f'{mem:.1f}':>7} "
-                     f"{'-' if vs_hf is None else f'{vs_hf:.2f}':>6}")
-    return "\n".join(lines)
+    return table.render(_COLUMNS, rows)

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from neox_jax import table
 from neox_jax.data import default_paths, indexed, neox_index
 from neox_jax.data.dataset import TrainIterator
 from neox_jax.data.preprocess import preprocess
@@ -117,7 +118,7 @@ def run(seq_len: int = 2048, batch_size: int = 8, batches: int = 500, num_tokens
 
 def format_results(r: dict) -> str:
     """The README's table (measure, goal, measured) for the parts of `run()` that ran."""
-    rows = [("measure", "goal", "measured")]
+    rows = []
     if "loader_tokens_per_s" in r:
         rows.append((f"loader tokens/s, one core (seq {r['loader_seq_len']}, batch {r['loader_batch_size']})",
                      ">= 20 M", f"{r['loader_tokens_per_s'] / 1e6:.1f} M ({r['loader_tokens_per_cpu_s'] / 1e6:.1f} M "
@@ -131,6 +132,5 @@ def format_results(r: dict) -> str:
                      "core: build + write", "< 60 s", f"{r['index_build_cpu_s']:.1f} s of CPU "
                      f"({r['index_build_s']:.1f} s wall, {r['index_gb']:.1f} GB)"))
         rows.append(("the same index loaded from its cache", "< 1 s", f"{r['index_load_s']:.2f} s"))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+    columns = [table.Column(header, i, align="<") for i, header in enumerate(("measure", "goal", "measured"))]
+    return table.render(columns, rows, gap="  ")

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from neox_jax import errors
+from neox_jax import errors, table
 from neox_jax.data.documents import iter_documents
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -132,12 +132,14 @@ def dedup_report(inputs: str | Sequence[str], *, ngram: int = 5, num_perm: int =
             "settings": dict(ngram=ngram, num_perm=num_perm, bands=bands, threshold=threshold)}
 
 
+_COLUMNS = (table.Column("pile_set_name", "name", align="<", width=24), table.Column("docs", "docs", width=7),
+            table.Column("exact dup", "exact_duplicates", width=10), table.Column("rate", "exact_rate", ".2%", width=7),
+            table.Column("near dup", "near_duplicates", width=9), table.Column("rate", "near_rate", ".2%", width=7))
+
+
 def format_report(report: dict) -> str:
     s = report["settings"]
-    head = f"{'pile_set_name':<24} {'docs':>7} {'exact dup':>10} {'rate':>7} {'near dup':>9} {'rate':>7}"
-    lines = [f"near duplicates: estimated Jaccard >= {s['threshold']} over word {s['ngram']}-grams "
-             f"(MinHash, {s['num_perm']} hashes, {s['bands']} LSH bands); near includes exact", head]
-    for name, c in list(report["components"].items()) + [("TOTAL", report["total"])]:
-        lines.append(f"{name:<24} {c['docs']:>7} {c['exact_duplicates']:>10} {c['exact_rate']:>7.2%} "
-                     f"{c['near_duplicates']:>9} {c['near_rate']:>7.2%}")
-    return "\n".join(lines)
+    rows = [{"name": name, **c} for name, c in [*report["components"].items(), ("TOTAL", report["total"])]]
+    return (f"near duplicates: estimated Jaccard >= {s['threshold']} over word {s['ngram']}-grams "
+            f"(MinHash, {s['num_perm']} hashes, {s['bands']} LSH bands); near includes exact\n"
+            + table.render(_COLUMNS, rows))
