@@ -31,7 +31,7 @@ from neox_jax import loss as loss_lib
 from neox_jax import model as model_lib
 from neox_jax import optim
 from neox_jax import pipeline
-from neox_jax import sharding
+from neox_jax import sharding, targets
 from neox_jax.setup import RunSetup
 
 
@@ -163,7 +163,7 @@ def _gathered_cast(w, p, where: NamedSharding):
     half = w.astype(p.dtype)
     spec = tuple(where.spec) + (None,) * (w.ndim - len(where.spec))
     last = spec[-1] if w.ndim else None
-    if (model_lib.target_platform() != "cpu" or not w.ndim
+    if (targets.target_platform() != "cpu" or not w.ndim
             or w.shape[-1] % (2 * sharding.axis_size(where.mesh, last))):
         return jax.lax.with_sharding_constraint(half, where)
     words = jax.lax.bitcast_convert_type(half.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint32)
