@@ -1,7 +1,7 @@
 """Everything a run derives from its config and mesh, built once: `build(config, mesh) -> RunSetup`.
 
 The resolved config (mesh.* the mesh's actual sizes) and model config (vocabulary padded for this tensor size), the
-model, the learning-rate schedule and the optimizer, the parameters' shapes with their logical axes, and where
+Flax module, the learning-rate schedule and the optimizer, the parameters' shapes with their logical axes, and where
 every part of the train state lives (PartitionSpecs and their NamedShardings). The step builders, the trainer,
 the layout report and the benchmarks take this object instead of re-deriving each piece from the config, so a run
 traces the model's shapes once and computes its placement once. Building allocates nothing.
@@ -25,8 +25,10 @@ from neox_jax.config import ConfigError, check_pipeline, resolve_model
 class RunSetup:
     config: ml_collections.ConfigDict  # the run config, mesh.* resolved to the mesh's sizes (never -1)
     mesh: Mesh
-    model: ml_collections.ConfigDict  # the model config: padded_vocab_size fixed for this tensor-parallel size
-    net: model_lib.GPTNeoX
+    # config.model with padded_vocab_size fixed for this tensor-parallel size: the one model config the run builds,
+    # counts and checks with. config.model keeps the field as given (0: pad for the mesh), as config.json saves it.
+    model_config: ml_collections.ConfigDict
+    net: model_lib.GPTNeoX  # the Flax module of model_config
     param_shapes: Any  # boxed ShapeDtypeStructs: each parameter's shape, dtype and logical axes
     schedule: optax.Schedule  # lr as a function of the optimizer's count of applied updates
     optimizer: optax.GradientTransformation
@@ -60,6 +62,6 @@ def build(config, mesh: Mesh) -> RunSetup:
     optimizer = optim.make_optimizer(config, schedule)
     shapes = model_lib.param_shapes(m)
     place = sharding.placement(shapes, optimizer, mesh, config.zero_stage)
-    return RunSetup(config=config, mesh=mesh, model=m, net=model_lib.GPTNeoX(m), param_shapes=shapes,
+    return RunSetup(config=config, mesh=mesh, model_config=m, net=model_lib.GPTNeoX(m), param_shapes=shapes,
                     schedule=schedule, optimizer=optimizer, placement=place, shardings=place.on(mesh),
                     batch_sharding=sharding.batch_sharding(mesh))

@@ -121,7 +121,7 @@ def test_batch_helpers():
 def test_layout_report_bytes_and_compare():
     run = build(tiny_config(data=2, tensor=4, zero_stage=1))
     report = layout.layout_report(run)
-    assert report["param_count"] == model.count_params(run.model)
+    assert report["param_count"] == model.count_params(run.model_config)
     by_name = {e["name"]: e for e in report["params"]}
     emb = by_name["embed_in"]
     assert emb["logical"] == ["vocab", "embed"] and emb["local_shape"] == [512 // 4, 64]
