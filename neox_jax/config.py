@@ -342,6 +342,17 @@ def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
              f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
 
 
+def check_batch(c: ml_collections.ConfigDict) -> None:
+    """The global batch splits into micro-batches that divide over data x fsdp, and a pipeline's stages fit.
+    Needs the mesh's actual sizes in mesh.* (`sharding.with_mesh_sizes`): `setup.build` calls it."""
+    if c.mesh.stage > 1:
+        check_pipeline(c, c.mesh.stage)
+    t, n = c.train, c.mesh.data * c.mesh.fsdp
+    _require((t.batch_size // t.micro_batches) % n == 0, "train.batch_size",
+             f"{t.batch_size} sequences in {t.micro_batches} micro-batches give {t.batch_size // t.micro_batches} "
+             f"per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
+
+
 def from_saved(stored: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:
     """A run config saved as JSON (checkpoint, params dir), over the current defaults so fields added since it
     was written get their defaults; validated. Any problem is one ConfigError prefixed with `where`."""

@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from neox_jax import model as model_lib
 from neox_jax import optim, sharding
-from neox_jax.config import ConfigError, check_pipeline, resolve_model
+from neox_jax.config import check_batch, resolve_model
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -41,22 +41,11 @@ class RunSetup:
         return sharding.num_stages(self.mesh)
 
 
-def check_batch(config, mesh: Mesh) -> None:
-    """The global batch splits into micro-batches that divide over data x fsdp, and a pipeline's stages fit."""
-    if sharding.num_stages(mesh) > 1:
-        check_pipeline(config, sharding.num_stages(mesh))
-    t, n = config.train, sharding.batch_split(mesh)
-    if (t.batch_size // t.micro_batches) % n:
-        raise ConfigError(
-            f"config field train.batch_size: {t.batch_size} sequences in {t.micro_batches} micro-batches give "
-            f"{t.batch_size // t.micro_batches} per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
-
-
 def build(config, mesh: Mesh) -> RunSetup:
     """The run's derived objects for `config` (validated) on `mesh`; a config that does not fit the mesh is a
     ConfigError naming the field."""
     config = sharding.with_mesh_sizes(config, mesh)
-    check_batch(config, mesh)
+    check_batch(config)
     m = resolve_model(config)
     schedule = optim.lr_schedule(config)
     optimizer = optim.make_optimizer(config, schedule)

@@ -15,7 +15,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import ROOT
 from layout_checks import build
-from neox_jax import layout, model, setup, sharding
+from neox_jax import layout, model, sharding
+from neox_jax import config as cfg
 from neox_jax.config import ConfigError
 from neox_jax.pytree import path_name
 from tiny_configs import tiny_config
@@ -115,7 +116,7 @@ def test_batch_helpers():
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), tokens)
     c.train.batch_size, c.train.micro_batches = 24, 2  # 12 per micro-batch over 8 devices
     with pytest.raises(ConfigError, match="train.batch_size"):
-        setup.check_batch(c, mesh)
+        cfg.check_batch(sharding.with_mesh_sizes(c, mesh))
 
 
 def test_layout_report_bytes_and_compare():
