@@ -316,6 +316,25 @@ def validate_data(c: ml_collections.ConfigDict) -> None:
         split_proportions(d.split)
     _require(d.order != "sequential" or not d.train_weights, "data.train_weights",
              "data.order='sequential' reads the datasets one after another; weights do not apply")
+    datasets = [e for e in d.train_paths.split(",") if e.strip()]  # one dataset per entry (dataset.resolve_paths)
+    if datasets:
+        mixing_weights(d.train_weights, len(datasets))
+
+
+def mixing_weights(spec: str, count: int) -> list[float]:
+    """data.train_weights for `count` training datasets (empty: all equal); a ConfigError unless `spec` holds
+    `count` positive numbers."""
+    if not spec.strip():
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"data.train_weights: {spec!r} is not a comma-separated list of numbers") from None
+    if len(weights) != count:
+        raise ConfigError(f"data.train_weights has {len(weights)} weights for {count} datasets in data.train_paths")
+    if any(not w > 0 for w in weights):
+        raise ConfigError(f"data.train_weights: every weight must be positive, got {spec!r}")
+    return weights
 
 
 def split_proportions(spec: str) -> list[float]:
