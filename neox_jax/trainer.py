@@ -29,8 +29,10 @@ from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 from neox_jax import fit, pretrained, setup, sharding
 from neox_jax import train as train_lib
-from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
-                           tokenizes_text, train_spec)
+from neox_jax.data import default_paths
+from neox_jax.data.dataset import make_train_iterator, make_val_batches, tokenizes_text, train_spec
+from neox_jax.data.indexed import IndexedDataset
+from neox_jax.data.tokenizer import check_vocab
 
 log = logging.getLogger("neox_jax")
 

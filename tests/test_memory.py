@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from neox_jax import cli, config as cfg, fit, layout, memory, setup, sharding, targets, train
-from neox_jax.data import train_spec
+from neox_jax.data.dataset import train_spec
 
 from configs import pythia
 from conftest import ROOT
