@@ -316,6 +316,25 @@ def validate_data(c: ml_collections.ConfigDict) -> None:
         split_proportions(d.split)
     _require(d.order != "sequential" or not d.train_weights, "data.train_weights",
              "data.order='sequential' reads the datasets one after another; weights do not apply")
+    datasets = [e for e in d.train_paths.split(",") if e.strip()]  # one dataset per entry (dataset.resolve_paths)
+    if datasets:
+        mixing_weights(d.train_weights, len(datasets))
+
+
+def mixing_weights(spec: str, count: int) -> list[float]:
+    """data.train_weights for `count` training datasets (empty: all equal); a ConfigError unless `spec` holds
+    `count` positive numbers."""
+    if not spec.strip():
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"data.train_weights: {spec!r} is not a comma-separated list of numbers") from None
+    if len(weights) != count:
+        raise ConfigError(f"data.train_weights has {len(weights)} weights for {count} datasets in data.train_paths")
+    if any(not w > 0 for w in weights):
+        raise ConfigError(f"data.train_weights: every weight must be positive, got {spec!r}")
+    return weights
 
 
 def split_proportions(spec: str) -> list[float]:
@@ -340,6 +359,17 @@ def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
     _require(c.train.micro_batches % stages == 0, "train.micro_batches",
              f"{c.train.micro_batches} micro-batches do not fill a {stages}-stage pipeline; use a multiple of "
              f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
+
+
+def check_batch(c: ml_collections.ConfigDict) -> None:
+    """The global batch splits into micro-batches that divide over data x fsdp, and a pipeline's stages fit.
+    Needs the mesh's actual sizes in mesh.* (`sharding.with_mesh_sizes`): `setup.build` calls it."""
+    if c.mesh.stage > 1:
+        check_pipeline(c, c.mesh.stage)
+    t, n = c.train, c.mesh.data * c.mesh.fsdp
+    _require((t.batch_size // t.micro_batches) % n == 0, "train.batch_size",
+             f"{t.batch_size} sequences in {t.micro_batches} micro-batches give {t.batch_size // t.micro_batches} "
+             f"per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
 
 
 def from_saved(stored: Mapping[str, Any], where: str) -> ml_collections.ConfigDict:

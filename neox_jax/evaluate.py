@@ -88,8 +88,8 @@ class NeoXLM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self._eot = tokenizer.eod_id
         self.scorer = scoring.Scorer(model_config, self.params, max_length=self._max_length, rows=self._batch_size,
-                                     row_length=int(row_length), split=gen_lib.batch_split(self.mesh),
-                                     put=lambda tree: gen_lib.put_batch(tree, self.mesh),
+                                     row_length=int(row_length), split=sharding.batch_multiple(self.mesh),
+                                     put=lambda tree: sharding.put_batch(tree, self.mesh),
                                      context=lambda: gen_lib.tracing_context(model_config, self.mesh))
 
     # ---- the harness's interface --------------------------------------------------------------------------

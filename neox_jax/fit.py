@@ -17,8 +17,7 @@ import itertools
 import jax
 
 from neox_jax import config as cfg
-from neox_jax import errors, memory, setup, sharding
-from neox_jax import model as model_lib
+from neox_jax import errors, memory, setup, sharding, targets
 
 NEAR = 0.9  # warn above this share of the device's memory: fragmentation and collectives' buffers need room
 
@@ -101,7 +100,7 @@ def _candidates(config) -> list[tuple[dict, float]]:
 def settings_that_fit(run: setup.RunSetup, limit: int, compiled: int | None = None) -> list[Setting]:
     """Changes of this run's config that the analytic model puts under NEAR x `limit` per device, cheapest first.
     With the compiled peak of the run as it is, each estimate is scaled by compiled / model for this config."""
-    platform = model_lib.target_platform()  # the model's constants for the compiler that made `compiled`
+    platform = targets.target_platform()  # the model's constants for the compiler that made `compiled`
     base = memory.analytic_memory(run, platform)["peak"]
     scale = compiled / base if compiled else 1.0
     found = []

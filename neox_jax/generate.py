@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import errors
 from neox_jax import model as model_lib
@@ -176,7 +175,7 @@ class Generator:
         README, Benchmarks). Drop other references to `params` to free the stacked copy; `stacked=True` uses
         `params` as they are."""
         self.m, self.mesh, self.stacked = m, mesh, stacked
-        self.params = params if mesh is None else place_params(m, params, mesh)
+        self.params = params if mesh is None else sharding.place_params(params, model_lib.param_shapes(m), mesh)
         if not stacked:
             self.params = model_lib.unstack_layers(self.params)
         self.vocab_limit = vocab_limit or m.vocab_size
@@ -194,7 +193,7 @@ class Generator:
 
     def rows(self, batch_size: int) -> int:
         """`batch_size` rounded up to a multiple of the data-parallel split."""
-        return _round_up(batch_size, batch_split(self.mesh))
+        return _round_up(batch_size, sharding.batch_multiple(self.mesh))
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling = Sampling(),
                  decode: Callable[[list[int]], str] | None = None,
@@ -232,7 +231,7 @@ class Generator:
         mask[n:, -1] = True  # filler rows attend to one token so their softmax stays finite
         chunked = on_text is None and bool(sampling.stop_strings)
         cache = self.init_cache(batch_size, length + (_round_up(new, DECODE_CHUNK) if chunked else new))
-        ids, mask, cache = put_batch((ids, mask, cache), self.mesh)
+        ids, mask, cache = sharding.put_batch((ids, mask, cache), self.mesh)
         with tracing_context(self.m, self.mesh):
             logits, cache, positions = self._prefill(self.params, ids, mask, cache)
         root = jax.random.PRNGKey(sampling.seed)
@@ -340,35 +339,6 @@ def read_prompts(path: str) -> list[str]:
     if not prompts:
         raise errors.InputError(f"prompt file {path} holds no prompts")
     return prompts
-
-
-# ---- placement on a mesh -------------------------------------------------------------------------------------
-
-def place_params(m, params, mesh):
-    """Params laid out by the logical rules (replicated over data, split over tensor)."""
-    specs = sharding.param_specs(model_lib.param_shapes(m), mesh, zero_stage=0)
-    return jax.device_put(params, sharding.to_shardings(specs, mesh))
-
-
-def batch_split(mesh) -> int:
-    """Rows a batch must be a multiple of: the data-parallel split of `mesh` (1 without one)."""
-    return 1 if mesh is None else sharding.batch_split(mesh)
-
-
-def put_batch(tree, mesh):
-    """Arrays whose leading dim is the batch split over the data axes; the KV cache (batch on dim 1, heads on
-    dim 3) too. Without a mesh, unchanged."""
-    if mesh is None:
-        return tree
-
-    def spec(path, x):
-        if x.ndim == 0:
-            return NamedSharding(mesh, P())
-        if {"k", "v"} & set(sharding.path_name(path).split("/")):  # cache entries [L or 1, B, S, n, d]
-            return NamedSharding(mesh, P(None, sharding.BATCH_AXES, None, "tensor", None))
-        return NamedSharding(mesh, P(sharding.BATCH_AXES))
-
-    return jax.device_put(tree, jax.tree_util.tree_map_with_path(spec, tree))
 
 
 @contextlib.contextmanager

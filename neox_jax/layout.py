@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
 from neox_jax import model as model_lib
-from neox_jax import fit, memory, setup, sharding, table, train
+from neox_jax import fit, memory, setup, sharding, table, targets, train
 from neox_jax.memory import (ACTIVATIONS, ATTENTION, COLLECTIVES, GRADIENTS, HEAD, HEAD_INPUTS, OTHER, PARTS,
                              SHARDS, STAGE_INPUTS, STORED, UNATTRIBUTED)
 from neox_jax.pytree import path_name
@@ -251,31 +251,6 @@ def temp_breakdown(dump_dir: str, shapes: StepShapes, temp_bytes: int) -> dict |
 
 # ---- one call: report, compile, breakdown, model -------------------------------------------------------------
 
-# XLA:CPU has no 16-bit arithmetic: it converts 16-bit operands to fp32 inside loops, and its loop-invariant code
-# motion then hoists those converts out of the loops, materialising fp32 copies of whole stacks of 16-bit arrays
-# (a stage's weights, every stored pipeline input). GPU and TPU compilers do neither, so a CPU compile that
-# stands in for an accelerator turns that pass off (measured on the 20B paper layout: 35.0 -> 26.7 GB).
-CPU_AS_ACCELERATOR = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-def stand_in(config, platform: str):
-    """The config as compiled for `platform`: fp16 compute as bf16 on CPU (XLA:CPU has no fp16 dot) and TPU (no
-    fp16 at all), the same bytes; on CPU, standing in for a GPU, attention "auto" (cuDNN flash attention there) as
-    "chunked" (memory O(chunk x T) per head like flash attention, where XLA's keeps all T x T scores).
-    Returns (config, notes); the config itself when nothing changes."""
-    notes = []
-    c = config.copy_and_resolve_references()
-    if c.model.dtype == "float16" and platform in ("cpu", "tpu"):
-        c.model.dtype = "bfloat16"
-        notes.append("fp16 compute compiled as bf16 (same bytes): " + (
-            "XLA:CPU lacks fp16 dots with fp32 accumulation" if platform == "cpu" else "TPUs compute in bf16"))
-    if c.model.attention_impl == "auto" and platform == "cpu":
-        c.model.attention_impl = "chunked"
-        notes.append("attention 'auto' (cuDNN flash attention on GPU) compiled as 'chunked' on CPU: the same "
-                     "O(chunk x T) memory per head, where XLA's attention would hold all T x T scores")
-    return (c if notes else config), notes
-
-
 def inspect(config, devices, platform: str = "cpu", compile: bool = True, compile_layers: int = 0,
             cpu_hoisting: bool = False) -> dict:
     """The layout report of `config` on `devices` (len = the mesh size), with the train step compiled for
@@ -287,12 +262,12 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     report = layout_report(run)
     if not compile:
         return report
-    compiled_config, notes = stand_in(config, platform)
+    compiled_config, notes = targets.stand_in(config, platform)
     compiled = run if compiled_config is config else setup.build(compiled_config, mesh)
-    options = CPU_AS_ACCELERATOR if platform == "cpu" and not cpu_hoisting else {}
+    options = targets.CPU_AS_ACCELERATOR if platform == "cpu" and not cpu_hoisting else {}
     stages = sharding.num_stages(mesh)
     n = compile_layers
-    with model_lib.compiling_for(platform), tempfile.TemporaryDirectory() as dump:
+    with targets.compiling_for(platform), tempfile.TemporaryDirectory() as dump:
         if n and 2 * n * stages < config.model.num_layers:
             # Every compiled size is a + b * layers for a scanned stack: fit a, b from two compiles.
             small, double = (train.compile_train_step(setup.build(_with_layers(compiled_config, k * stages), mesh),
@@ -324,7 +299,7 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     report["notes"] += notes
     if platform == "cpu":
         report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "
-                               "off (see layout.CPU_AS_ACCELERATOR)") + ": an upper bound for a GPU or TPU compile")
+                               "off (see targets.CPU_AS_ACCELERATOR)") + ": an upper bound for a GPU or TPU compile")
     return report
 
 

@@ -112,7 +112,7 @@ def state_bytes(run: RunSetup) -> dict:
 
 def analytic_memory(run: RunSetup, platform: str = "cpu") -> dict:
     """Per-device bytes of `run`'s train step compiled for `platform`: {"state", "temp", "parts", "peak"}."""
-    c, m, mesh = run.config, run.model, run.mesh
+    c, m, mesh = run.config, run.model_config, run.mesh
     state = state_bytes(run)
     stages = sharding.num_stages(mesh)
     tensor = int(mesh.shape["tensor"])

@@ -13,8 +13,6 @@ attention) and decoding (an explicit KV-cache pytree in, an updated one out; see
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from typing import Any
 
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from neox_jax import config as cfg
+from neox_jax import targets
 
 Array = jax.Array
 
@@ -108,28 +107,9 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 # ---- attention -------------------------------------------------------------------------------------------
 
-# The platform a step is compiled for: the default backend, unless a tool compiles for another target (e.g.
-# scripts/inspect_sharding.py building TPU or CUDA executables on a CPU-only host); see `compiling_for`.
-_TARGET = contextvars.ContextVar("neox_jax_target_platform", default=None)
-
-
-def target_platform() -> str:
-    return _TARGET.get() or jax.default_backend()
-
-
-@contextlib.contextmanager
-def compiling_for(platform: str):
-    """Trace model code for `platform` ("cpu", "gpu", "tpu") whatever the host's default backend."""
-    token = _TARGET.set(platform)
-    try:
-        yield
-    finally:
-        _TARGET.reset(token)
-
-
 def attention_impl_for(m, platform: str, decoding: bool = False) -> str:
     """The attention implementation a step traced for `platform` uses."""
-    with compiling_for(platform):
+    with targets.compiling_for(platform):
         return attention_impl(m, decoding)
 
 
@@ -141,7 +121,7 @@ def attention_impl(m, decoding: bool) -> str:
     if m.attention_impl != "auto":
         return m.attention_impl
     half = jnp.dtype(m.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if target_platform() != "gpu" or not half or decoding:
+    if targets.target_platform() != "gpu" or not half or decoding:
         return "xla"
     return "cudnn" if _cudnn_takes_head_dim(m.hidden_size // m.num_heads) else "chunked"
 
@@ -162,7 +142,7 @@ def _cudnn_takes_head_dim(head_dim: int) -> bool:
 
 def _cpu_fp16(*xs):
     """XLA:CPU has no fp16 matmul with fp32 output: there (only), fp16 operands run in fp32."""
-    if xs[0].dtype == jnp.float16 and target_platform() == "cpu":
+    if xs[0].dtype == jnp.float16 and targets.target_platform() == "cpu":
         return tuple(x.astype(jnp.float32) for x in xs)
     return xs
 

@@ -1,7 +1,7 @@
 """Everything a run derives from its config and mesh, built once: `build(config, mesh) -> RunSetup`.
 
 The resolved config (mesh.* the mesh's actual sizes) and model config (vocabulary padded for this tensor size), the
-model, the learning-rate schedule and the optimizer, the parameters' shapes with their logical axes, and where
+Flax module, the learning-rate schedule and the optimizer, the parameters' shapes with their logical axes, and where
 every part of the train state lives (PartitionSpecs and their NamedShardings). The step builders, the trainer,
 the layout report and the benchmarks take this object instead of re-deriving each piece from the config, so a run
 traces the model's shapes once and computes its placement once. Building allocates nothing.
@@ -18,15 +18,17 @@ from jax.sharding import Mesh, NamedSharding
 
 from neox_jax import model as model_lib
 from neox_jax import optim, sharding
-from neox_jax.config import ConfigError, check_pipeline, resolve_model
+from neox_jax.config import check_batch, resolve_model
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RunSetup:
     config: ml_collections.ConfigDict  # the run config, mesh.* resolved to the mesh's sizes (never -1)
     mesh: Mesh
-    model: ml_collections.ConfigDict  # the model config: padded_vocab_size fixed for this tensor-parallel size
-    net: model_lib.GPTNeoX
+    # config.model with padded_vocab_size fixed for this tensor-parallel size: the one model config the run builds,
+    # counts and checks with. config.model keeps the field as given (0: pad for the mesh), as config.json saves it.
+    model_config: ml_collections.ConfigDict
+    net: model_lib.GPTNeoX  # the Flax module of model_config
     param_shapes: Any  # boxed ShapeDtypeStructs: each parameter's shape, dtype and logical axes
     schedule: optax.Schedule  # lr as a function of the optimizer's count of applied updates
     optimizer: optax.GradientTransformation
@@ -39,27 +41,16 @@ class RunSetup:
         return sharding.num_stages(self.mesh)
 
 
-def check_batch(config, mesh: Mesh) -> None:
-    """The global batch splits into micro-batches that divide over data x fsdp, and a pipeline's stages fit."""
-    if sharding.num_stages(mesh) > 1:
-        check_pipeline(config, sharding.num_stages(mesh))
-    t, n = config.train, sharding.batch_split(mesh)
-    if (t.batch_size // t.micro_batches) % n:
-        raise ConfigError(
-            f"config field train.batch_size: {t.batch_size} sequences in {t.micro_batches} micro-batches give "
-            f"{t.batch_size // t.micro_batches} per micro-batch, not divisible by mesh.data x mesh.fsdp = {n}")
-
-
 def build(config, mesh: Mesh) -> RunSetup:
     """The run's derived objects for `config` (validated) on `mesh`; a config that does not fit the mesh is a
     ConfigError naming the field."""
     config = sharding.with_mesh_sizes(config, mesh)
-    check_batch(config, mesh)
+    check_batch(config)
     m = resolve_model(config)
     schedule = optim.lr_schedule(config)
     optimizer = optim.make_optimizer(config, schedule)
     shapes = model_lib.param_shapes(m)
     place = sharding.placement(shapes, optimizer, mesh, config.zero_stage)
-    return RunSetup(config=config, mesh=mesh, model=m, net=model_lib.GPTNeoX(m), param_shapes=shapes,
+    return RunSetup(config=config, mesh=mesh, model_config=m, net=model_lib.GPTNeoX(m), param_shapes=shapes,
                     schedule=schedule, optimizer=optimizer, placement=place, shardings=place.on(mesh),
                     batch_sharding=sharding.batch_sharding(mesh))

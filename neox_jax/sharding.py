@@ -28,7 +28,6 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from neox_jax import config as cfg
 from neox_jax.config import MESH_AXES, ConfigError
 from neox_jax.pytree import path_name
 
@@ -56,9 +55,10 @@ def logical_rules(zero_stage: int, pipelined: bool = False) -> tuple:
 
 # ---- mesh ---------------------------------------------------------------------------------------------
 
-def mesh_shape(config, num_devices: int) -> dict[str, int]:
-    """Resolve mesh.* (one axis may be -1: it takes what the others leave) against a device count."""
-    sizes = {a: int(config.mesh.get(a, 1)) for a in MESH_AXES}
+def mesh_shape(sizes, num_devices: int) -> dict[str, int]:
+    """Resolve mesh sizes {axis: size} (one axis may be -1: it takes what the others leave; a missing one is 1)
+    against a device count."""
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
     given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a != STAGE_AXIS or v != 1)
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
@@ -74,10 +74,22 @@ def mesh_shape(config, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The ([stage,] data, fsdp, tensor) mesh over `devices` (default: all), with Auto axes for GSPMD.
-    `stage` is left out at size 1, so a run without pipelining has exactly the unpipelined mesh."""
+    """The ([stage,] data, fsdp, tensor) mesh of config's mesh.* over `devices` (default: all)."""
+    return mesh_of({a: config.mesh.get(a, 1) for a in MESH_AXES}, devices)
+
+
+def inference_mesh(tensor_parallel: int = 1) -> Mesh:
+    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel), for generation and scoring: weights split over
+    tensor, rows over data."""
+    return mesh_of({"data": -1, "fsdp": 1, "tensor": int(tensor_parallel)})
+
+
+def mesh_of(sizes, devices=None) -> Mesh:
+    """The ([stage,] data, fsdp, tensor) mesh of `sizes` (see `mesh_shape`) over `devices` (default: all), with
+    Auto axes for GSPMD. `stage` is left out at size 1, so a run without pipelining has exactly the unpipelined
+    mesh."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = mesh_shape(config, len(devices))
+    sizes = mesh_shape(sizes, len(devices))
     axes = tuple(a for a in MESH_AXES if a != STAGE_AXIS or sizes[a] > 1)
     shape = tuple(sizes[a] for a in axes)
     try:
@@ -85,14 +97,6 @@ def make_mesh(config, devices=None) -> Mesh:
     except NotImplementedError:  # an axis that is no product of a TPU torus's dims: let it split one
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
-
-
-def inference_mesh(tensor_parallel: int = 1) -> Mesh:
-    """All devices as (data=-1, fsdp=1, tensor=tensor_parallel), for generation and scoring: weights split over
-    tensor, rows over data."""
-    c = cfg.default_config()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, 1, int(tensor_parallel)
-    return make_mesh(c)
 
 
 def num_stages(mesh: Mesh) -> int:
@@ -139,6 +143,35 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Assemble global jax.Arrays from this process's rows of the batch (all rows on one host)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+# ---- inference: generation and scoring ------------------------------------------------------------------
+
+def batch_multiple(mesh: Mesh | None) -> int:
+    """Rows an inference batch must be a multiple of: the mesh's `batch_split` (1 without a mesh)."""
+    return 1 if mesh is None else batch_split(mesh)
+
+
+def put_batch(tree, mesh: Mesh | None):
+    """Arrays whose leading dim is the batch split over the data axes; the KV cache (batch on dim 1, heads on
+    dim 3) too. Without a mesh, unchanged."""
+    if mesh is None:
+        return tree
+
+    def spec(path, x):
+        if x.ndim == 0:
+            return NamedSharding(mesh, P())
+        if {"k", "v"} & set(path_name(path).split("/")):  # cache entries [L or 1, B, S, n, d]
+            return NamedSharding(mesh, P(None, BATCH_AXES, None, "tensor", None))
+        return NamedSharding(mesh, P(BATCH_AXES))
+
+    return jax.device_put(tree, jax.tree_util.tree_map_with_path(spec, tree))
+
+
+def place_params(params, boxed_shapes, mesh: Mesh):
+    """Params laid out by the logical rules without ZeRO (replicated over data, split over tensor), as inference
+    holds them; `boxed_shapes` are the model's (`model.param_shapes`)."""
+    return jax.device_put(params, to_shardings(param_specs(boxed_shapes, mesh, zero_stage=0), mesh))
 
 
 # ---- parameter and optimizer-state placement -----------------------------------------------------------

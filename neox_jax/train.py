@@ -31,7 +31,7 @@ from neox_jax import loss as loss_lib
 from neox_jax import model as model_lib
 from neox_jax import optim
 from neox_jax import pipeline
-from neox_jax import sharding
+from neox_jax import sharding, targets
 from neox_jax.setup import RunSetup
 
 
@@ -83,7 +83,7 @@ def state_shapes(run: RunSetup) -> TrainState:
     """ShapeDtypeStructs of the train state with their shardings (for AOT compilation and restoring; nothing
     allocated). Derived from the params' shapes, so the model is not traced again."""
     weights = jax.tree.map(lambda b: b.value, run.param_shapes, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    init = functools.partial(_init_state, run.model, run.optimizer, run.config.precision)
+    init = functools.partial(_init_state, run.model_config, run.optimizer, run.config.precision)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(0), weights)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes,
                         state_shardings(run))
@@ -95,7 +95,7 @@ def init_train_state(run: RunSetup, rng, params=None) -> TrainState:
     init (e.g. pretrained weights, `neox_jax.weights`; each device receives only its shard of them, and the
     optimizer state starts fresh); with master weights the fp32 master holds them exactly and the params are
     their 16-bit cast."""
-    init = functools.partial(_init_state, run.model, run.optimizer, run.config.precision)
+    init = functools.partial(_init_state, run.model_config, run.optimizer, run.config.precision)
     shardings = state_shardings(run)
     if params is None:
         return jax.jit(init, out_shardings=shardings)(rng)
@@ -163,7 +163,7 @@ def _gathered_cast(w, p, where: NamedSharding):
     half = w.astype(p.dtype)
     spec = tuple(where.spec) + (None,) * (w.ndim - len(where.spec))
     last = spec[-1] if w.ndim else None
-    if (model_lib.target_platform() != "cpu" or not w.ndim
+    if (targets.target_platform() != "cpu" or not w.ndim
             or w.shape[-1] % (2 * sharding.axis_size(where.mesh, last))):
         return jax.lax.with_sharding_constraint(half, where)
     words = jax.lax.bitcast_convert_type(half.reshape(*w.shape[:-1], w.shape[-1] // 2, 2), jnp.uint32)

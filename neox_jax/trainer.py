@@ -29,8 +29,10 @@ from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 from neox_jax import fit, setup, sharding, weights
 from neox_jax import train as train_lib
-from neox_jax.data import (IndexedDataset, check_vocab, default_paths, make_train_iterator, make_val_batches,
-                           tokenizes_text, train_spec)
+from neox_jax.data import default_paths
+from neox_jax.data.dataset import make_train_iterator, make_val_batches, tokenizes_text, train_spec
+from neox_jax.data.indexed import IndexedDataset
+from neox_jax.data.tokenizer import check_vocab
 
 log = logging.getLogger("neox_jax")
 
@@ -136,7 +138,7 @@ def compile_and_check(run: setup.RunSetup, say):
     """The train step compiled ahead of time (the executable the loop calls), after its per-device peak was checked
     against the device's memory (`fit.check`; train.memory_check=false skips the check)."""
     t = run.config.train
-    say(f"compiling the train step ({cfg.param_count(run.model) / 1e6:,.0f}M parameters, "
+    say(f"compiling the train step ({cfg.param_count(run.model_config) / 1e6:,.0f}M parameters, "
         f"{t.batch_size // t.micro_batches // sharding.batch_split(run.mesh)} sequences of {t.seq_len} per device "
         f"per micro-batch)...")
     start = time.perf_counter()
@@ -168,7 +170,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     t = config.train
     mesh = sharding.make_mesh(config)
     run = setup.build(config, mesh)  # the model, optimizer and placement, derived once for the whole run
-    config, model = run.config, run.model
+    config, model = run.config, run.model_config
     is_main = jax.process_index() == 0
     _check_tokenizer(config, model)
     profile = _profile_window(t.profile_steps)

@@ -98,7 +98,7 @@ def model_config(path: str):
 
 def params_for(m, path: str):
     """The params stored at `path`, checked against the run's model config `m` (its vocabulary padded for the
-    mesh, `RunSetup.model`): one ConfigError naming the first field or parameter that does not fit."""
+    mesh, `RunSetup.model_config`): one ConfigError naming the first field or parameter that does not fit."""
     stored, params = load(path)
     s = stored.model
     for field in _UNSEEN_FIELDS:

@@ -49,7 +49,8 @@ def main(argv, config, config_spec):
     import numpy as np
 
     from neox_jax.config import validate
-    from neox_jax.data import load_tokenizer, steps_batches
+    from neox_jax.data.dataset import steps_batches
+    from neox_jax.data.tokenizer import load_tokenizer
 
     validate(config)
     for flag in (_JSON, _NPY):

@@ -37,9 +37,9 @@ def _write(rows, path):
 
 
 def train(args):
-    from neox_jax import xla_flags
+    from neox_jax import targets
 
-    xla_flags.apply()
+    targets.apply_xla_flags()
     from neox_jax.bench import train as bench
 
     if not args.preset and not args.config:
@@ -81,9 +81,9 @@ def profile(args):
 
 
 def generate(args):
-    from neox_jax import xla_flags
+    from neox_jax import targets
 
-    xla_flags.apply()
+    targets.apply_xla_flags()
     from neox_jax.bench import generate as bench
 
     rows = bench.run(args.config, batches=[int(b) for b in args.batches.split(",")], prompt_len=args.prompt_len,
@@ -105,9 +105,9 @@ def data(args):
 
 
 def energy(args):
-    from neox_jax import xla_flags
+    from neox_jax import targets
 
-    xla_flags.apply()
+    targets.apply_xla_flags()
     from neox_jax.bench import energy as bench
 
     from neox_jax.bench.train import PRESETS

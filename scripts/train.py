@@ -32,9 +32,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 def main(argv, config, config_spec):
     if len(argv) > 1:
         raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-    from neox_jax import xla_flags
+    from neox_jax import targets
 
-    xla_flags.apply()  # GPU-only flags; must precede JAX's backend start-up
+    targets.apply_xla_flags()  # GPU-only flags; must precede JAX's backend start-up
     import jax
 
     from neox_jax import distributed, trainer

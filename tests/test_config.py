@@ -1,5 +1,7 @@
 """Config schema, validation errors and derived sizes against the published GPT-NeoX / Pythia numbers."""
 
+import re
+
 import pytest
 
 from configs import neox_20b, pythia, tiny
@@ -61,6 +63,19 @@ def test_invalid_values_name_the_field(field, value, message):
     with pytest.raises(C.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         C.validate(c)
 
+
+
+@pytest.mark.parametrize("weights,message", [
+    ("1", "data.train_weights has 1 weights for 2 datasets in data.train_paths"),
+    ("1,x", "data.train_weights: '1,x' is not a comma-separated list of numbers"),
+    ("1,0", "data.train_weights: every weight must be positive, got '1,0'"),
+])
+def test_bad_mixing_weights_are_refused_up_front(weights, message):
+    """validate checks data.train_weights against the datasets data.train_paths names, before any data is read."""
+    c = C.merge(tiny.get_config(), {"data.train_paths": "a, b,", "data.train_weights": weights})
+    with pytest.raises(C.ConfigError, match=re.escape(message)):
+        C.validate(c)
+    assert C.mixing_weights("", 2) == [1.0, 1.0] and C.mixing_weights("2,1", 2) == [2.0, 1.0]
 
 def test_typo_is_rejected_with_near_names():
     with pytest.raises(C.ConfigError, match=r"unknown config field 'model.hiden_size'; did you mean 'model.hidden_size'"):

@@ -242,7 +242,7 @@ def test_batch_viewer_writes_the_steps_training_consumes(data, tmp_path):
     import subprocess
     import sys
 
-    from neox_jax.data import load_tokenizer
+    from neox_jax.data.tokenizer import load_tokenizer
 
     (a, docs), _ = data
     flags = [f"--config.{k}={v}" for k, v in {

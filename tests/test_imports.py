@@ -131,3 +131,41 @@ def test_imports_are_at_module_top():
                 elif root in top:
                     problems.append(f"{where}: the module already imports {root} at its top")
     assert not problems, "\n".join(problems)
+
+
+def module_top_imports(mods) -> dict[str, set[str]]:
+    """Module -> every dotted name it imports outside function bodies (what importing it loads)."""
+    out = {}
+    for name, (rel, tree) in mods.items():
+        names, todo = set(), list(tree.body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names |= set(imported_names(node, name, rel.endswith("__init__.py")))
+            todo.extend(ast.iter_child_nodes(node))
+        out[name] = names
+    return out
+
+
+def test_preprocessing_workers_never_load_jax_or_grain():
+    """Preprocessing worker processes import neox_jax.data.preprocess (and with it the package neox_jax.data):
+    nothing that loads at import time may pull in JAX or grain."""
+    mods = modules()
+    tops = module_top_imports(mods)
+    seen, todo, third_party = set(), ["neox_jax.data.preprocess"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in mods]  # its packages
+        for dotted in tops[name]:
+            if dotted in mods:
+                todo.append(dotted)
+            elif dotted.split(".")[0] not in PACKAGES:
+                third_party.add(dotted.split(".")[0])
+    assert {"neox_jax.data", "neox_jax.data.tokenizer", "neox_jax.data.indexed"} <= seen
+    assert not third_party & {"jax", "jaxlib", "grain", "flax", "optax", "orbax"}, sorted(seen)

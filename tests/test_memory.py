@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import cli, config as cfg, fit, layout, memory, setup, sharding, train
-from neox_jax.data import train_spec
+from neox_jax import cli, config as cfg, fit, layout, memory, setup, sharding, targets, train
+from neox_jax.data.dataset import train_spec
 
 from configs import pythia
 from conftest import ROOT
@@ -34,7 +34,7 @@ def test_the_model_follows_the_compilers_for_pythia_in_every_remat_policy(row):
     from `scripts/inspect_sharding.py` (tests/fixtures/memory): the model stays within 15%."""
     size = row["size"]
     c = cli.load_config(os.path.join(ROOT, "configs", f"pythia.py:{size}"), {"model.remat_policy": row["remat_policy"]})
-    c = layout.stand_in(c, row["platform"])[0]
+    c = targets.stand_in(c, row["platform"])[0]
     run = setup.build(c, _mesh_of(c, pythia.devices(size)))
     model = memory.analytic_memory(run, row["platform"])["peak"]
     assert model == pytest.approx(row["compiled_peak"], rel=0.15)

@@ -15,7 +15,8 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from conftest import ROOT
 from layout_checks import build
-from neox_jax import layout, model, setup, sharding
+from neox_jax import layout, model, sharding
+from neox_jax import config as cfg
 from neox_jax.config import ConfigError
 from neox_jax.pytree import path_name
 from tiny_configs import tiny_config
@@ -115,13 +116,13 @@ def test_batch_helpers():
     np.testing.assert_array_equal(np.asarray(batch["tokens"]), tokens)
     c.train.batch_size, c.train.micro_batches = 24, 2  # 12 per micro-batch over 8 devices
     with pytest.raises(ConfigError, match="train.batch_size"):
-        setup.check_batch(c, mesh)
+        cfg.check_batch(sharding.with_mesh_sizes(c, mesh))
 
 
 def test_layout_report_bytes_and_compare():
     run = build(tiny_config(data=2, tensor=4, zero_stage=1))
     report = layout.layout_report(run)
-    assert report["param_count"] == model.count_params(run.model)
+    assert report["param_count"] == model.count_params(run.model_config)
     by_name = {e["name"]: e for e in report["params"]}
     emb = by_name["embed_in"]
     assert emb["logical"] == ["vocab", "embed"] and emb["local_shape"] == [512 // 4, 64]

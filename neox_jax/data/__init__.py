@@ -1,27 +1,23 @@
 """Data: tokenizers, Pile preprocessing to GPT-NeoX .bin/.idx, the grain training pipeline, dedup.
 
-Names are imported lazily so that preprocessing worker processes never import grain or JAX. Submodules:
-documents (the readers, a leaf), tokenizer, preprocess (its `preprocess()` writes .bin/.idx), indexed, dataset,
-neox_index, dedup, bench.
+Import what you need from its submodule (`from neox_jax.data.dataset import make_train_iterator`): this package
+itself holds only the bundled files' paths, so preprocessing worker processes, which import it, never load grain or
+JAX. The submodules, leaf first:
+
+    documents    the Pile-format readers (iter_documents: .jsonl, .jsonl.zst, .jsonl.gz, .txt), DataError; a leaf
+    tokenizer    load_tokenizer (HF tokenizers JSON or sentencepiece), check_vocab, train_sentencepiece
+    indexed      Megatron/GPT-NeoX .bin/.idx: IndexedDataset, IndexedWriter, IndexedFormatError
+    preprocess   text files -> .bin/.idx in worker processes: preprocess(), prepare_dataset (cached)
+    neox_index   GPT-NeoX's training sample order: its document, sample and shuffle indices, blending
+    dataset      a run's data: resolve_paths, make_train_iterator (TrainIterator), make_val_batches,
+                 steps_batches, train_spec, tokenizes_text, run_datasets
+    dedup        exact and near-duplicate documents (dedup_report)
+    bench        data benchmarks: loader and preprocessing throughput, index builds
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-
-_EXPORTS = {
-    "load_tokenizer": "tokenizer", "check_vocab": "tokenizer", "TokenizerError": "tokenizer",
-    "train_sentencepiece": "tokenizer",
-    "prepare_dataset": "preprocess", "iter_documents": "documents", "DataError": "documents",
-    "IndexedDataset": "indexed", "IndexedWriter": "indexed", "IndexedFormatError": "indexed",
-    "make_train_iterator": "dataset", "make_val_batches": "dataset", "resolve_paths": "dataset",
-    "TrainIterator": "dataset", "steps_batches": "dataset", "tokenizes_text": "dataset", "run_datasets": "dataset",
-    "train_spec": "dataset",
-    "dedup_report": "dedup",
-}
-
-__all__ = ["default_paths", "eval_data_dir", "EVAL_DATA_ENV", *_EXPORTS]
 
 EVAL_DATA_ENV = "NEOX_JAX_EVAL_DATA"  # the folder the evaluation tasks read (configs/eval_tasks/utils.py)
 
@@ -41,8 +37,3 @@ def eval_data_dir() -> str:
     """Where the evaluation tasks read their files: `$NEOX_JAX_EVAL_DATA` if set, else the bundled copies."""
     return os.environ.get(EVAL_DATA_ENV) or default_paths()["eval"]
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from absl import flags
 
+from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax.data import default_paths, indexed, neox_index
 from neox_jax.data.documents import is_text_input
@@ -312,21 +313,6 @@ def tokenizes_text(config) -> bool:
                                     for e in spec.split(","))
 
 
-def parse_weights(spec: str, count: int) -> list[float]:
-    if not spec.strip():
-        return [1.0] * count
-    try:
-        weights = [float(w) for w in spec.split(",")]
-    except ValueError:
-        raise errors.InputError(f"data.train_weights: {spec!r} is not a comma-separated list of numbers") from None
-    if len(weights) != count:
-        raise errors.InputError(
-            f"data.train_weights has {len(weights)} weights for {count} datasets in data.train_paths")
-    if any(not w > 0 for w in weights):
-        raise errors.InputError(f"data.train_weights: every weight must be positive, got {spec!r}")
-    return weights
-
-
 def _process(process_index, process_count):
     if process_index is None or process_count is None:
         import jax
@@ -414,7 +400,7 @@ def make_train_iterator(config, process_index: int | None = None, process_count:
     `set_state` afterwards)."""
     d = config.data
     prefixes = run_datasets(config, train_spec(config), "data.train_paths")
-    weights = parse_weights(d.train_weights, len(prefixes))
+    weights = cfg.mixing_weights(d.train_weights, len(prefixes))
     order = train_order(config, prefixes, weights)
     process_index, process_count = _process(process_index, process_count)
     return TrainIterator(prefixes, weights, seq_len=config.train.seq_len, global_batch=config.train.batch_size,
