@@ -12,7 +12,6 @@ from neox_jax import config as cfg
 from neox_jax import metrics, setup, sharding
 from neox_jax import train as train_lib
 from neox_jax.bench import device, timing, torch_ref
-from neox_jax.cli import load_config
 
 # The GPU rows' step, as the README's table measured it (fp32 params, bf16 compute, no remat, the head whole, one
 # micro-batch): not the Pythia recipe (configs/pythia.py), whose remat and master weights change what is timed.
@@ -94,7 +93,7 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
     for name, spec, preset_overrides in jobs:
         # every variant's config is built (and validated) before anything is timed
         override_sets = [{}, *(variants or [])]
-        configs = [load_config(spec, {**preset_overrides, **(overrides or {}), **v}) for v in override_sets]
+        configs = [cfg.from_spec(spec, {**preset_overrides, **(overrides or {}), **v}) for v in override_sets]
         config = configs[0]
         m, t = cfg.resolve_model(config), config.train
         fpt = metrics.flops_per_token(m, t.seq_len)
