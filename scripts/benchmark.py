@@ -15,7 +15,6 @@
   python scripts/benchmark.py eval --config configs/pythia.py:70m           # lm-eval: neox_jax vs the hf backend
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import cli, errors  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 
 
 # The documented way to get a trace: steps 10 and 11 of a fresh tiny run (one that finished returns at once).
@@ -44,14 +44,12 @@ def train(args):
 
     if not args.preset and not args.config:
         raise errors.InputError("train: give --preset NAME or --config FILE[:ARG]")
-    variants = [cli.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
-    from neox_jax.config import ConfigError
-
+    variants = [cfg.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
     try:
         rows = bench.run(preset=args.preset, config_spec=args.config, overrides=args.overrides,
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
-    except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
+    except (cfg.ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
         raise errors.InputError(f"train: {e}") from None
     print(bench.format_rows(rows))
     _write(rows, args.json)
@@ -139,7 +137,7 @@ def evaluation(args):
 def main(argv=None):
     from neox_jax.bench.train import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train-step tokens/s, MFU and memory (optionally vs HF torch)")
