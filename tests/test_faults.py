@@ -452,6 +452,11 @@ def test_a_bad_flag_is_one_line_in_every_script(capsys):
     assert _fails(_script("evaluate").main, ["--batch_size", "0"], capsys) == (
         "FATAL: argument --batch_size: expected an integer >= 1, got 0")
     assert "required" in _fails(_script("evaluate").main, [], capsys)
+    inspect = _script("inspect_sharding")  # absl's boolean spellings, which the docs use, still parse
+    assert [inspect.parse(argv).compile for argv in ([], ["--nocompile"], ["--no-compile"], ["--compile"])] == [
+        True, False, False, True]
+    assert inspect.parse(["--cpu_hoisting", "--mesh=data=2", "--compare", "fsdp=2", "--compare=tensor=2"]).compare == [
+        "fsdp=2", "tensor=2"]
 
 # ---- 5. silent damage in conversion ----------------------------------------------------------------------------
 
