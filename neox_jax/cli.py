@@ -1,62 +1,87 @@
-"""Helpers shared by the scripts: loading `path[:arg]` config specs, early flag checks, run summaries. (A fault
-the user can cause becomes one `FATAL:` line in `errors.guarded`.)"""
+"""Helpers shared by the scripts: every script's argument parser (`Parser`: a bad flag is one `FATAL:` line),
+`--config SPEC` / `--config.FIELD=VALUE` read out of a command line (the spec is then loaded by `config.from_spec`),
+early output checks, run summaries. Any other fault the user can cause becomes one `FATAL:` line in
+`errors.guarded`."""
 
 from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
+import itertools
 import os
 import sys
 
-from absl import app, flags
-
-from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 
-
-def import_file(path: str, prefix: str):
-    """Import a Python file (a config or sweep file) by path, as a module named after it."""
-    module_spec = importlib.util.spec_from_file_location(f"{prefix}{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
+CONFIG_HELP = "config file, path[:arg]; any field is overridden with --config.FIELD=VALUE"
 
 
-def load_config(spec: str, overrides: dict | None = None, flag: str | None = None):
-    """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied (text
-    values typed by their fields; errors name `flag`.FIELD=VALUE when the overrides came from that flag)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise cfg.ConfigError(f"config file {path} not found (from {spec!r})")
-    try:  # a config file is the user's code: whatever it raises is a bad config spec
-        module = import_file(path, "_neox_config_")
-        c = module.get_config(arg) if arg else module.get_config()
-    except cfg.ConfigError:
-        raise
-    except ValueError as e:
-        raise cfg.ConfigError(str(e)) from e
-    except Exception as e:  # noqa: BLE001
-        raise cfg.ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
-    return cfg.merge(c, overrides or {}, flag)
+class Parser(argparse.ArgumentParser):
+    """Every script's argparse parser (its subcommands' too): help text laid out as written, no abbreviated flags
+    (`--work` is not `--workdir`: a flag added later would change what it means), and a bad flag one `FATAL:` line
+    with exit status 2, as every other bad input: an unknown flag names the near names and the script's flags."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands = None
+
+    def add_subparsers(self, **kwargs):
+        self.commands = super().add_subparsers(**kwargs)
+        return self.commands
+
+    def error(self, message):
+        errors.fatal(message, 2)
+
+    def parse_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        parser, whose = self._owner(args)
+        for arg in itertools.takewhile(lambda a: a != "--", args):  # before a missing flag is reported
+            flag = arg.partition("=")[0]
+            if arg.startswith("--") and flag not in parser._option_string_actions:
+                errors.fatal(unknown_flag(flag, parser, whose), 2)
+        known, extra = self.parse_known_args(args, namespace)
+        if extra:
+            errors.fatal(f"unexpected arguments: {' '.join(extra)} (flags are --name=value)", 2)
+        return known
+
+    def _owner(self, args: list[str]) -> tuple[argparse.ArgumentParser, str]:
+        """The parser whose flags `args` give: the subcommand's once one is named, else this one."""
+        for arg in args:
+            if self.commands and arg in self.commands.choices:
+                return self.commands.choices[arg], f"{arg}'s flags"
+        return self, "this script's flags"
 
 
-def parse_overrides(pairs, flag: str) -> dict:
-    """["a.b=1", "c=x"] -> {"a.b": "1", "c": "x"}; `config.merge` types each value by its field."""
-    out = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise errors.InputError(f"{flag} expects field=value, got {pair!r}")
-        out[key] = value
-    return out
+def unknown_flag(flag: str, parser: argparse.ArgumentParser, whose: str) -> str:
+    """"unknown flag --wokdir; did you mean --workdir? (this script's flags: --config, --config.FIELD, ...)"."""
+    actions = [[s for s in a.option_strings if s.startswith("--")] for a in parser._actions]
+    every = [s[2:] for names in actions for s in names]
+    listed = sorted(names[0] for names in actions if names and names[0] not in ("--help", "--config"))
+    if "config" in every:  # read by split_config_args, with its fields
+        listed = ["--config", "--config.FIELD", *listed]
+    near = difflib.get_close_matches(flag.lstrip("-"), every, n=3, cutoff=0.6)
+    return (f"unknown flag {flag}" + (f"; did you mean {', '.join('--' + n for n in near)}?" if near else "")
+            + f" ({whose}: {', '.join(listed)})")
+
+
+class Switch(argparse.Action):
+    """A boolean flag: `--name` sets it; `--noname` (absl's spelling, which the docs use) and `--no-name` clear it."""
+
+    def __init__(self, option_strings, dest, default=False, help=None, **kwargs):
+        self.negatives = [f"--no{o[2:]}" for o in option_strings] + [f"--no-{o[2:]}" for o in option_strings]
+        super().__init__([*option_strings, *self.negatives], dest, nargs=0, default=default, help=help, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, option_string not in self.negatives)
 
 
 def split_config_args(argv: list[str], flag: str = "config") -> tuple[str | None, dict, list[str]]:
     """`--config SPEC` and `--config.FIELD=VALUE` (either with `=` or the value as the next argument) taken out of
     `argv`: (SPEC or None, {FIELD: VALUE as given}, the other arguments in order). Every script that takes a config
-    reads it this way; `load_config(spec, overrides, "--config")` then types the values by the config's fields."""
+    reads it this way; `config.from_spec(spec, overrides, "--config")` then types the values by the config's fields."""
     spec, overrides, rest = None, {}, []
     args = iter(argv)
     for arg in args:
@@ -75,11 +100,12 @@ def split_config_args(argv: list[str], flag: str = "config") -> tuple[str | None
     return spec, overrides, rest
 
 
-def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]):
-    """`parser.parse_args` for an argparse script that takes a config: `--config SPEC` and `--config.FIELD=VALUE`
-    read as every script reads them (`split_config_args`; the parser's own `--config` gives its help and default),
-    the rest by `parser`. Sets args.config (SPEC, else the parser's default) and args.overrides ({FIELD: VALUE})."""
-    spec, overrides, rest = split_config_args(list(argv))
+def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """`parser.parse_args` for a script that takes a config: `--config SPEC` and `--config.FIELD=VALUE` read as
+    every script reads them (`split_config_args`; the parser's own `--config` gives its help and default), the rest
+    by `parser`. Sets args.config (SPEC, else the parser's default) and args.overrides ({FIELD: VALUE}). `argv`:
+    the arguments after the program name (default: this process's)."""
+    spec, overrides, rest = split_config_args(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
     if (spec is not None or overrides) and not hasattr(args, "config"):
         raise errors.InputError("--config: this command takes no config")
@@ -87,25 +113,6 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str]):
         args.config = spec
     args.overrides = overrides
     return args
-
-
-def run_with_config(main, default_config: str) -> None:
-    """`app.run` for an absl script that takes a config: `main(argv, config, spec)`, the config loaded once from
-    `--config SPEC` (default `default_config`) with its `--config.FIELD=VALUE` overrides; the script's own flags
-    are absl's. Bad input of either kind is one `FATAL:` line and exit status 2."""
-    with errors.one_line_errors():
-        spec, overrides, rest = split_config_args(sys.argv)
-    spec = spec or default_config
-    if "config" not in flags.FLAGS:  # for --help only: split_config_args has taken the flag out of argv
-        flags.DEFINE_string("config", default_config, "config file, path[:arg]; any field is overridden with "
-                            "--config.FIELD=VALUE", module_name=sys.argv[0])
-
-    def run(argv):
-        with errors.one_line_errors():
-            config = load_config(spec, overrides, "--config")
-        return main(argv, config, spec)
-
-    app.run(run, argv=rest, flags_parser=parse_absl_flags)
 
 
 def positive_int(text: str) -> int:
@@ -130,22 +137,6 @@ def check_writable(path: str | None, flag: str) -> None:
         raise errors.InputError(f"{flag} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise errors.InputError(f"{flag} {path}: the folder {folder} is not writable")
-
-
-def parse_absl_flags(argv):
-    """absl's flag parsing with a bad flag (`--wokdir`, `--steps=abc`) as one line naming the near names, exit
-    status 2 (absl itself exits 1 with its usage hint)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.UnrecognizedFlagError as e:
-        own = sorted({f.name for module, defined in flags.FLAGS.flags_by_module_dict().items()
-                      if not module.startswith("absl") for f in defined} - {"config"})
-        near = difflib.get_close_matches(e.flagname, own, n=3, cutoff=0.6)
-        errors.fatal(f"unknown flag --{e.flagname}" + (f"; did you mean {', '.join('--' + n for n in near)}?"
-                                                      if near else "")
-                     + f" (this script's flags: {', '.join('--' + n for n in ['config', 'config.FIELD', *own])})", 2)
-    except flags.Error as e:
-        errors.fatal(str(e), 2)
 
 
 def default_workdir(config_spec: str) -> str:

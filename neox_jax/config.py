@@ -1,7 +1,7 @@
 """Configuration: defaults, validation and derived sizes.
 
 A run is described by one `ml_collections.ConfigDict` built by a `get_config()` file under `configs/`
-(configs are code). This module owns the schema: `default_config()` lists every field with its default,
+(configs are code), loaded from a `path[:arg]` spec by `from_spec`. This module owns the schema: `default_config()` lists every field with its default,
 `validate()` checks a finished config once at start-up and raises `ConfigError` naming the offending field,
 and the small helpers below derive sizes (padded vocabulary, head dim, rotary dims, parameter count) so no
 other module recomputes them.
@@ -10,8 +10,10 @@ other module recomputes them.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
 import math
+import os
 from typing import Any, Mapping
 
 import ml_collections
@@ -179,6 +181,45 @@ def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], flag: s
             else:
                 node = node[part]
     return c
+
+
+
+def import_file(path: str, prefix: str):
+    """Import a Python file (a config or sweep file) by path, as a module named after it."""
+    module_spec = importlib.util.spec_from_file_location(f"{prefix}{abs(hash(os.path.abspath(path)))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def from_spec(spec: str, overrides: Mapping[str, Any] | None = None, flag: str | None = None
+              ) -> ml_collections.ConfigDict:
+    """`configs/pythia.py:410m` -> the file's get_config("410m"), with {"a.b": value} overrides applied (text
+    values typed by their fields; errors name `flag`.FIELD=VALUE when the overrides came from that flag)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} not found (from {spec!r})")
+    try:  # a config file is the user's code: whatever it raises is a bad config spec
+        module = import_file(path, "_neox_config_")
+        c = module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
+    return merge(c, overrides or {}, flag)
+
+
+def parse_overrides(pairs, flag: str) -> dict:
+    """["a.b=1", "c=x"] -> {"a.b": "1", "c": "x"}; `merge` types each value by its field."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise errors.InputError(f"{flag} expects field=value, got {pair!r}")
+        out[key] = value
+    return out
 
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")

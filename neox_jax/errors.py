@@ -2,7 +2,7 @@
 
 Each error a user can fix (a flag, a config field, a file, the state of a workdir) derives from `UserError` and
 carries a one-line message naming the flag, field or file and what was expected. Scripts catch them in one place
-(`cli.one_line_errors`) and print `FATAL: <message>` on stderr with the exit status of the class: 2 for bad
+(`one_line_errors`) and print `FATAL: <message>` on stderr with the exit status of the class: 2 for bad
 input (flags, config, data and weight files), 1 for `RunFailure` (the run could not go on: no intact checkpoint,
 a full disk, too many non-finite steps, a workdir in use). Any other exception is a bug and keeps its traceback.
 
@@ -69,8 +69,8 @@ def one_line_errors():
 
 
 def guarded(main):
-    """A script's `main` run inside `one_line_errors` (decorate it; an absl script that takes a config runs it with
-    `cli.run_with_config`, which parses the flags with `cli.parse_absl_flags`)."""
+    """A script's `main` run inside `one_line_errors` (decorate it; its flags are parsed by a `cli.Parser`, whose
+    bad flag is the same one line)."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):

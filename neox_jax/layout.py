@@ -28,7 +28,7 @@ import types
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
 from neox_jax import model as model_lib

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from neox_jax import cli
 from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import errors
@@ -130,7 +129,7 @@ def estimate_sweep(path: str, device: str, devices: int, overrides: dict | None 
     except sweep_lib.SweepError as e:
         raise PlanError(str(e)) from None
     spec = sweep_lib.resolve_config(sweep.config, path)
-    return [estimate(cli.load_config(spec, {**run.overrides, **(overrides or {})}), device, devices, name=run.name,
+    return [estimate(cfg.from_spec(spec, {**run.overrides, **(overrides or {})}), device, devices, name=run.name,
                      **kwargs) for run in runs]
 
 

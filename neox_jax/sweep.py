@@ -19,7 +19,6 @@ import subprocess
 import sys
 from typing import Any, Sequence
 
-from neox_jax import cli
 from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
@@ -70,7 +69,7 @@ def load(path: str) -> Sweep:
     if not os.path.isfile(path):
         raise SweepError(f"sweep file {path} not found")
     try:  # a sweep file is the user's code: what it raises is a bad sweep file
-        module = cli.import_file(path, "_neox_sweep_")
+        module = cfg.import_file(path, "_neox_sweep_")
         if not hasattr(module, "get_sweep"):
             raise SweepError(f"sweep file {path}: defines no get_sweep() (expected one returning "
                              "neox_jax.sweep.Sweep)")
@@ -89,7 +88,7 @@ def load(path: str) -> Sweep:
         if not isinstance(overrides, dict) or not overrides:
             raise SweepError(f"sweep file {path}: run {i} is {overrides!r}, expected a non-empty dict of overrides")
         try:
-            cfg.validate(cli.load_config(config, {**sweep.fixed, **overrides}))
+            cfg.validate(cfg.from_spec(config, {**sweep.fixed, **overrides}))
         except (cfg.ConfigError, TypeError, ValueError) as e:
             raise SweepError(f"sweep file {path}: run {i} {overrides}: {e}") from None
     return sweep

@@ -19,16 +19,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags  # noqa: E402
-
 from neox_jax import cli, errors  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-_STEPS = flags.DEFINE_string("steps", "0", "train step K, or A:B for steps A .. B - 1")
-_ROWS = flags.DEFINE_string("rows", "", "rows of each global batch, A:B (default: all)")
-_JSON = flags.DEFINE_string("json", None, "write one JSON object per row (step, row, tokens, text) to this file")
-_NPY = flags.DEFINE_string("npy", None, "write the tokens as int32 [steps, rows, seq_len + 1] to this .npy file")
-_CHARS = flags.DEFINE_integer("chars", 120, "characters of text printed per row (0: print no text)")
+
+
+def parse(argv):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=cli.CONFIG_HELP)
+    p.add_argument("--steps", default="0", help="train step K, or A:B for steps A .. B - 1")
+    p.add_argument("--rows", default="", help="rows of each global batch, A:B (default: all)")
+    p.add_argument("--json", help="write one JSON object per row (step, row, tokens, text) to this file")
+    p.add_argument("--npy", help="write the tokens as int32 [steps, rows, seq_len + 1] to this .npy file")
+    p.add_argument("--chars", type=int, default=120, help="characters of text printed per row (0: print no text)")
+    return cli.parse_args_with_config(p, argv)
 
 
 def _range(spec: str, flag: str, limit: int | None = None) -> range:
@@ -43,40 +48,38 @@ def _range(spec: str, flag: str, limit: int | None = None) -> range:
 
 
 @errors.guarded
-def main(argv, config, config_spec):
-    if len(argv) > 1:
-        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+def main(argv=None):
+    args = parse(argv)
+    config = cfg.validate(cfg.from_spec(args.config, args.overrides, "--config"))
     import numpy as np
 
-    from neox_jax.config import validate
     from neox_jax.data.dataset import steps_batches
     from neox_jax.data.tokenizer import load_tokenizer
 
-    validate(config)
-    for flag in (_JSON, _NPY):
-        cli.check_writable(flag.value, f"--{flag.name}")
-    steps = _range(_STEPS.value, "steps")
-    rows = _range(_ROWS.value, "rows", config.train.batch_size) if _ROWS.value else range(config.train.batch_size)
+    for flag in ("json", "npy"):
+        cli.check_writable(getattr(args, flag), f"--{flag}")
+    steps = _range(args.steps, "steps")
+    rows = _range(args.rows, "rows", config.train.batch_size) if args.rows else range(config.train.batch_size)
     tokenizer = load_tokenizer(config.data.tokenizer or None)
-    out = (np.lib.format.open_memmap(_NPY.value, mode="w+", dtype=np.int32,
-                                     shape=(len(steps), len(rows), config.train.seq_len + 1)) if _NPY.value else None)
-    with open(_JSON.value, "w") if _JSON.value else contextlib.nullcontext() as lines:
+    out = (np.lib.format.open_memmap(args.npy, mode="w+", dtype=np.int32,
+                                     shape=(len(steps), len(rows), config.train.seq_len + 1)) if args.npy else None)
+    with open(args.json, "w") if args.json else contextlib.nullcontext() as lines:
         for i, (step, batch) in enumerate(steps_batches(config, steps)):
             batch = batch[rows.start:rows.stop]
             if out is not None:
                 out[i] = batch
             for row, ids in zip(rows, batch):
-                text = tokenizer.decode(ids) if lines or _CHARS.value else ""
+                text = tokenizer.decode(ids) if lines or args.chars else ""
                 if lines:
                     lines.write(json.dumps({"step": step, "row": row, "tokens": ids.tolist(), "text": text}) + "\n")
-                if _CHARS.value:
-                    print(f"step {step} row {row}: {text[:_CHARS.value]!r}")
+                if args.chars:
+                    print(f"step {step} row {row}: {text[:args.chars]!r}")
     if out is not None:
         out.flush()
-        print(f"wrote {_NPY.value}: int32 {list(out.shape)}")
+        print(f"wrote {args.npy}: int32 {list(out.shape)}")
     if lines:
-        print(f"wrote {_JSON.value}: {len(steps) * len(rows)} rows")
+        print(f"wrote {args.json}: {len(steps) * len(rows)} rows")
 
 
 if __name__ == "__main__":
-    cli.run_with_config(main, DEFAULT_CONFIG)
+    main()

@@ -15,7 +15,6 @@
   python scripts/benchmark.py eval --config configs/pythia.py:70m           # lm-eval: neox_jax vs the hf backend
 """
 
-import argparse
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import cli, errors  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 
 
 # The documented way to get a trace: steps 10 and 11 of a fresh tiny run (one that finished returns at once).
@@ -44,14 +44,12 @@ def train(args):
 
     if not args.preset and not args.config:
         raise errors.InputError("train: give --preset NAME or --config FILE[:ARG]")
-    variants = [cli.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
-    from neox_jax.config import ConfigError
-
+    variants = [cfg.parse_overrides(v.split(","), "--variant") for v in args.variant or []]
     try:
         rows = bench.run(preset=args.preset, config_spec=args.config, overrides=args.overrides,
                          steps=args.steps, warmup=args.warmup, windows=args.windows, compare_hf=args.compare_hf,
                          torch_compile=args.torch_compile, variants=variants, profile_dir=args.profile)
-    except (ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
+    except (cfg.ConfigError, FileNotFoundError) as e:  # a mistyped field or config file: one line, before any timing
         raise errors.InputError(f"train: {e}") from None
     print(bench.format_rows(rows))
     _write(rows, args.json)
@@ -110,10 +108,10 @@ def energy(args):
     targets.apply_xla_flags()
     from neox_jax.bench import energy as bench
 
-    from neox_jax.bench.train import PRESETS
+    from neox_jax.bench.train import preset_spec
 
-    spec, overrides = PRESETS[args.preset] if args.preset else (args.config, {})
-    result = bench.overhead(spec, {**overrides, **args.overrides}, steps=args.steps, pairs=args.pairs)
+    spec = preset_spec(args.preset) if args.preset else args.config
+    result = bench.overhead(spec, args.overrides, steps=args.steps, pairs=args.pairs)
     print(bench.format_result(result))
     _write(result, args.json)
 
@@ -135,15 +133,12 @@ def evaluation(args):
     _write(rows, args.json)
 
 
-@errors.guarded
-def main(argv=None):
-    from neox_jax.bench.train import PRESETS
+def train_flags(t):
+    from neox_jax.bench.train import presets
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train-step tokens/s, MFU and memory (optionally vs HF torch)")
-    t.add_argument("--preset", choices=[*PRESETS, "gpu-anchor"], help="a named shape (gpu-anchor: 410m and 1.4b)")
+    named = presets()
+    t.add_argument("--preset", choices=[*named.PRESETS, *named.GROUPS],
+                   help="a named shape of configs/bench.py (gpu-anchor: 410m and 1.4b)")
     t.add_argument("--config", help="config spec, e.g. configs/pythia.py:160m (instead of --preset); "
                    "--config.FIELD=VALUE overrides a field (of the preset's config too), repeatable")
     t.add_argument("--variant", action="append", metavar="FIELD=VALUE[,FIELD=VALUE]",
@@ -157,17 +152,17 @@ def main(argv=None):
                    "the time goes")
     t.add_argument("--top", type=int, default=25, help="with --profile: names listed per thread")
     t.add_argument("--json", help="write the rows here")
-    t.set_defaults(func=train)
 
-    pr = sub.add_parser("profile", help="where the time goes in a jax.profiler trace (e.g. a run's workdir/profile)")
+
+def profile_flags(pr):
     pr.add_argument("trace_dir")
     pr.add_argument("--steps", type=int, default=1, help="steps the trace holds (STOP - START of the run's "
                     "train.profile_steps=START,STOP): times are divided by it")
     pr.add_argument("--top", type=int, default=25, help="names listed per thread")
     pr.add_argument("--json", help="write the per-thread tables here")
-    pr.set_defaults(func=profile)
 
-    g = sub.add_parser("generate", help="prefill / decode tokens/s against the bandwidth roofline")
+
+def generate_flags(g):
     g.add_argument("--config", default="configs/pythia.py:1.4b")
     g.add_argument("--batches", default="1,32")
     g.add_argument("--prompt-len", type=int, default=128)
@@ -177,9 +172,9 @@ def main(argv=None):
     g.add_argument("--layer-loops", default="scan,unstacked",
                    help="how decode walks the layers, any of scan,unrolled,unstacked (one row each)")
     g.add_argument("--json")
-    g.set_defaults(func=generate)
 
-    d = sub.add_parser("data", help="data loader and preprocessing throughput")
+
+def data_flags(d):
     d.add_argument("--seq-len", type=int, default=2048)
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--batches", type=int, default=500)
@@ -191,16 +186,20 @@ def main(argv=None):
     d.add_argument("--index-samples", type=int, default=150_000_000, help="samples of the gpt_neox index build")
     d.add_argument("--skip-index", action="store_true", help="skip the gpt_neox index build (it needs ~5 GB)")
     d.add_argument("--json")
-    d.set_defaults(func=data)
-    e = sub.add_parser("energy", help="energy tracking's overhead per train step (interleaved A/B), J/token")
+
+
+def energy_flags(e):
+    from neox_jax.bench.train import presets
+
     e.add_argument("--config", default="configs/tiny.py")
-    e.add_argument("--preset", choices=PRESETS, help="a named shape of `train` instead of --config "
+    e.add_argument("--preset", choices=presets().PRESETS, help="a named shape of `train` instead of --config "
                    "(--config.FIELD=VALUE overrides as for train)")
     e.add_argument("--steps", type=int, default=50, help="train steps per timed window (a multiple of log_every)")
     e.add_argument("--pairs", type=int, default=6, help="ABBA pairs of windows (off, on)")
     e.add_argument("--json")
-    e.set_defaults(func=energy)
-    v = sub.add_parser("eval", help="lm-eval requests/s: the neox_jax backend vs lm-eval's hf backend, same model")
+
+
+def eval_flags(v):
     v.add_argument("--config", default="configs/pythia.py:70m", help="the random model's config (written as HF)")
     v.add_argument("--tasks", default="lambada_openai=300,piqa=200,hellaswag=200", help="TASK[=LIMIT],...")
     v.add_argument("--batch-size", type=int, default=16, help="both backends' batch_size")
@@ -209,12 +208,31 @@ def main(argv=None):
     v.add_argument("--row-length", type=int, default=None, help="neox_jax's packed row length")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--json")
-    v.set_defaults(func=evaluation)
-    args = cli.parse_args_with_config(p, sys.argv[1:] if argv is None else argv)
-    if args.overrides and args.func not in (train, energy):
+
+
+# subcommand: (what it runs, its help, what adds its flags)
+COMMANDS = {
+    "train": (train, "train-step tokens/s, MFU and memory (optionally vs HF torch)", train_flags),
+    "profile": (profile, "where the time goes in a jax.profiler trace (e.g. a run's workdir/profile)", profile_flags),
+    "generate": (generate, "prefill / decode tokens/s against the bandwidth roofline", generate_flags),
+    "data": (data, "data loader and preprocessing throughput", data_flags),
+    "energy": (energy, "energy tracking's overhead per train step (interleaved A/B), J/token", energy_flags),
+    "eval": (evaluation, "lm-eval requests/s: the neox_jax backend vs lm-eval's hf backend, same model", eval_flags),
+}
+TAKE_OVERRIDES = ("train", "energy")  # the subcommands whose config --config.FIELD=VALUE changes
+
+
+@errors.guarded
+def main(argv=None):
+    p = cli.Parser(description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, (_, help_text, add_flags) in COMMANDS.items():
+        add_flags(sub.add_parser(name, help=help_text))
+    args = cli.parse_args_with_config(p, argv)
+    if args.overrides and args.command not in TAKE_OVERRIDES:
         raise errors.InputError(f"{args.command}: --config.FIELD=VALUE overrides are for train and energy only "
                                 f"(got --config.{next(iter(args.overrides))})")
-    args.func(args)
+    COMMANDS[args.command][0](args)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,14 @@ mapping) and neox_jax/weights.py (params dirs, training workdirs).
 Exit status: 0 written, 2 bad flag or input (one FATAL: line on stderr).
 """
 
-import argparse
 import sys
 
-from neox_jax import convert, errors, weights
+from neox_jax import cli, convert, errors, weights
 from neox_jax.config import DTYPES
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--hf_dir", help="HF GPTNeoXForCausalLM directory to read (with --out)")
     p.add_argument("--out", help="params dir to write (config.json + params.safetensors)")
     p.add_argument("--params_dir", help="params dir or training workdir (latest checkpoint) to read (with --hf_out)")

@@ -5,16 +5,15 @@
 Drop exact duplicates while preprocessing with `scripts/preprocess_data.py --dedup`.
 """
 
-import argparse
 import json
 
-from neox_jax import errors
+from neox_jax import cli, errors
 from neox_jax.data.dedup import dedup_report, format_report
 
 
 @errors.guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("inputs", nargs="+", help="Pile-format files or globs")
     p.add_argument("--ngram", type=int, default=5, help="words per shingle")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash signature length")

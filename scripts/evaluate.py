@@ -9,7 +9,6 @@ Exit status: 0 done, 2 bad flag, model, task or data file (one FATAL: line on st
 evaluation runs).
 """
 
-import argparse
 import json
 import sys
 
@@ -19,7 +18,7 @@ from neox_jax.config import DTYPES
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
     source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")

@@ -10,18 +10,17 @@ from the checkpoint (no optimizer state); the run config comes from the checkpoi
 refused unless --overwrite. Exit status: 0 written, 2 bad flag or input, 1 no intact checkpoint (one FATAL: line).
 """
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import convert, errors, weights  # noqa: E402
+from neox_jax import cli, convert, errors, weights  # noqa: E402
 
 
 @errors.guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--workdir", required=True, help="training workdir (holds checkpoints/)")
     p.add_argument("--out", required=True, help="params dir to write")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest intact one)")

@@ -10,7 +10,6 @@ the end-of-document token (unconditional samples, as GPT-NeoX's). Exit status: 0
 files, or a prompt longer than the model's context (one FATAL: line on stderr).
 """
 
-import argparse
 import json
 import sys
 
@@ -21,7 +20,7 @@ from neox_jax.data.tokenizer import load_tokenizer
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
     source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")

@@ -78,31 +78,36 @@ if __name__ == "__main__":
 
 import json  # noqa: E402
 
-from absl import flags  # noqa: E402
-
 from neox_jax import cli  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 
 DEFAULT_CONFIG = "configs/tiny.py"
-_MESH = flags.DEFINE_string("mesh", None, "layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
-_ZERO = flags.DEFINE_integer("zero_stage", None, "ZeRO stage 0/1/3 (default: the config's)")
-_REMAT = flags.DEFINE_string("remat", None, "model.remat_policy (none/full/dots/...)")
-_BATCH = flags.DEFINE_integer("batch_size", None, "train.batch_size (global)")
-_MICRO = flags.DEFINE_integer("micro_batches", None, "train.micro_batches")
-_COMPARE = flags.DEFINE_multi_string("compare", [], "another layout to compare (repeatable), e.g. "
-                                     "data=48,tensor=2,zero_stage=1 or precision=fp32_params; unnamed fields "
-                                     "carry over from --mesh")
-_TARGET_FLAG = flags.DEFINE_string("target", "cpu", "compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
-_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "output format")
-_PLOT = flags.DEFINE_string("plot", None, "write the per-device memory of every layout as stacked bars (PNG)")
-_DEVICE_GB = flags.DEFINE_float("device_memory", None, "device memory line on the plot, GB (default: the target's)")
-_COMPILE = flags.DEFINE_bool("compile", True, "AOT-compile the train step for the activation/temp estimate")
-_COMPILE_LAYERS = flags.DEFINE_integer("compile_layers", 0,
-                                       "0: compile all layers; N: compile N and 2N layers and extrapolate linearly")
-_PRESETS = flags.DEFINE_string("presets", None, "a config file whose every preset (e.g. configs/pythia.py: each "
-                                "size) is compiled on the device count it was trained on (the file's devices(arg)); "
-                                "one table row each; --target's GPU kind is kept, its count replaced")
-_HOISTING = flags.DEFINE_bool("cpu_hoisting", False, "on CPU, keep XLA:CPU's hoisting of fp32 copies of 16-bit "
-                              "loop operands (off by default: GPU/TPU compilers do not make them)")
+
+
+def parse(argv):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=cli.CONFIG_HELP)
+    p.add_argument("--mesh", help="layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
+    p.add_argument("--zero_stage", type=int, help="ZeRO stage 0/1/3 (default: the config's)")
+    p.add_argument("--remat", help="model.remat_policy (none/full/dots/...)")
+    p.add_argument("--batch_size", type=int, help="train.batch_size (global)")
+    p.add_argument("--micro_batches", type=int, help="train.micro_batches")
+    p.add_argument("--compare", action="append", default=[], help="another layout to compare (repeatable), e.g. "
+                   "data=48,tensor=2,zero_stage=1 or precision=fp32_params; unnamed fields carry over from --mesh")
+    p.add_argument("--target", default="cpu", help="compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
+    p.add_argument("--format", default="text", choices=["text", "json"], help="output format")
+    p.add_argument("--plot", help="write the per-device memory of every layout as stacked bars (PNG)")
+    p.add_argument("--device_memory", type=float, help="device memory line on the plot, GB (default: the target's)")
+    p.add_argument("--compile", action=cli.Switch, default=True,
+                   help="AOT-compile the train step for the activation/temp estimate")
+    p.add_argument("--compile_layers", type=int, default=0,
+                   help="0: compile all layers; N: compile N and 2N layers and extrapolate linearly")
+    p.add_argument("--presets", help="a config file whose every preset (e.g. configs/pythia.py: each size) is "
+                   "compiled on the device count it was trained on (the file's devices(arg)); one table row each; "
+                   "--target's GPU kind is kept, its count replaced")
+    p.add_argument("--cpu_hoisting", action=cli.Switch, default=False, help="on CPU, keep XLA:CPU's hoisting of "
+                   "fp32 copies of 16-bit loop operands (off by default: GPU/TPU compilers do not make them)")
+    return cli.parse_args_with_config(p, argv)
 
 
 def layout_config(base, layout: dict):
@@ -125,44 +130,43 @@ def compared(first: dict, spec: str) -> dict:
 
 
 @errors.guarded
-def main(argv, config, config_spec):
-    if len(argv) > 1:
-        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+def main(argv=None):
+    args = parse(argv)
+    config = cfg.from_spec(args.config, args.overrides, "--config")
     from neox_jax import layout, targets
-    from neox_jax.config import ConfigError
 
-    if _PRESETS.value:
-        return presets_table(_PRESETS.value, cli.split_config_args(sys.argv)[1])
-    if not _MESH.value:
+    if args.presets:
+        return presets_table(args)
+    if not args.mesh:
         raise errors.InputError("--mesh is required, e.g. --mesh data=12,tensor=2")
 
     config = config.copy_and_resolve_references()
-    for field, flag in (("model.remat_policy", _REMAT), ("train.batch_size", _BATCH),
-                        ("train.micro_batches", _MICRO)):
-        if flag.value is not None:
+    for field, value in (("model.remat_policy", args.remat), ("train.batch_size", args.batch_size),
+                         ("train.micro_batches", args.micro_batches)):
+        if value is not None:
             section, name = field.split(".")
-            config[section][name] = flag.value
-    first = parse_layout(_MESH.value)
-    if _ZERO.value is not None:
-        first.setdefault("zero_stage", _ZERO.value)
-    layouts = [first] + [compared(first, spec) for spec in _COMPARE.value]
-    target = targets.parse(_TARGET_FLAG.value)
+            config[section][name] = value
+    first = parse_layout(args.mesh)
+    if args.zero_stage is not None:
+        first.setdefault("zero_stage", args.zero_stage)
+    layouts = [first] + [compared(first, spec) for spec in args.compare]
+    target = targets.parse(args.target)
     reports = []
     for spec in layouts:
         c = layout_config(config, spec)
         count = math.prod(c.mesh[a] for a in MESH_AXES)
         devices = targets.devices(target)
         if len(devices) < count or (target.device_count and len(devices) != count):
-            raise ConfigError(f"config field mesh: the layout uses {count} devices but --target "
-                              f"{target.spec} has {len(devices)}")
+            raise cfg.ConfigError(f"config field mesh: the layout uses {count} devices but --target "
+                                  f"{target.spec} has {len(devices)}")
         print(f"compiling the train step of layout {len(reports) + 1}/{len(layouts)} for {target.spec} "
               f"({count} devices)...", file=sys.stderr, flush=True)
-        reports.append(layout.inspect(c, devices[:count], target.platform, _COMPILE.value, _COMPILE_LAYERS.value,
-                                      _HOISTING.value))
-    if _PLOT.value:
-        device = _DEVICE_GB.value * 1e9 if _DEVICE_GB.value else target.device_bytes
-        print(f"plot: {layout.plot_memory(reports, _PLOT.value, device)}", file=sys.stderr)
-    if _FORMAT.value == "json":
+        reports.append(layout.inspect(c, devices[:count], target.platform, args.compile, args.compile_layers,
+                                      args.cpu_hoisting))
+    if args.plot:
+        device = args.device_memory * 1e9 if args.device_memory else target.device_bytes
+        print(f"plot: {layout.plot_memory(reports, args.plot, device)}", file=sys.stderr)
+    if args.format == "json":
         out = {"layout": reports[0]}
         if len(reports) > 1:
             out["compare"] = [{"layout": r, "diff": layout.compare_reports(reports[0], r)} for r in reports[1:]]
@@ -174,33 +178,34 @@ def main(argv, config, config_spec):
         print(layout.format_comparison(layout.compare_reports(reports[0], other)))
 
 
-def presets_table(path: str, overrides: dict) -> None:
-    """Every preset of the config file `path` compiled for --target on the device count it was trained on."""
+def presets_table(args) -> None:
+    """Every preset of the config file --presets compiled for --target on the device count it was trained on."""
     from neox_jax import layout, targets
 
-    module = cli.import_file(path, "_neox_presets_")
+    path = args.presets
+    module = cfg.import_file(path, "_neox_presets_")
     if not hasattr(module, "devices"):
         raise errors.InputError(f"--presets {path}: defines no devices(arg) (the device count each preset was "
                                 "trained on), as configs/pythia.py and configs/neox_20b.py do")
-    kind = ":".join(_TARGET_FLAG.value.split(":")[:2]) if _TARGET_FLAG.value.startswith("gpu:") else _TARGET_FLAG.value
+    kind = ":".join(args.target.split(":")[:2]) if args.target.startswith("gpu:") else args.target
     rows, reports = [], []
     for arg in getattr(module, "SIZES", [None]):
         spec = f"{path}:{arg}" if arg else path
         count = module.devices(arg)
         target = targets.parse(f"{kind}:{count}" if kind.startswith("gpu:") else kind)
         print(f"compiling {spec} for {target.spec} ({count} devices)...", file=sys.stderr, flush=True)
-        report = layout.inspect(cli.load_config(spec, overrides, "--config"), targets.devices(target)[:count],
-                                target.platform, _COMPILE.value, _COMPILE_LAYERS.value, _HOISTING.value)
-        device = _DEVICE_GB.value * 1e9 if _DEVICE_GB.value else target.device_bytes
+        report = layout.inspect(cfg.from_spec(spec, args.overrides, "--config"), targets.devices(target)[:count],
+                                target.platform, args.compile, args.compile_layers, args.cpu_hoisting)
+        device = args.device_memory * 1e9 if args.device_memory else target.device_bytes
         rows.append(layout.preset_row(os.path.basename(spec), report, device))
         reports.append(report)
-    if _FORMAT.value == "json":
+    if args.format == "json":
         print(json.dumps(rows, indent=1))
     else:
-        print(layout.format_preset_rows(rows, _TARGET_FLAG.value))
-    if _PLOT.value:
-        print(f"plot: {layout.plot_memory(reports, _PLOT.value, rows[0]['device_bytes'])}", file=sys.stderr)
+        print(layout.format_preset_rows(rows, args.target))
+    if args.plot:
+        print(f"plot: {layout.plot_memory(reports, args.plot, rows[0]['device_bytes'])}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    cli.run_with_config(main, DEFAULT_CONFIG)
+    main()

@@ -11,7 +11,6 @@
 Exit status: 0 ok, 2 bad flag, config or sweep file.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -19,11 +18,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import cli, errors  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 from neox_jax import plan as P  # noqa: E402
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("--config", help="config spec, e.g. configs/pythia.py:410m; --config.FIELD=VALUE overrides a "
                    "field (of every run with --sweep), repeatable")
     p.add_argument("--sweep", help="sweep file: one row per run")
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     if args.sweep:
         plans = P.estimate_sweep(args.sweep, args.device, args.devices, overrides, **kwargs)
     else:
-        config = cli.load_config(args.config, overrides, "--config")
+        config = cfg.from_spec(args.config, overrides, "--config")
         plans = [P.estimate(config, args.device, args.devices, name=args.config, **kwargs)]
     if source:
         print(f"MFU {mfu:.1%} from {args.benchmark} ({source})")

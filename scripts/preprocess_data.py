@@ -16,13 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from neox_jax import errors  # noqa: E402
+from neox_jax import cli, errors  # noqa: E402
 from neox_jax.data.documents import DataError  # noqa: E402
 from neox_jax.data.preprocess import preprocess  # noqa: E402
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("inputs", nargs="*", help="input files, globs or directories (same as --input)")
     p.add_argument("--input", default="", help="comma-separated files, globs or directories of .jsonl, .jsonl.zst, "
                    ".jsonl.gz, .txt files")

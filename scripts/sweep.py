@@ -10,7 +10,6 @@ Each run trains in <runs_dir>/<sweep name>/<its overrides>, e.g. runs/sweeps/lr/
 running the sweep again resumes unfinished runs. Exit status: 0 ok, 1 a run failed, 2 bad sweep file or flag.
 """
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ from neox_jax import sweep as S  # noqa: E402
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--sweep", help="sweep file defining get_sweep()")
     what.add_argument("--summarize", metavar="DIR", help="gather the final metrics of every run under DIR")

@@ -11,27 +11,49 @@ config or data, 1 the run cannot go on (checkpoint mismatch, no intact checkpoin
 many non-finite steps in a row); both with one `FATAL:` line on stderr (README, "When something goes wrong").
 """
 
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags, logging  # noqa: E402
+from absl import logging  # noqa: E402  (orbax and grain log through absl)
 
 from neox_jax import cli, errors  # noqa: E402
+from neox_jax import config as cfg  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, plots); default runs/<config>.")
-# multi-process runs without a cluster launcher that JAX detects (SLURM, Open MPI): see README "Running on a cluster"
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+
+
+def verbosity(text: str) -> str:
+    """argparse type: an absl logging level, by name or absl's number (-3 fatal .. 0 info, 1 debug)."""
+    try:
+        int(text)
+    except ValueError:
+        if text.upper() not in logging.converter.ABSL_NAMES:
+            raise argparse.ArgumentTypeError(f"expected debug, info, warning, error, fatal or a number, got {text!r}"
+                                             ) from None
+    return text
+
+
+def parse(argv):
+    p = cli.Parser(description=__doc__)
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=cli.CONFIG_HELP)
+    p.add_argument("--workdir", help="Run directory (checkpoints, metrics, plots); default runs/<config>.")
+    # multi-process runs without a cluster launcher that JAX detects (SLURM, Open MPI): see README "Running on a
+    # cluster"
+    p.add_argument("--coordinator_address", help="HOST:PORT of process 0 (multi-process runs).")
+    p.add_argument("--num_processes", type=int, help="Number of processes (multi-process runs).")
+    p.add_argument("--process_id", type=int, help="This process's index in [0, num_processes).")
+    p.add_argument("--verbosity", "-v", type=verbosity, help="absl logging level (orbax, grain); default warning: "
+                   "they log every save and read at info")
+    return cli.parse_args_with_config(p, argv)
 
 
 @errors.guarded
-def main(argv, config, config_spec):
-    if len(argv) > 1:
-        raise errors.InputError(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
+def main(argv=None):
+    args = parse(argv)
+    config = cfg.from_spec(args.config, args.overrides, "--config")
     from neox_jax import targets
 
     targets.apply_xla_flags()  # GPU-only flags; must precede JAX's backend start-up
@@ -39,10 +61,9 @@ def main(argv, config, config_spec):
 
     from neox_jax import distributed, trainer
 
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save and read at INFO
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    workdir = _WORKDIR.value or cli.default_workdir(config_spec)
+    logging.set_verbosity(args.verbosity or logging.WARNING)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    workdir = args.workdir or cli.default_workdir(args.config)
     logging.info("workdir %s", workdir)
     try:
         last = trainer.train(config, workdir)
@@ -55,4 +76,4 @@ def main(argv, config, config_spec):
 
 
 if __name__ == "__main__":
-    cli.run_with_config(main, DEFAULT_CONFIG)
+    main()

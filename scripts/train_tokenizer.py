@@ -5,15 +5,14 @@
       --output-prefix runs/tok/pile8k      # writes runs/tok/pile8k.model and .vocab
 """
 
-import argparse
 
-from neox_jax import errors
+from neox_jax import cli, errors
 from neox_jax.data.tokenizer import train_sentencepiece
 
 
 @errors.guarded
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__)
     p.add_argument("inputs", nargs="+", help="Pile-format files or globs")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--output-prefix", required=True)

@@ -94,7 +94,7 @@ def test_command_line_config_args_are_split_once_and_typed_by_their_fields():
             "7", "--config.data.order=gpt_neox", "--config.train.log_every=2", "--steps=5"]
     spec, overrides, rest = cli.split_config_args(argv)
     assert spec == "configs/tiny.py" and rest == ["--workdir", "w", "--steps=5"]
-    config = cli.load_config(spec, overrides, "--config")
+    config = C.from_spec(spec, overrides, "--config")
     assert (config.optimizer.lr, config.train.steps, config.data.order) == (3e-4, 7, "gpt_neox")
     assert isinstance(config.train.steps, int) and isinstance(config.optimizer.lr, float)
     for text, value in (("true", True), ("False", False), ("1", True), ("no", False)):
@@ -103,8 +103,8 @@ def test_command_line_config_args_are_split_once_and_typed_by_their_fields():
                                  ("optimizer.lr", "fast", "--config.optimizer.lr=fast: expected a number"),
                                  ("energy.track", "maybe", "--config.energy.track=maybe: expected true or false")):
         with pytest.raises(C.ConfigError, match=message):
-            cli.load_config(spec, {field: text}, "--config")
+            C.from_spec(spec, {field: text}, "--config")
     with pytest.raises(C.ConfigError, match="config file nope.py not found"):
-        cli.load_config("nope.py")
+        C.from_spec("nope.py")
     with pytest.raises(ValueError, match="--config.train.steps expects a value"):
         cli.split_config_args(["--config.train.steps"])

@@ -375,9 +375,7 @@ SECONDS = FLOPS / (96 * 117e12)
 
 
 def _neox_20b():
-    from neox_jax import cli
-
-    return cli.load_config(str(ROOT / "configs" / "neox_20b.py"))
+    return cfg.from_spec(str(ROOT / "configs" / "neox_20b.py"))
 
 
 def test_planner_matches_the_20b_run_computed_by_hand():

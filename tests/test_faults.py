@@ -430,6 +430,34 @@ def test_other_scripts_refuse_bad_input_in_one_line(tmp_path, capsys):
                                                                           "--output", "/no/dir/c.jsonl"], capsys)
 
 
+
+SCRIPTS = ("train", "inspect_sharding", "batch_viewer", "benchmark", "convert_hf", "dedup_report", "evaluate",
+           "export_params", "generate", "plan_run", "preprocess_data", "sweep", "train_tokenizer")
+
+
+def test_a_bad_flag_is_one_line_in_every_script(capsys):
+    for name in SCRIPTS:  # checked before a missing required flag or argument
+        line = _fails(_script(name).main, ["data"] * (name == "benchmark") + ["--wokdir=/tmp/x"], capsys)
+        assert line.startswith("FATAL: unknown flag --wokdir") and "flags: " in line, (name, line)
+    assert _fails(_script("train").main, ["--wokdir", "/tmp/x"], capsys) == (
+        "FATAL: unknown flag --wokdir; did you mean --workdir? (this script's flags: --config, --config.FIELD, "
+        "--coordinator_address, --num_processes, --process_id, --verbosity, --workdir)")
+    assert "did you mean --nocompile" in _fails(_script("inspect_sharding").main, ["--nocomplie"], capsys)
+    assert "did you mean --warmup? (train's flags: --config, --config.FIELD, --compare-hf," in _fails(
+        _script("benchmark").main, ["train", "--wrmup", "3"], capsys)
+    assert _fails(_script("train").main, ["runs/x"], capsys) == ("FATAL: unexpected arguments: runs/x (flags are "
+                                                                  "--name=value)")
+    assert _fails(_script("batch_viewer").main, ["--chars=x"], capsys) == (
+        "FATAL: argument --chars: invalid int value: 'x'")
+    assert _fails(_script("evaluate").main, ["--batch_size", "0"], capsys) == (
+        "FATAL: argument --batch_size: expected an integer >= 1, got 0")
+    assert "required" in _fails(_script("evaluate").main, [], capsys)
+    inspect = _script("inspect_sharding")  # absl's boolean spellings, which the docs use, still parse
+    assert [inspect.parse(argv).compile for argv in ([], ["--nocompile"], ["--no-compile"], ["--compile"])] == [
+        True, False, False, True]
+    assert inspect.parse(["--cpu_hoisting", "--mesh=data=2", "--compare", "fsdp=2", "--compare=tensor=2"]).compare == [
+        "fsdp=2", "tensor=2"]
+
 # ---- 5. silent damage in conversion ----------------------------------------------------------------------------
 
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from neox_jax import cli, config as cfg, fit, layout, memory, setup, sharding, targets, train
+from neox_jax import config as cfg, fit, layout, memory, setup, sharding, targets, train
 from neox_jax.data.dataset import train_spec
 
 from configs import pythia
@@ -33,7 +33,7 @@ def test_the_model_follows_the_compilers_for_pythia_in_every_remat_policy(row):
     """The CUDA compiler's and XLA:CPU's peaks for pythia-160m, 1b and 1.4b as trained, each remat policy, recorded
     from `scripts/inspect_sharding.py` (tests/fixtures/memory): the model stays within 15%."""
     size = row["size"]
-    c = cli.load_config(os.path.join(ROOT, "configs", f"pythia.py:{size}"), {"model.remat_policy": row["remat_policy"]})
+    c = cfg.from_spec(os.path.join(ROOT, "configs", f"pythia.py:{size}"), {"model.remat_policy": row["remat_policy"]})
     c = targets.stand_in(c, row["platform"])[0]
     run = setup.build(c, _mesh_of(c, pythia.devices(size)))
     model = memory.analytic_memory(run, row["platform"])["peak"]
@@ -97,13 +97,13 @@ def test_a_step_near_the_limit_warns_and_one_that_fits_says_its_figures(head_hea
 
 
 def test_a_config_without_data_is_refused_unless_it_asks_for_the_sample():
-    c = cli.load_config(os.path.join(ROOT, "configs", "pythia.py:160m"))
+    c = cfg.from_spec(os.path.join(ROOT, "configs", "pythia.py:160m"))
     with pytest.raises(ValueError, match=r"data.train_paths: empty.*--config.data.train_paths=PREFIX.*"
                                          r"data.bundled_sample=true"):
         train_spec(c)
     assert train_spec(cfg.merge(c, {"data.train_paths": "/data/pile"})) == "/data/pile"
     assert train_spec(cfg.merge(c, {"data.bundled_sample": True})).endswith("train.jsonl.zst")
-    assert train_spec(cli.load_config(os.path.join(ROOT, "configs", "tiny.py"))).endswith("train.jsonl.zst")
+    assert train_spec(cfg.from_spec(os.path.join(ROOT, "configs", "tiny.py"))).endswith("train.jsonl.zst")
 
 
 def _train(tmp_path, *flags):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, train, trainer, weights
-from neox_jax.config import ConfigError, validate
+from neox_jax import convert, train, trainer, weights
+from neox_jax.config import ConfigError, from_spec, validate
 from neox_jax.pytree import path_name
 
 from layout_checks import build, comparable, rel_err, run_steps
@@ -123,4 +123,4 @@ def test_master_weights_resume_bit_exact_and_export_reads_the_master(tmp_path):
 
 
 def test_default_precision_stays_fp32_params():
-    assert cli.load_config(TINY, {}).precision.mode == "fp32_params"
+    assert from_spec(TINY, {}).precision.mode == "fp32_params"

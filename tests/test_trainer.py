@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from neox_jax import checkpoint as ckpt
-from neox_jax import cli, convert, metrics, optim, setup, sharding, trainer, weights
+from neox_jax import config as cfg, convert, metrics, optim, setup, sharding, trainer, weights
 from neox_jax import model as model_lib
 from neox_jax import train as train_lib
 
@@ -35,7 +35,7 @@ OVERRIDES = {
 
 
 def _config(**extra):
-    return cli.load_config(TINY, {**OVERRIDES, **extra})
+    return cfg.from_spec(TINY, {**OVERRIDES, **extra})
 
 
 def _flags(**extra):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from conftest import FIXTURES
 from neox_jax import cli, convert, metrics, trainer, weights
-from neox_jax.config import ConfigError
+from neox_jax.config import ConfigError, from_spec
 from neox_jax.data import dataset, indexed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +54,7 @@ def tokens(tmp_path_factory):
 
 
 def run_config(tokens, **extra):
-    return cli.load_config(os.path.join(ROOT, "configs", "tiny.py"),
+    return from_spec(os.path.join(ROOT, "configs", "tiny.py"),
                            {**OVERRIDES, "data.train_paths": tokens, **extra})
 
 
@@ -119,7 +119,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_pretrained_config_takes_the_model_from_the_checkpoint(hf_dir, tmp_path):
     path, _ = hf_dir
-    c = cli.load_config(os.path.join(ROOT, "configs", "pretrained.py") + f":{path}")
+    c = from_spec(os.path.join(ROOT, "configs", "pretrained.py") + f":{path}")
     assert (c.model.hidden_size, c.model.num_layers, c.model.rotary_pct, c.train.init_from) == (32, 2, 0.5, str(path))
     assert c.train.seq_len == 64 and cli.default_workdir(f"configs/pretrained.py:{path}/") == "runs/pretrained_tiny"
     weights.params_for(c.model, str(path))  # fits by construction

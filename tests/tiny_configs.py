@@ -8,8 +8,7 @@ architecture, with the run shape the test needs; test_trainer.py's runs and scri
 """
 
 from conftest import ROOT
-from neox_jax import cli
-from neox_jax.config import default_config, model_defaults
+from neox_jax.config import default_config, from_spec, model_defaults
 
 MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=500, max_position_embeddings=64)
 TRAIN = dict(steps=10, batch_size=16, micro_batches=2, seq_len=16)
@@ -43,4 +42,4 @@ def tiny_py(**overrides):
     """configs/tiny.py with the tiny model's layers, width and heads (its own vocabulary), then `overrides`
     (dotted field -> value, as the scripts' --config.FIELD flags)."""
     shape = {f"model.{k}": MODEL[k] for k in ("hidden_size", "num_layers", "num_heads")}
-    return cli.load_config(TINY_PY, {**shape, **overrides})
+    return from_spec(TINY_PY, {**shape, **overrides})

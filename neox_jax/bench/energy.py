@@ -22,7 +22,7 @@ import numpy as np
 
 from neox_jax import energy as energy_lib
 from neox_jax.bench.train import random_token_step
-from neox_jax.cli import load_config
+from neox_jax.config import from_spec
 
 
 def _window(step, state, batch, steps: int, log_every: int, run) -> tuple:
@@ -65,7 +65,7 @@ def _direct_costs(config, workdir: str, n: int = 50) -> dict:
 def overhead(config_spec: str = "configs/tiny.py", overrides: dict | None = None, steps: int = 50, pairs: int = 6,
              warmup: int = 3) -> dict:
     """Step time with energy tracking off and on, interleaved; see the module docstring."""
-    config = load_config(config_spec, {"energy.track": True, **(overrides or {})})
+    config = from_spec(config_spec, {"energy.track": True, **(overrides or {})})
     t = config.train
     state, step, batch = random_token_step(config)
     for _ in range(warmup):

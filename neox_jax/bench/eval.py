@@ -23,7 +23,7 @@ from neox_jax import evaluate as E
 from neox_jax import model as model_lib
 from neox_jax import scoring, table
 from neox_jax.bench import timing
-from neox_jax.cli import load_config
+from neox_jax.config import from_spec
 from neox_jax.data import default_paths
 
 TASKS = {"lambada_openai": 300, "piqa": 200, "hellaswag": 200}  # the issue's tasks and limits
@@ -34,7 +34,7 @@ def write_random_hf(config_spec: str, path: str, seed: int = 0) -> str:
     offline by transformers and by neox_jax."""
     import transformers
 
-    config = load_config(config_spec)
+    config = from_spec(config_spec)
     convert.save_hf(config, model_lib.init_params(config.model, jax.random.PRNGKey(seed)), path)
     tokenizer_file = default_paths()["tokenizer"]
     eod = "<|endoftext|>"

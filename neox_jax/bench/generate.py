@@ -23,7 +23,6 @@ from neox_jax import generate as gen_lib
 from neox_jax import model as model_lib
 from neox_jax import table
 from neox_jax.bench import device, timing, torch_ref
-from neox_jax.cli import load_config
 
 
 def _timed(fn):
@@ -94,7 +93,7 @@ def run(config_spec: str = "configs/pythia.py:1.4b", batches=(1, 32), prompt_len
     unknown = [loop for loop in layer_loops if loop not in LAYER_LOOPS]
     if unknown:
         raise errors.InputError(f"layer loop {unknown[0]!r}: expected one of {', '.join(LAYER_LOOPS)}")
-    m = cfg.resolve_model(load_config(config_spec, {"model.dtype": dtype}))
+    m = cfg.resolve_model(cfg.from_spec(config_spec, {"model.dtype": dtype}))
     bandwidth = device.memory_bandwidth_gbs()
     rows = []
     for b in batches:

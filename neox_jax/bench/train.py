@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -12,23 +13,21 @@ from neox_jax import config as cfg
 from neox_jax import metrics, setup, sharding, table
 from neox_jax import train as train_lib
 from neox_jax.bench import device, timing, torch_ref
-from neox_jax.cli import load_config
 
-# The GPU rows' step, as the README's table measured it (fp32 params, bf16 compute, no remat, the head whole, one
-# micro-batch): not the Pythia recipe (configs/pythia.py), whose remat and master weights change what is timed.
-_AS_MEASURED = {"model.dtype": "bfloat16", "precision.mode": "fp32_params", "precision.loss_scale": "none",
-                "model.remat_policy": "none", "train.loss_chunks": 1, "train.micro_batches": 1}
-# name: (config spec, overrides). seq_len / batch_size / dtype are the benchmark's shape.
-PRESETS = {
-    # the issue's CPU probe: 4 layers, d 256, seq 256, batch 8, fp32
-    "cpu-small": ("configs/tiny.py", {"model.num_layers": 4, "model.hidden_size": 256, "model.num_heads": 4,
-                                      "train.seq_len": 256, "train.batch_size": 8}),
-    "cpu-tiny": ("configs/tiny.py", {}),
-    "gpu-410m": ("configs/pythia.py:410m", {"train.seq_len": 2048, "train.batch_size": 16, **_AS_MEASURED}),
-    "gpu-1.4b": ("configs/pythia.py:1.4b", {"train.seq_len": 2048, "train.batch_size": 8, **_AS_MEASURED}),
-}
-GPU_ANCHOR = ("gpu-410m", "gpu-1.4b")
+# The named shapes of `--preset NAME`: a config file like the others (each preset is the spec configs/bench.py:NAME).
+PRESETS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                            "bench.py")
 PROFILE_STEPS = 2
+
+
+def presets():
+    """configs/bench.py: its PRESETS (name: config file and overrides) and GROUPS (name: presets, one row each)."""
+    return cfg.import_file(PRESETS_FILE, "_neox_bench_")
+
+
+def preset_spec(name: str) -> str:
+    """The config spec of the preset `name`."""
+    return f"{PRESETS_FILE}:{name}"
 
 
 def random_token_step(config):
@@ -83,18 +82,18 @@ def run(preset: str | None = None, config_spec: str | None = None, overrides: di
     `variants`: extra override sets, each timed as one more neox_jax row of the same shape (one process, so
     a row's peak memory is the largest of the rows so far). `profile_dir`: trace the first neox_jax row's step
     there (one subdirectory per shape)."""
-    names = GPU_ANCHOR if preset == "gpu-anchor" else ([preset] if preset else [])
-    jobs = [(n, *PRESETS[n]) for n in names] or [(config_spec, config_spec, {})]
+    names = presets().GROUPS.get(preset, [preset]) if preset else []
+    jobs = [(n, preset_spec(n)) for n in names] or [(config_spec, config_spec)]
     backend = jax.default_backend()
     peak_measured = None
     if measure_peak and backend != "cpu":
         peak_measured = device.matmul_tflops()
     peak_sheet = metrics.device_peak_tflops()
     rows = []
-    for name, spec, preset_overrides in jobs:
+    for name, spec in jobs:
         # every variant's config is built (and validated) before anything is timed
         override_sets = [{}, *(variants or [])]
-        configs = [load_config(spec, {**preset_overrides, **(overrides or {}), **v}) for v in override_sets]
+        configs = [cfg.from_spec(spec, {**(overrides or {}), **v}) for v in override_sets]
         config = configs[0]
         m, t = cfg.resolve_model(config), config.train
         fpt = metrics.flops_per_token(m, t.seq_len)
