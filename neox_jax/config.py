@@ -341,6 +341,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  f"precision.mode=master_weights keeps an fp32 master copy; model.param_dtype must be float32, "
                  f"got {c.model.param_dtype!r}")
     validate_data(c)
+    profile_window(t.profile_steps)
     return c
 
 
@@ -376,6 +377,18 @@ def mixing_weights(spec: str, count: int) -> list[float]:
     if any(not w > 0 for w in weights):
         raise ConfigError(f"data.train_weights: every weight must be positive, got {spec!r}")
     return weights
+
+
+def profile_window(spec: str) -> tuple[int, int] | None:
+    """train.profile_steps ("START,STOP") -> (START, STOP), the steps the profiler traces; None when "" (off)."""
+    if not spec:
+        return None
+    try:
+        start, stop = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ConfigError(f"config field train.profile_steps: {spec!r} is not 'START,STOP' (e.g. '10,12')") from None
+    _require(0 <= start < stop, "train.profile_steps", f"need 0 <= START < STOP, got {spec!r}")
+    return start, stop
 
 
 def split_proportions(spec: str) -> list[float]:

@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import math
-import os
 import signal
-import socket
 import time
+from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from neox_jax import checkpoint as ckpt_lib
 from neox_jax import config as cfg
@@ -29,6 +26,7 @@ from neox_jax import errors
 from neox_jax import metrics as metrics_lib
 from neox_jax import fit, setup, sharding, weights
 from neox_jax import train as train_lib
+from neox_jax import workdir as workdir_lib
 from neox_jax.data import default_paths
 from neox_jax.data.dataset import make_train_iterator, make_val_batches, tokenizes_text, train_spec
 from neox_jax.data.indexed import IndexedDataset
@@ -41,66 +39,6 @@ class NonFiniteError(errors.RunFailure):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-class WorkdirBusyError(errors.RunFailure):
-    """Another training run holds the workdir."""
-
-
-@contextlib.contextmanager
-def hold_workdir(workdir: str):
-    """This process's exclusive hold on `workdir` for the length of a run: an flock on `workdir/.lock.<process
-    index>` (the processes of one run lock different files, so it also works with several processes per host).
-    The kernel releases it when the process ends, kill -9 included, so a dead run never leaves it stuck. A second
-    run on the same workdir (which would interleave metrics.jsonl and race the checkpoints) stops at once with
-    one WorkdirBusyError naming the holder, on every process (the verdicts are gathered)."""
-    os.makedirs(workdir, exist_ok=True)
-    f = open(os.path.join(workdir, f".lock.{jax.process_index()}"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder = None
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its name yet"
-    if _any_process(holder is not None):
-        f.close()
-        holder = holder or "its lock file for another process of this run is held"
-        raise WorkdirBusyError(f"workdir {workdir} is in use by another training run ({holder}); wait for it to "
-                               "end, or give another --workdir")
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()
-
-
-@dataclasses.dataclass
-class StopFlag:
-    """Set by SIGTERM / SIGINT: the loop finishes the current step, saves and returns."""
-
-    signal: int | None = None
-
-    def __call__(self, signum, frame):
-        self.signal = signum
-
-    def install(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
-        return lambda: [signal.signal(s, h) for s, h in previous.items()]
-
-
-def _profile_window(spec: str) -> tuple[int, int] | None:
-    if not spec:
-        return None
-    try:
-        start, stop = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise cfg.ConfigError(f"config field train.profile_steps: {spec!r} is not 'START,STOP' (e.g. '10,12')") from None
-    if not 0 <= start < stop:
-        raise cfg.ConfigError(f"config field train.profile_steps: need 0 <= START < STOP, got {spec!r}")
-    return start, stop
-
-
 def _check_tokenizer(config, model) -> None:
     """Refuse a tokenizer whose ids don't fit the padded embedding, when text is tokenized on the fly (pre-tokenized
     data is checked by its ids when it is opened: the default tokenizer has nothing to say about it)."""
@@ -108,7 +46,7 @@ def _check_tokenizer(config, model) -> None:
         check_vocab(config.data.tokenizer or default_paths()["tokenizer"], cfg.padded_vocab(model))
 
 
-def evaluate(eval_step, params, val_batches, mesh) -> float:
+def validation_loss(eval_step, params, val_batches, mesh) -> float:
     """Mean validation cross-entropy over the fixed validation batches."""
     total, count = 0.0, 0
     for batch in val_batches:
@@ -152,13 +90,6 @@ def compile_and_check(run: setup.RunSetup, say):
     return step
 
 
-def _any_process(flag: bool) -> bool:
-    """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
-
-
 def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics (plus
     "step" and, with a validation set, "unigram_val_loss").
@@ -167,155 +98,236 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
     (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
     """
     cfg.validate(config)
-    t = config.train
-    mesh = sharding.make_mesh(config)
-    run = setup.build(config, mesh)  # the model, optimizer and placement, derived once for the whole run
-    config, model = run.config, run.model_config
+    run = setup.build(config, sharding.make_mesh(config))  # the model, optimizer and placement, derived once
     is_main = jax.process_index() == 0
-    _check_tokenizer(config, model)
-    profile = _profile_window(t.profile_steps)
+    _check_tokenizer(run.config, run.model_config)
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-    say(describe_devices(mesh))
-    train_spec(config)  # no data named: one line before anything is written
-
-    last: dict = {}
+    say(describe_devices(run.mesh))
+    train_spec(run.config)  # no data named: one line before anything is written
     with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
-        cleanup.enter_context(hold_workdir(workdir))
-        step_fn = compile_and_check(run, say)  # before anything else is written or allocated
-        writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
-                                      run_config=config.to_dict())
-        cleanup.callback(writers.close)
-        energy = energy_lib.RunEnergy(config, workdir, is_main)  # metering starts here, compilation included
-        cleanup.callback(energy.close)
-        train_it = make_train_iterator(config)
-        cleanup.callback(train_it.close)
-        val_batches = make_val_batches(config) if t.eval_every else None
-        checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
-        cleanup.callback(checkpointer.close)
-        stop = StopFlag()
-        cleanup.callback(stop.install())
-        if val_batches is not None and is_main:
-            last["unigram_val_loss"] = unigram_baseline(train_it, val_batches, model.vocab_size)
-            say(f"unigram baseline: val_loss {last['unigram_val_loss']:.4f} (context-free token frequencies "
-                "of the training data)")
-        # a global (replicated) key: orbax cannot save one process's single-device array in a multi-process run
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
-        if checkpointer.latest_step() is not None:
-            abstract = {"train": train_lib.state_shapes(run),
-                        "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
-            restored, data_state, _ = checkpointer.restore(abstract, move_aside=True)
-            state, rng = restored["train"], restored["rng"]
-            train_it.set_state(data_state)
-            say(f"resumed from {checkpointer.directory} at step {int(state.step)}")
-        else:
-            params = weights.params_for(model, t.init_from) if t.init_from else None
-            state = train_lib.init_train_state(run, rng, params)
-            if params is not None:
-                say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
-            del params
-        eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
+        loop = _open_workdir(run, workdir, cleanup, say)
+        loop.state, loop.rng = _restore_or_init(run, loop, say)
         if is_main:
-            with open(f"{workdir}/config.json", "w") as f:
-                f.write(config.to_json(indent=1))
-        flops_token = metrics_lib.flops_per_token(model, t.seq_len, tensor_parallel=config.mesh.tensor)
-        peak = metrics_lib.device_peak_tflops(override=t.peak_tflops)
-
-        def save(step: int):
-            checkpointer.save(step, {"train": state, "rng": rng}, train_it.get_state(), json.loads(config.to_json()),
-                              force=True)
-
-        step = start_step = int(state.step)
-        if step >= t.steps:
-            say(f"nothing to do: {workdir} is already at step {step} (train.steps={t.steps}); "
-                "raise --config.train.steps to train further")
-        window = {"loss": [], "t0": time.perf_counter(), "steps": 0, "paused": 0.0}
-        pending = None  # metrics of the previous step, read while the current one runs
-
-        def outside_steps(fn):
-            """fn() (an evaluation, a checkpoint save) with its time kept out of the window's throughput: the
-            step it follows is finished first, so none of the step's own time is taken out."""
-            jax.block_until_ready(step_metrics)
-            start = time.perf_counter()
-            try:
-                return fn()
-            finally:
-                window["paused"] += time.perf_counter() - start
-
-        tracing = False
-        while step < t.steps:
-            if profile and step == profile[0]:
-                jax.profiler.start_trace(f"{workdir}/profile")
-                tracing = True
-            batch = sharding.global_batch(next(train_it), mesh)
-            state, step_metrics = step_fn(state, batch)
-            step += 1
-            if pending is not None:
-                last = _consume(pending, window, t, writers, flops_token, peak, last, energy)
-            pending = (step, step_metrics)
-            if tracing and step == profile[1]:
-                jax.block_until_ready(step_metrics)
-                jax.profiler.stop_trace()
-                tracing = False
-                say(f"profile of steps {profile[0]}..{profile[1]} written to {workdir}/profile")
-            if eval_fn is not None and step % t.eval_every == 0:
-                val_loss = outside_steps(lambda: evaluate(eval_fn, state.params, val_batches, mesh))
-                writers.write(step, {"loss": val_loss, "ppl": math.exp(min(val_loss, 50))}, prefix="val")
-                last["val_loss"] = val_loss
-                say(f"step {step:>6}/{t.steps} | val_loss {val_loss:.4f} | val_ppl {math.exp(min(val_loss, 50)):.2f}")
-            preempted = _any_process(stop.signal is not None) or (
-                stop_after is not None and step - start_step >= stop_after)
-            if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-                outside_steps(lambda: save(step))
-            if preempted:
-                why = f"signal {signal.Signals(stop.signal).name}" if stop.signal else f"stop_after={stop_after}"
-                say(f"stopping at step {step} ({why}); checkpoint saved in {checkpointer.directory}")
-                break
-        if pending is not None:
-            energy.stop()  # the final reading, so that the last line's totals are the sum of all windows
-            last = _consume(pending, window, t, writers, flops_token, peak, last, energy, force_log=True)
-            if energy.enabled:
-                say(energy.summary())
-        if tracing:
-            jax.profiler.stop_trace()
+            workdir_lib.write_config(workdir, run.config)
+        step = _run_steps(run, loop, stop_after, say)
     if is_main:
-        plot = metrics_lib.plot_run(workdir)
-        if plot:
-            say(f"plot: {plot}")
-    last["step"] = step
-    return last
+        _plot(workdir, say)
+    return {**loop.log.last, "step": step}
 
 
-def _consume(pending, window, t, writers, flops_token, peak, last, energy, force_log: bool = False) -> dict:
-    """Read one finished step's metrics; every log_every steps write a line (loss averaged over the window, energy
-    used in it)."""
-    step, m = pending
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    if m["nonfinite_in_a_row"] >= t.max_nonfinite_in_a_row:
-        raise NonFiniteError(
-            f"step {step}: {int(m['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "
-            f"(limit train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the updates were skipped and the last "
-            "checkpoint is intact. Lower optimizer.lr, check the data, or use precision.loss_scale=dynamic for fp16.")
-    if not m["skipped"]:
-        window["loss"].append(m["loss"])
-    if window.get("warm"):
-        window["steps"] += 1
-    else:  # the first step includes compilation: time throughput from its end
-        window.update(warm=True, t0=time.perf_counter(), paused=0.0)
-    if step % t.log_every and not force_log:
-        return last
-    elapsed = time.perf_counter() - window["t0"] - window["paused"]  # evaluation and saves are not training
-    timed = window["steps"]
-    tokens_per_s = timed * t.batch_size * t.seq_len / max(elapsed, 1e-9) if timed else None
-    loss = float(np.mean(window["loss"])) if window["loss"] else float("nan")
-    n_dev = jax.device_count()
-    out = {"loss": loss, "ppl": math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan"),
-           "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tokens_per_s,
-           "step_time": elapsed / timed if timed else None, "loss_scale": m["loss_scale"],
-           "skipped_steps": m["skipped_steps"],
-           "mfu": metrics_lib.mfu(tokens_per_s, flops_token, n_dev, peak) if timed else None, **energy.window()}
-    writers.write(step, out)
-    if writers.enabled:
-        print(metrics_lib.format_line(step, t.steps, out), flush=True)
-    window.update(loss=[], t0=time.perf_counter(), steps=0, paused=0.0)
-    return {**last, **out}
+@dataclasses.dataclass
+class _Loop:
+    """What the loop runs with, open in the workdir for the length of the run; `state` and `rng` are the train
+    state and key it carries from step to step (held here alone, so that each step's input can be freed)."""
+
+    workdir: str
+    step_fn: Any  # the compiled train step
+    eval_fn: Any  # the jitted eval step; None without a validation set
+    train_it: Any
+    val_batches: list | None
+    checkpointer: ckpt_lib.Checkpointer
+    stop: workdir_lib.StopFlag
+    log: StepLog
+    state: Any = None
+    rng: Any = None
+
+
+def _open_workdir(run: setup.RunSetup, workdir: str, cleanup: contextlib.ExitStack, say) -> _Loop:
+    """Hold `workdir`, compile the step, then open what the loop reads and writes, each closed by `cleanup`."""
+    config, t = run.config, run.config.train
+    is_main = jax.process_index() == 0
+    cleanup.enter_context(workdir_lib.hold_workdir(workdir))
+    step_fn = compile_and_check(run, say)  # before anything else is written or allocated
+    writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
+                                  run_config=config.to_dict())
+    cleanup.callback(writers.close)
+    energy = energy_lib.RunEnergy(config, workdir, is_main)  # metering starts here, compilation included
+    cleanup.callback(energy.close)
+    train_it = make_train_iterator(config)
+    cleanup.callback(train_it.close)
+    val_batches = make_val_batches(config) if t.eval_every else None
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
+    cleanup.callback(checkpointer.close)
+    stop = workdir_lib.StopFlag()
+    cleanup.callback(stop.install())
+    log = StepLog(run, writers, energy, say)
+    if val_batches is not None and is_main:
+        log.last["unigram_val_loss"] = unigram_baseline(train_it, val_batches, run.model_config.vocab_size)
+        say(f"unigram baseline: val_loss {log.last['unigram_val_loss']:.4f} (context-free token frequencies "
+            "of the training data)")
+    eval_fn = train_lib.make_eval_step(run) if val_batches is not None else None
+    return _Loop(workdir, step_fn, eval_fn, train_it, val_batches, checkpointer, stop, log)
+
+
+def _restore_or_init(run: setup.RunSetup, loop: _Loop, say):
+    """(train state, RNG key): the latest checkpoint's, the data pipeline put back at its position; else a fresh
+    state, its params from train.init_from when that is set."""
+    t = run.config.train
+    # a global (replicated) key: orbax cannot save one process's single-device array in a multi-process run
+    replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    rng = jax.jit(jax.random.PRNGKey, static_argnums=0, out_shardings=replicated)(t.seed)
+    if loop.checkpointer.latest_step() is not None:
+        abstract = {"train": train_lib.state_shapes(run),
+                    "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
+        restored, data_state, _ = loop.checkpointer.restore(abstract, move_aside=True)
+        loop.train_it.set_state(data_state)
+        say(f"resumed from {loop.checkpointer.directory} at step {int(restored['train'].step)}")
+        return restored["train"], restored["rng"]
+    params = weights.params_for(run.model_config, t.init_from) if t.init_from else None
+    state = train_lib.init_train_state(run, rng, params)
+    if params is not None:
+        say(f"initialised params from {t.init_from} (fresh optimizer state, step 0)")
+    return state, rng
+
+
+def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) -> int:
+    """Train up to train.steps, evaluating and saving on their schedules; a stop signal or `stop_after` ends it
+    early, saved. Returns the step reached."""
+    t = run.config.train
+    step = start_step = int(loop.state.step)
+    if step >= t.steps:
+        say(f"nothing to do: {loop.workdir} is already at step {step} (train.steps={t.steps}); "
+            "raise --config.train.steps to train further")
+    trace = _Trace(cfg.profile_window(t.profile_steps), f"{loop.workdir}/profile", say)
+    while step < t.steps:
+        trace.before(step)
+        batch = sharding.global_batch(next(loop.train_it), run.mesh)
+        loop.state, step_metrics = loop.step_fn(loop.state, batch)
+        step += 1
+        loop.log.add(step, step_metrics)
+        trace.after(step, step_metrics)
+        if loop.eval_fn is not None and step % t.eval_every == 0:
+            with loop.log.paused():
+                val_loss = validation_loss(loop.eval_fn, loop.state.params, loop.val_batches, run.mesh)
+            loop.log.validation(step, val_loss)
+        preempted = workdir_lib.any_process(loop.stop.signal is not None) or (
+            stop_after is not None and step - start_step >= stop_after)
+        if step % t.checkpoint_every == 0 or step == t.steps or preempted:
+            with loop.log.paused():
+                loop.checkpointer.save(step, {"train": loop.state, "rng": loop.rng}, loop.train_it.get_state(),
+                                       json.loads(run.config.to_json()), force=True)
+        if preempted:
+            why = f"signal {signal.Signals(loop.stop.signal).name}" if loop.stop.signal else f"stop_after={stop_after}"
+            say(f"stopping at step {step} ({why}); checkpoint saved in {loop.checkpointer.directory}")
+            break
+    loop.log.flush()
+    trace.close()
+    return step
+
+
+def _plot(workdir: str, say) -> None:
+    plot = metrics_lib.plot_run(workdir)
+    if plot:
+        say(f"plot: {plot}")
+
+
+class StepLog:
+    """The loop's metrics. Each step's are read one step late (the read then never waits for the step running),
+    and every train.log_every steps one line is written over the window of steps since the last: the mean loss,
+    throughput, MFU and energy. Evaluations and saves run `with log.paused():`, kept out of the throughput."""
+
+    def __init__(self, run: setup.RunSetup, writers: metrics_lib.Writers, energy: energy_lib.RunEnergy, say):
+        self.t, self.writers, self.energy, self.say = run.config.train, writers, energy, say
+        self.flops_token = metrics_lib.flops_per_token(run.model_config, self.t.seq_len,
+                                                       tensor_parallel=run.config.mesh.tensor)
+        self.peak = metrics_lib.device_peak_tflops(override=self.t.peak_tflops)
+        self.last: dict = {}  # the latest line's metrics, the latest val_loss and the unigram baseline
+        self._pending = None  # (step, metrics) of the step dispatched last, read once the next one is dispatched
+        self._warm = False  # the first step includes compilation: throughput is timed from its end
+        self._new_window()
+
+    def _new_window(self):
+        self._losses, self._steps, self._paused, self._t0 = [], 0, 0.0, time.perf_counter()
+
+    def add(self, step: int, metrics) -> None:
+        """Take the step just dispatched; read (and on a log_every step, log) the one before it."""
+        if self._pending is not None:
+            self._read(*self._pending)
+        self._pending = (step, metrics)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The body's time (an evaluation, a checkpoint save) kept out of the window's throughput: the step it
+        follows is finished first, so none of the step's own time is taken out."""
+        jax.block_until_ready(self._pending[1])
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+    def validation(self, step: int, val_loss: float) -> None:
+        ppl = math.exp(min(val_loss, 50))
+        self.writers.write(step, {"loss": val_loss, "ppl": ppl}, prefix="val")
+        self.last["val_loss"] = val_loss
+        self.say(f"step {step:>6}/{self.t.steps} | val_loss {val_loss:.4f} | val_ppl {ppl:.2f}")
+
+    def flush(self) -> None:
+        """The end of the loop: the last step read and logged whatever its number, then the run's energy."""
+        if self._pending is None:
+            return
+        self.energy.stop()  # the final reading, so that the last line's totals are the sum of all windows
+        self._read(*self._pending, force_log=True)
+        self._pending = None
+        if self.energy.enabled:
+            self.say(self.energy.summary())
+
+    def _read(self, step: int, metrics, force_log: bool = False) -> None:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if m["nonfinite_in_a_row"] >= self.t.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f"step {step}: {int(m['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "
+                f"(limit train.max_nonfinite_in_a_row={self.t.max_nonfinite_in_a_row}); the updates were skipped "
+                "and the last checkpoint is intact. Lower optimizer.lr, check the data, or use "
+                "precision.loss_scale=dynamic for fp16.")
+        if not m["skipped"]:
+            self._losses.append(m["loss"])
+        if self._warm:
+            self._steps += 1
+        else:  # the first step includes compilation: time throughput from its end
+            self._warm, self._t0, self._paused = True, time.perf_counter(), 0.0
+        if step % self.t.log_every == 0 or force_log:
+            self._write(step, m)
+
+    def _write(self, step: int, m: dict) -> None:
+        """One line over the window (loss averaged, energy used in it), then a new window."""
+        t = self.t
+        elapsed = time.perf_counter() - self._t0 - self._paused  # evaluation and saves are not training
+        timed = self._steps
+        tokens_per_s = timed * t.batch_size * t.seq_len / max(elapsed, 1e-9) if timed else None
+        loss = float(np.mean(self._losses)) if self._losses else float("nan")
+        n_dev = jax.device_count()
+        out = {"loss": loss, "ppl": math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan"),
+               "lr": m["lr"], "grad_norm": m["grad_norm"], "tokens_per_s": tokens_per_s,
+               "step_time": elapsed / timed if timed else None, "loss_scale": m["loss_scale"],
+               "skipped_steps": m["skipped_steps"],
+               "mfu": metrics_lib.mfu(tokens_per_s, self.flops_token, n_dev, self.peak) if timed else None,
+               **self.energy.window()}
+        self.writers.write(step, out)
+        self.say(metrics_lib.format_line(step, t.steps, out))
+        self._new_window()
+        self.last.update(out)
+
+
+class _Trace:
+    """The JAX profiler trace of train.profile_steps' window: steps START to STOP-1, into `directory`."""
+
+    def __init__(self, window: tuple[int, int] | None, directory: str, say):
+        self.window, self.directory, self.say, self.on = window, directory, say, False
+
+    def before(self, step: int) -> None:
+        if self.window and step == self.window[0]:
+            jax.profiler.start_trace(self.directory)
+            self.on = True
+
+    def after(self, step: int, metrics) -> None:
+        if self.on and step == self.window[1]:
+            jax.block_until_ready(metrics)
+            jax.profiler.stop_trace()
+            self.on = False
+            self.say(f"profile of steps {self.window[0]}..{self.window[1]} written to {self.directory}")
+
+    def close(self) -> None:
+        """A window the run ended inside is cut at the last step."""
+        if self.on:
+            jax.profiler.stop_trace()

@@ -56,6 +56,8 @@ def test_unknown_pythia_size():
         ("zero_stage", 2, "zero_stage: must be 0, 1 or 3"),
         ("train.loss_chunks", 3, "train.loss_chunks: must be a positive divisor of train.seq_len=32"),
         ("mesh.tensor", 0, "mesh.tensor: must be -1 or a positive integer"),
+        ("train.profile_steps", "10", "train.profile_steps: '10' is not 'START,STOP'"),
+        ("train.profile_steps", "12,10", "train.profile_steps: need 0 <= START < STOP, got '12,10'"),
     ],
 )
 def test_invalid_values_name_the_field(field, value, message):

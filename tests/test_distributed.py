@@ -196,10 +196,10 @@ def test_dead_process_stops_the_other(tmp_path):
 def test_a_workdir_in_use_stops_every_process_at_once(tmp_path):
     """A 2-process run on a workdir another run holds: process 0's lock is taken, process 1's is free; the verdicts
     are gathered, so both stop at start with the same one line (not process 1 waiting for the heartbeat)."""
-    from neox_jax import trainer
+    from neox_jax.workdir import hold_workdir
 
     workdir = tmp_path / "busy"
-    with trainer.hold_workdir(str(workdir)):  # this process holds .lock.0, as process 0 of a running job would
+    with hold_workdir(str(workdir)):  # this process holds .lock.0, as process 0 of a running job would
         run = Run(workdir, 2, 4)
         try:
             codes = [p.wait(timeout=RUN_TIMEOUT) for p in run.procs]

@@ -25,6 +25,7 @@ from conftest import FIXTURES, ROOT
 from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax.data import dataset, indexed, preprocess
+from neox_jax.workdir import WorkdirBusyError, hold_workdir
 from tiny_configs import TINY_PY, tiny_py
 
 TINY_HF = FIXTURES / "hf_reference" / "tiny-gpt-neox-parallel"  # max_position_embeddings 64
@@ -257,10 +258,10 @@ def test_a_really_full_disk_during_a_save(tmp_path):
 
 HOLDER = """
 import sys, time
-from neox_jax import trainer
 from neox_jax.data.dataset import TrainIterator
+from neox_jax.workdir import hold_workdir
 if __name__ == "__main__":
-    with trainer.hold_workdir(sys.argv[1]):
+    with hold_workdir(sys.argv[1]):
         it = TrainIterator([sys.argv[2]], [1.0], seq_len=8, global_batch=4, seed=0, workers=2)
         next(it)
         print("ready", flush=True)
@@ -280,9 +281,9 @@ def test_kill_9_takes_the_workers_and_the_workdir_lock_with_it(tmp_path):
         assert proc.stdout.readline().strip() == "ready"
         workers = psutil.Process(proc.pid).children(recursive=True)
         assert len([w for w in workers if "spawn_main" in " ".join(w.cmdline())]) == 2
-        with pytest.raises(trainer.WorkdirBusyError, match=rf"workdir {tmp_path / 'run'} is in use by another "
-                                                           rf"training run \(pid {proc.pid} on "):
-            with trainer.hold_workdir(str(tmp_path / "run")):
+        with pytest.raises(WorkdirBusyError, match=rf"workdir {tmp_path / 'run'} is in use by another "
+                                                   rf"training run \(pid {proc.pid} on "):
+            with hold_workdir(str(tmp_path / "run")):
                 pass
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -300,7 +301,7 @@ def test_kill_9_takes_the_workers_and_the_workdir_lock_with_it(tmp_path):
     while any(alive(w) for w in workers) and time.time() < deadline:
         time.sleep(0.1)
     assert not any(alive(w) for w in workers), [w.cmdline() for w in workers if alive(w)]
-    with trainer.hold_workdir(str(tmp_path / "run")):  # the kernel released the dead run's lock
+    with hold_workdir(str(tmp_path / "run")):  # the kernel released the dead run's lock
         pass
 
 
@@ -508,14 +509,14 @@ def custom_tokenizer_run(tmp_path_factory):
                         "data.val_paths": str(tmp / "data"), "train.steps": 6, "train.batch_size": 8, "train.log_every": 1,
                         "train.eval_every": 3, "train.eval_batches": 1, "train.checkpoint_every": 100,
                         "energy.track": False})
-    real = trainer.evaluate
+    real = trainer.validation_loss
 
-    def slow_evaluate(*args):
+    def slow_validation_loss(*args):
         time.sleep(1.0)
         return real(*args)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(trainer, "evaluate", slow_evaluate)
+    mp.setattr(trainer, "validation_loss", slow_validation_loss)
     try:
         last = trainer.train(config, str(tmp / "run"))
     finally:

@@ -2,7 +2,7 @@
 
 Interleaved A/B on one compiled step: windows of `steps` train steps alternate between tracking off and on in
 ABBA order (so a drift in the shared host's load falls on both arms alike), `pairs` times. Each window runs the
-trainer's own loop shape: every step's metrics are fetched (as `trainer._consume` does) and, with tracking on,
+trainer's own loop shape: every step's metrics are fetched (as `trainer.StepLog` does) and, with tracking on,
 every `train.log_every` steps a log line reads `RunEnergy.window()`; the meter samples on its thread throughout.
 The overhead is the median over pairs of (on - off) / off, in wall time per step and in this process's CPU time
 per step (all its threads; less sensitive to other processes on a shared host). The direct costs (a sample, the

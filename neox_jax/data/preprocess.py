@@ -140,19 +140,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
-    seen: set[bytes] = set()
-
-    def kept(docs):
-        for d in docs:
-            if dedup:
-                key = text_key(d.text)
-                if key in seen:
-                    summary.duplicates_dropped += 1
-                    continue
-                seen.add(key)
-            yield d
-
-    writers: dict[str, indexed.IndexedWriter] = {}
+    docs = iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs)
+    docs = _drop_duplicates(docs, summary) if dedup else docs
     start = time.perf_counter()
     # The stack closes every writer with the exception, if any (KeyboardInterrupt included), so a failed
     # run discards all partial outputs.
@@ -161,47 +150,82 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
                                        disable=not progress or None))
         pool, encode = _tokenizer_pool(workers, tokenizer, append_eod)
         stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
-
-        def writer_for(component: str) -> indexed.IndexedWriter:
-            key = component if split_by_component else "all"
-            if key not in writers:
-                prefix = f"{output_prefix}_{component_slug(component)}" if split_by_component else output_prefix
-                prefix += indexed.NEOX_SUFFIX if neox_names else ""
-                writers[key] = stack.enter_context(indexed.IndexedWriter(prefix, dtype))
-                summary.outputs[key] = writers[key].prefix
-            return writers[key]
-
-        def write(chunk, flat, lengths):
-            offsets = np.concatenate([[0], np.cumsum(lengths)])
-            for i, d in enumerate(chunk):
-                writer_for(d.component).add_many(flat[offsets[i]:offsets[i + 1]], lengths[i:i + 1])
-                stats = summary.per_component.setdefault(d.component, [0, 0])
-                stats[0] += 1
-                stats[1] += int(lengths[i])
-            nbytes = sum(len(d.text.encode("utf-8")) for d in chunk)
-            summary.docs += len(chunk)
-            summary.tokens += int(lengths.sum())
-            summary.text_bytes += nbytes
-            bar.update(nbytes)
+        outputs = _Outputs(stack, output_prefix, dtype, split_by_component, neox_names, summary)
+        for chunk, flat, lengths in _encoded_in_order(_chunks(docs), pool, encode, workers):
+            bar.update(outputs.write(chunk, flat, lengths))
             bar.set_postfix_str(f"{summary.docs / (time.perf_counter() - start):.0f} docs/s", refresh=False)
-
-        in_flight = collections.deque()  # ordered: results are written in input order
-        for chunk in _chunks(kept(iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs))):
-            in_flight.append((chunk, pool.submit(encode, [d.text for d in chunk])))
-            while len(in_flight) > 2 * workers:
-                c, fut = in_flight.popleft()
-                write(c, *fut.result())
-        while in_flight:
-            c, fut = in_flight.popleft()
-            write(c, *fut.result())
-        if not writers:  # an empty dataset trains nothing: refuse before any file appears
-            skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
-                f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
-            files = expand_inputs(inputs)
-            where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
-            raise errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
+        if not outputs.writers:  # an empty dataset trains nothing: refuse before any file appears
+            raise _no_documents(inputs, output_prefix, summary)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _drop_duplicates(docs: Iterable[Document], summary: Summary) -> Iterator[Document]:
+    """`docs` less the exact (normalized-text) repeats of an earlier one, counted in the summary."""
+    seen: set[bytes] = set()
+    for d in docs:
+        key = text_key(d.text)
+        if key in seen:
+            summary.duplicates_dropped += 1
+            continue
+        seen.add(key)
+        yield d
+
+
+def _encoded_in_order(chunks: Iterable[list[Document]], pool, encode, workers: int):
+    """(chunk, flat ids, lengths) of each chunk in input order, with up to 2 x `workers` chunks in the pool."""
+    in_flight = collections.deque()
+    for chunk in chunks:
+        in_flight.append((chunk, pool.submit(encode, [d.text for d in chunk])))
+        while len(in_flight) > 2 * workers:
+            c, fut = in_flight.popleft()
+            yield c, *fut.result()
+    while in_flight:
+        c, fut = in_flight.popleft()
+        yield c, *fut.result()
+
+
+class _Outputs:
+    """The token files of one preprocess run (one, or one per component), each opened on `stack` when its first
+    document arrives, and the summary's counts of what went into them."""
+
+    def __init__(self, stack: contextlib.ExitStack, output_prefix: str, dtype, split_by_component: bool,
+                 neox_names: bool, summary: Summary):
+        self.stack, self.output_prefix, self.dtype, self.summary = stack, output_prefix, dtype, summary
+        self.split_by_component, self.neox_names = split_by_component, neox_names
+        self.writers: dict[str, indexed.IndexedWriter] = {}
+
+    def writer_for(self, component: str) -> indexed.IndexedWriter:
+        key = component if self.split_by_component else "all"
+        if key not in self.writers:
+            prefix = (f"{self.output_prefix}_{component_slug(component)}" if self.split_by_component
+                      else self.output_prefix)
+            prefix += indexed.NEOX_SUFFIX if self.neox_names else ""
+            self.writers[key] = self.stack.enter_context(indexed.IndexedWriter(prefix, self.dtype))
+            self.summary.outputs[key] = self.writers[key].prefix
+        return self.writers[key]
+
+    def write(self, chunk: list[Document], flat: np.ndarray, lengths: np.ndarray) -> int:
+        """Append the chunk's documents; returns the bytes of text they were."""
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        for i, d in enumerate(chunk):
+            self.writer_for(d.component).add_many(flat[offsets[i]:offsets[i + 1]], lengths[i:i + 1])
+            stats = self.summary.per_component.setdefault(d.component, [0, 0])
+            stats[0] += 1
+            stats[1] += int(lengths[i])
+        nbytes = sum(len(d.text.encode("utf-8")) for d in chunk)
+        self.summary.docs += len(chunk)
+        self.summary.tokens += int(lengths.sum())
+        self.summary.text_bytes += nbytes
+        return nbytes
+
+
+def _no_documents(inputs: str | Sequence[str], output_prefix: str, summary: Summary) -> errors.InputError:
+    skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
+        f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
+    files = expand_inputs(inputs)
+    where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
+    return errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
 
 
 # ---- cached on-the-fly preprocessing ---------------------------------------------------------------------
