@@ -124,7 +124,7 @@ def estimate_sweep(path: str, device: str, devices: int, overrides: dict | None 
     """`estimate` for every run of a sweep file (`overrides` applied on top of each), named as `scripts/sweep.py`
     names their workdirs."""
     try:
-        sweep = sweep_lib.load(path)
+        sweep = sweep_lib.load_sweep(path)
         runs = sweep_lib.plan(sweep, "runs")
     except sweep_lib.SweepError as e:
         raise PlanError(str(e)) from None

@@ -64,7 +64,7 @@ def grid(axes: dict[str, Sequence]) -> list[dict]:
     return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
 
 
-def load(path: str) -> Sweep:
+def load_sweep(path: str) -> Sweep:
     """Import a sweep file and check every run's overrides against its base config (one error naming the run)."""
     if not os.path.isfile(path):
         raise SweepError(f"sweep file {path} not found")

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
         csv_path, png_path = S.write_summary(args.summarize, columns, rows)
         print(f"{len(rows)} runs; table: {csv_path}; plot: {png_path}")
         return 0
-    sweep = S.load(args.sweep)
+    sweep = S.load_sweep(args.sweep)
     runs = S.plan(sweep, args.runs_dir)
     if args.emit == "list":
         print("\n".join(S.commands(sweep, runs)))

@@ -15,7 +15,7 @@ from neox_jax import convert
 from neox_jax.bench import timing
 
 
-def hf_config(m):
+def transformers_config(m):
     """The transformers GPTNeoXConfig of model config `m`: the config.json `convert.save_hf` writes."""
     from transformers import GPTNeoXConfig
 
@@ -33,7 +33,7 @@ def train_throughput(m, batch: int, seq_len: int, steps: int = 10, warmup: int =
     device = "cuda" if cuda else "cpu"
     bf16 = cuda if bf16 is None else bf16
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM._from_config(hf_config(m), attn_implementation="sdpa").to(device)
+    model = GPTNeoXForCausalLM._from_config(transformers_config(m), attn_implementation="sdpa").to(device)
     model.train()
     params = list(model.parameters())
     if compile:
@@ -76,7 +76,7 @@ def generate_throughput(m, batch: int, prompt_len: int, new_tokens: int, dtype: 
     device = "cuda" if cuda else "cpu"
     tdtype = getattr(torch, dtype) if cuda else torch.float32
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM._from_config(hf_config(m), attn_implementation="sdpa", dtype=tdtype).to(device).eval()
+    model = GPTNeoXForCausalLM._from_config(transformers_config(m), attn_implementation="sdpa", dtype=tdtype).to(device).eval()
     ids = torch.randint(0, m.vocab_size, (batch, prompt_len), device=device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
