@@ -2,8 +2,11 @@
 
 import os
 import pathlib
+import re
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_force_host_platform_device_count=" not in _flags:  # pytest-xdist's workers inherit the controller's
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -21,4 +24,15 @@ FIXTURES = ROOT / "tests" / "fixtures"  # small real files the tests read (sourc
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end test (runs in CI; skip locally with -m 'not slow')")
+
+
+def script_env(devices: int | None = None, **extra) -> dict:
+    """The environment of a script run as a subprocess: this process's, with the simulated device count set above
+    replaced by `devices` (None: the one CPU device a user's run gets), plus `extra`."""
+    env = dict(os.environ, **extra)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).split()
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
 

@@ -3,7 +3,6 @@ by running the benchmarks, not asserted here)."""
 
 import functools
 import json
-import os
 import re
 import runpy
 import subprocess
@@ -12,6 +11,8 @@ import types
 
 import numpy as np
 import pytest
+
+from conftest import script_env
 
 from neox_jax.bench import device, timing
 from neox_jax.bench import generate as gen_bench
@@ -194,8 +195,7 @@ def test_train_benchmark_table_on_cpu(capsys):
 def test_profile_of_a_training_run_as_documented(tmp_path, capsys):
     """README's sequence: a tiny run with train.profile_steps set, then `benchmark.py profile WORKDIR/profile
     --steps STOP-START`; a workdir without a trace says how to write one."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env = script_env(PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny.py",
                            "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
                            "--config.train.profile_steps=1,3"], capture_output=True, text=True, cwd=ROOT, env=env,

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, script_env
 from neox_jax import distributed
 
 TRAIN = str(ROOT / "scripts" / "train.py")
@@ -51,12 +51,11 @@ def _slurm_job_id() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ)
+    env = script_env(devices)
     # multi-device CPU executables loaded from JAX's persistent compilation cache can deadlock in collectives
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env.update(XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(), JAX_PLATFORMS="cpu",
+    env.update(JAX_PLATFORMS="cpu",
                JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", NEOX_JAX_INIT_TIMEOUT="120", PYTHONUNBUFFERED="1")
     return env
 

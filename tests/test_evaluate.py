@@ -1,8 +1,6 @@
 """The lm-eval adapter against the harness's own `hf` backend on the same (random) weights and the local tasks."""
 
 import json
-import os
-import re
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from conftest import FIXTURES, ROOT  # noqa: E402
+from conftest import FIXTURES, ROOT, script_env  # noqa: E402
 from neox_jax import evaluate as E  # noqa: E402
 from neox_jax.data import default_paths  # noqa: E402
 
@@ -178,8 +176,7 @@ def test_other_task_names_go_to_lm_evals_registry(small_hf):
 
 
 def evaluate_script(*args):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))  # this checkout's neox_jax, whatever the venv points at
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env = script_env(PYTHONPATH=str(ROOT))  # this checkout's neox_jax, whatever the venv points at
     start = time.monotonic()
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args], capture_output=True,
                           text=True, timeout=600, env=env)

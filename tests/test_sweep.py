@@ -5,13 +5,12 @@ from __future__ import annotations
 import csv
 import math
 import os
-import re
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, script_env
 from neox_jax import sweep as S
 
 SCRIPT = str(ROOT / "scripts" / "sweep.py")
@@ -26,11 +25,10 @@ def get_sweep():
 
 
 def _sweep_cli(*args, cwd=ROOT, compile_cache=None):
-    env = dict(os.environ)  # the runs train on one CPU device: cheaper than the tests' 8 simulated ones
+    env = script_env()  # the runs train on one CPU device: cheaper than the tests' 8 simulated ones
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if compile_cache:  # one device, no collectives: safe to share compiled steps between the runs (conftest)
         env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=240, cwd=cwd,
                           env=env)
 
