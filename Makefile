@@ -40,11 +40,14 @@ venv-tpu: .venv-tpu/.installed
 train: $(STAMP)
 	$(VPY) scripts/train.py $(ARGS)
 
+# One pytest-xdist worker per core; --dist loadfile keeps a file's tests (and its module fixtures: trained runs,
+# compiled steps) in one worker. test-fast is the tier to run before each commit (BUILD.md, "Tests").
+XDIST := -n auto --dist loadfile
 test: $(STAMP)
-	$(VPY) -m pytest -q tests $(ARGS)
+	$(VPY) -m pytest -q $(XDIST) tests $(ARGS)
 
 test-fast: $(STAMP)
-	$(VPY) -m pytest -q -m "not slow" tests $(ARGS)
+	$(VPY) -m pytest -q $(XDIST) -m "not slow" tests $(ARGS)
 
 bench: $(STAMP)
 	$(VPY) scripts/benchmark.py $(ARGS)

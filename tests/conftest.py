@@ -22,10 +22,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # small real files the tests read (sources and licences in its README)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end test (runs in CI; skip locally with -m 'not slow')")
-
-
 def script_env(devices: int | None = None, **extra) -> dict:
     """The environment of a script run as a subprocess: this process's, with the simulated device count set above
     replaced by `devices` (None: the one CPU device a user's run gets), plus `extra`."""
