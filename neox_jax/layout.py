@@ -260,10 +260,11 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
     run = setup.build(config, mesh)
     config = run.config
     report = layout_report(run)
-    if not compile:
-        return report
     compiled_config, notes = targets.stand_in(config, platform)
     compiled = run if compiled_config is config else setup.build(compiled_config, mesh)
+    if not compile:  # the analytic model needs no compile
+        report["model"] = memory.analytic_memory(compiled, platform)
+        return report
     options = targets.CPU_AS_ACCELERATOR if platform == "cpu" and not cpu_hoisting else {}
     stages = sharding.num_stages(mesh)
     n = compile_layers
@@ -331,14 +332,15 @@ def _with_layers(config, layers):
 
 def preset_row(name: str, report: dict, device_bytes: int | None) -> dict:
     """One row of a presets table: the layout, the compiled peak, the model's figure and its error, and whether
-    the step fits `device_bytes` per device."""
+    the step fits `device_bytes` per device. Without a compile (--nocompile) only the model's figure is there."""
     pdb, mesh = report["per_device_bytes"], report["mesh"]
-    peak, model = pdb["total: compiled peak estimate"], report["model"]["peak"]
+    peak, model = pdb.get("total: compiled peak estimate"), report["model"]["peak"]
     return {"config": name, "devices": math.prod(mesh.values()),
             "mesh": " x ".join(f"{a} {n}" for a, n in mesh.items() if n > 1) or "1 device",
             "rows": report["rows_per_device"], "remat": report["remat"], "zero_stage": report["zero_stage"],
             "params": pdb["params"], "optimizer": pdb["optimizer"], "peak": peak, "model": model,
-            "error": model / peak - 1, "fits": None if not device_bytes else peak <= device_bytes,
+            "error": None if peak is None else model / peak - 1,
+            "fits": None if not device_bytes or peak is None else peak <= device_bytes,
             "device_bytes": device_bytes}
 
 
@@ -348,7 +350,8 @@ def format_preset_rows(rows: list[dict], target: str) -> str:
                table.Column("remat", "remat", align="<", width=13), table.Column("zero", "zero_stage"),
                table.Column("params", "params", gb, width=9), table.Column("optimizer", "optimizer", gb),
                table.Column("compiled peak", "peak", gb),
-               table.Column("model (error)", lambda r: f"{gb(r['model'])} ({r['error']:+.0%})", width=16),
+               table.Column("model (error)", lambda r: gb(r["model"]) + ("" if r["error"] is None else f" ({r['error']:+.0%})"),
+                            width=16),
                table.Column("fits?", lambda r: None if r["fits"] is None else ("yes" if r["fits"] else "NO"), width=6))
     return f"per-device memory compiled for {target}\n" + table.render(columns, rows)
 
@@ -404,7 +407,7 @@ def _memory_sections(report: dict) -> list[tuple[str, list]]:
         sections.append(("compiled temp at its peak, by part",
                          [(part(k), v) for k, v in report["temp_breakdown"].items()]))
     if "model" in report:
-        sections.append(("analytic model (neox_jax.layout.analytic_memory)",
+        sections.append(("analytic model (neox_jax.memory.analytic_memory)",
                          [*((part(k), v) for k, v in report["model"]["parts"].items()),
                           ("model peak (state + the parts above)", report["model"]["peak"])]))
     return sections
