@@ -3,7 +3,6 @@ injection", maps each case to its test here). Cases: token ids outside the vocab
 full disk, orphaned workers and a second trainer on one workdir, tracebacks where one line is promised, non-finite
 weights and overwritten outputs in conversion, broken workflows, README commands that did not hold."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,16 +25,9 @@ from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax.data import dataset, indexed, preprocess
 from neox_jax.workdir import WorkdirBusyError, hold_workdir
-from tiny_configs import TINY_PY, tiny_py
+from tiny_configs import TINY_PY, script as _script, tiny_py
 
 TINY_HF = FIXTURES / "hf_reference" / "tiny-gpt-neox-parallel"  # max_position_embeddings 64
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fails(main, argv, capsys, status=2):
