@@ -338,7 +338,9 @@ def test_bad_training_data_is_one_error_naming_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path):
+def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path, capsys):
+    """Bad data, found once the run has started JAX, as a real process (its stderr holds the one line alone); bad
+    values, refused while the flags are read, through the scripts' main in this process."""
     _datasets(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')  # an earlier session's
@@ -346,10 +348,10 @@ def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path):
                                 f"--config.data.train_paths={tmp_path / 'short_idx'}"))
     assert "short_idx.idx: truncated" in line
     assert (tmp_path / "w" / "metrics.jsonl").read_text() == '{"split": "train", "step": 1}\n'
-    line = _one_fatal_line(_run(ROOT / "scripts/train.py", "--config.train.steps=abc"))
+    line = _fails(_script("train").main, ["--config.train.steps=abc"], capsys)
     assert "--config.train.steps=abc" in line
-    line = _one_fatal_line(_run(ROOT / "scripts/inspect_sharding.py", "--config", TINY_PY, "--mesh", "data=1",
-                                "--config.model.hiden_size=3"))
+    line = _fails(_script("inspect_sharding").main, ["--config", TINY_PY, "--mesh", "data=1",
+                                                      "--config.model.hiden_size=3"], capsys)
     assert "did you mean 'model.hidden_size'" in line
 
 
