@@ -22,6 +22,7 @@ import pytest
 
 from conftest import ROOT, script_env
 from neox_jax import distributed
+from tiny_configs import script
 
 TRAIN = str(ROOT / "scripts" / "train.py")
 STEPS, CKPT_STEP = 6, 3
@@ -214,6 +215,7 @@ def test_a_workdir_in_use_stops_every_process_at_once(tmp_path):
     assert not os.path.exists(workdir / "metrics.jsonl")
 
 
+@pytest.mark.slow
 def test_missing_peer_at_start_is_a_clear_error(tmp_path):
     """Process 0 of 2 started alone gives up after the initialization timeout with a message naming the flags."""
     env = _env(4)
@@ -226,11 +228,12 @@ def test_missing_peer_at_start_is_a_clear_error(tmp_path):
     assert "within 3s" in proc.stderr
 
 
-def test_incomplete_flags_name_what_is_missing(tmp_path):
-    proc = subprocess.run([sys.executable, TRAIN, *TINY, f"--workdir={tmp_path / 'w'}", "--num_processes=2"],
-                          env=_env(4), cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "FATAL: --coordinator_address, --process_id not given" in proc.stderr
+def test_incomplete_flags_name_what_is_missing(tmp_path, capsys):
+    """Refused before the runtime is joined, so the script's main runs in this process."""
+    with pytest.raises(SystemExit) as e:
+        script("train").main([*TINY, f"--workdir={tmp_path / 'w'}", "--num_processes=2"])
+    assert e.value.code == 2
+    assert "FATAL: --coordinator_address, --process_id not given" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -3,7 +3,6 @@ injection", maps each case to its test here). Cases: token ids outside the vocab
 full disk, orphaned workers and a second trainer on one workdir, tracebacks where one line is promised, non-finite
 weights and overwritten outputs in conversion, broken workflows, README commands that did not hold."""
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,16 +25,9 @@ from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax.data import dataset, indexed, preprocess
 from neox_jax.workdir import WorkdirBusyError, hold_workdir
-from tiny_configs import TINY_PY, tiny_py
+from tiny_configs import TINY_PY, script as _script, tiny_py
 
 TINY_HF = FIXTURES / "hf_reference" / "tiny-gpt-neox-parallel"  # max_position_embeddings 64
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _fails(main, argv, capsys, status=2):
@@ -346,7 +338,9 @@ def test_bad_training_data_is_one_error_naming_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path):
+def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path, capsys):
+    """Bad data, found once the run has started JAX, as a real process (its stderr holds the one line alone); bad
+    values, refused while the flags are read, through the scripts' main in this process."""
     _datasets(tmp_path)
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "metrics.jsonl").write_text('{"split": "train", "step": 1}\n')  # an earlier session's
@@ -354,10 +348,10 @@ def test_train_script_bad_data_and_bad_value_types_exit_2(tmp_path):
                                 f"--config.data.train_paths={tmp_path / 'short_idx'}"))
     assert "short_idx.idx: truncated" in line
     assert (tmp_path / "w" / "metrics.jsonl").read_text() == '{"split": "train", "step": 1}\n'
-    line = _one_fatal_line(_run(ROOT / "scripts/train.py", "--config.train.steps=abc"))
+    line = _fails(_script("train").main, ["--config.train.steps=abc"], capsys)
     assert "--config.train.steps=abc" in line
-    line = _one_fatal_line(_run(ROOT / "scripts/inspect_sharding.py", "--config", TINY_PY, "--mesh", "data=1",
-                                "--config.model.hiden_size=3"))
+    line = _fails(_script("inspect_sharding").main, ["--config", TINY_PY, "--mesh", "data=1",
+                                                      "--config.model.hiden_size=3"], capsys)
     assert "did you mean 'model.hidden_size'" in line
 
 

@@ -18,6 +18,7 @@ from neox_jax import checkpoint as ckpt
 from neox_jax import config as cfg, convert, metrics, optim, setup, sharding, trainer, weights
 from neox_jax import model as model_lib
 from neox_jax import train as train_lib
+from tiny_configs import script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "scripts", "train.py")
@@ -223,10 +224,7 @@ def test_export_params_then_hf(reference, tmp_path):
     config, params = weights.load_workdir_params(str(workdir))
     assert config.model.hidden_size == 64 and config.model.padded_vocab_size == 50688
     out = tmp_path / "params"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export_params.py"), "--workdir",
-                          str(workdir), "--step", "4", "--out", str(out)], env=_env(1), capture_output=True,
-                         text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
+    script("export_params").main(["--workdir", str(workdir), "--step", "4", "--out", str(out)])  # exits only on error
     # reference: the whole train state of step 4 restored the way the trainer does
     config4 = _config()
     mesh = sharding.make_mesh(config4)

@@ -7,6 +7,8 @@ Tests that run `configs/tiny.py` itself (what the trainer and the scripts load) 
 architecture, with the run shape the test needs; test_trainer.py's runs and script flags keep their own overrides.
 """
 
+import importlib.util
+
 from conftest import ROOT
 from neox_jax.config import default_config, from_spec, model_defaults
 
@@ -43,3 +45,12 @@ def tiny_py(**overrides):
     (dotted field -> value, as the scripts' --config.FIELD flags)."""
     shape = {f"model.{k}": MODEL[k] for k in ("hidden_size", "num_layers", "num_heads")}
     return from_spec(TINY_PY, {**shape, **overrides})
+
+
+def script(name):
+    """scripts/<name>.py as a module, for tests that call its `main(argv)` in this process (those not about the
+    process boundary: each subprocess costs seconds of imports before any work)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
