@@ -95,13 +95,25 @@ def init_train_state(run: RunSetup, rng, params=None) -> TrainState:
     init (e.g. pretrained weights, `neox_jax.weights`; each device receives only its shard of them, and the
     optimizer state starts fresh); with master weights the fp32 master holds them exactly and the params are
     their 16-bit cast."""
-    init = functools.partial(_init_state, run.model_config, run.optimizer, run.config.precision)
-    shardings = state_shardings(run)
     if params is None:
-        return jax.jit(init, out_shardings=shardings)(rng)
+        return _jitted_init(run, given=False)(rng)
+    shardings = state_shardings(run)
     target = shardings.params if shardings.master is None else shardings.master
     params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]), params, target)
-    return jax.jit(init, out_shardings=shardings, donate_argnums=1)(rng, params)
+    return _jitted_init(run, given=True)(rng, params)
+
+
+_INITS: dict = {}  # (run config, mesh, given params) -> the jitted init
+
+
+def _jitted_init(run: RunSetup, given: bool):
+    """One jitted init per config and mesh: a run set up again from the same config (a resumed session, a sweep
+    in one process, the tests) reuses its compile (a random init takes seconds to compile even for a tiny model)."""
+    key = (run.config.to_json(), run.mesh, given)
+    if key not in _INITS:
+        init = functools.partial(_init_state, run.model_config, run.optimizer, run.config.precision)
+        _INITS[key] = jax.jit(init, out_shardings=state_shardings(run), donate_argnums=1 if given else ())
+    return _INITS[key]
 
 
 def _micro_batches(tokens, count: int, mesh):
