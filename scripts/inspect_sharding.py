@@ -193,8 +193,13 @@ def presets_table(args) -> None:
         spec = f"{path}:{arg}" if arg else path
         count = module.devices(arg)
         target = targets.parse(f"{kind}:{count}" if kind.startswith("gpu:") else kind)
-        print(f"compiling {spec} for {target.spec} ({count} devices)...", file=sys.stderr, flush=True)
-        report = layout.inspect(cfg.from_spec(spec, args.overrides, "--config"), targets.devices(target)[:count],
+        doing = "compiling" if args.compile else "laying out"
+        print(f"{doing} {spec} for {target.spec} ({count} devices)...", file=sys.stderr, flush=True)
+        devices = targets.devices(target)
+        if len(devices) < count:  # simulated CPUs are set before JAX starts: a caller in a running process has fewer
+            raise cfg.ConfigError(f"--presets {spec}: trained on {count} devices but --target {target.spec} has "
+                                  f"{len(devices)}")
+        report = layout.inspect(cfg.from_spec(spec, args.overrides, "--config"), devices[:count],
                                 target.platform, args.compile, args.compile_layers, args.cpu_hoisting)
         device = args.device_memory * 1e9 if args.device_memory else target.device_bytes
         rows.append(layout.preset_row(os.path.basename(spec), report, device))

@@ -133,3 +133,31 @@ def test_train_script_checks_memory_before_the_first_step(tmp_path):
     assert "memory check off" in out.stdout
     out = _train(tmp_path, "--config", os.path.join(ROOT, "configs", "pythia.py:14m"))
     assert out.returncode == 2 and "FATAL: config field data.train_paths: empty" in out.stderr
+
+
+@pytest.mark.slow
+def test_presets_without_compiling_give_each_size_its_devices_and_the_model():
+    """`inspect_sharding.py --presets configs/pythia.py --nocompile`: one row per size on the device count it was
+    trained on, no compiled figures, and the model's peak above the state it holds (it was a KeyError)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "inspect_sharding.py"), "--presets",
+                           os.path.join(ROOT, "configs", "pythia.py"), "--nocompile", "--format", "json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout)
+    assert [r["config"] for r in rows] == [f"pythia.py:{s}" for s in pythia.SIZES]
+    for size, r in zip(pythia.SIZES, rows):
+        assert r["devices"] == pythia.devices(size)
+        assert r["peak"] is None and r["fits"] is None and r["error"] is None
+        assert r["model"] > r["params"] + r["optimizer"]
+
+
+def test_presets_need_their_device_count(capsys):
+    """In a process whose JAX already has fewer CPU devices than a preset was trained on: one error, not a
+    silently smaller mesh."""
+    from tiny_configs import script
+
+    with pytest.raises(SystemExit) as exit_:
+        script("inspect_sharding").main(["--presets", os.path.join(ROOT, "configs", "pythia.py"), "--nocompile"])
+    assert exit_.value.code == 2
+    assert "trained on 32 devices but --target cpu has 8" in capsys.readouterr().err
