@@ -27,6 +27,7 @@ def pipelined_report():
     return layout.inspect(c, jax.devices()[:8])
 
 
+@pytest.mark.slow
 def test_breakdown_finds_what_the_pipeline_keeps(pipelined_report):
     """Each tick keeps one bf16 [rows, T, H] stage input and one [rows, T/S, H] head slice per device; the
     recomputed stage keeps one layer input per layer. XLA's buffers for them have exactly those sizes."""

@@ -70,6 +70,7 @@ def test_kv_cache_decode_equals_full_forward(tiny, stacked):
     np.testing.assert_allclose(np.concatenate(decoded, axis=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_logits_and_grads(tiny):
     m, params, ids = tiny
 
@@ -90,6 +91,7 @@ def test_remat_policies_give_same_logits_and_grads(tiny):
                      grad, ref_grad)
 
 
+@pytest.mark.slow
 def test_chunked_attention_equals_xla_attention(tiny):
     """attention_impl=chunked (query blocks, each rematerialised) gives XLA attention's loss and gradients, and
     runs in bf16 and (on CPU, through fp32) fp16."""
