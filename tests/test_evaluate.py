@@ -143,6 +143,21 @@ def test_packed_scoring_edge_cases_match_hf_backend(small_hf):
         ours._loglikelihood_tokens([(("", ""), ctx, [])])
 
 
+def test_requests_score_as_the_hf_models_own_logits(small_hf):
+    """The adapter's core, in brief (the tests above hold it to the hf backend at length): a request's
+    log-likelihood and greedy flag from the model's log-softmax at the continuation's positions."""
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(small_hf).eval()
+    ctx = [11, 250, 3000, 7]
+    conts = [greedy_tokens(model, ctx, 2), [42, 9001]]
+    mine = E.NeoXLM(hf=str(small_hf), max_length=64)._loglikelihood_tokens([(("", ""), ctx, c) for c in conts])
+    for (lp, greedy), cont in zip(mine, conts):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:], -1)
+        assert lp == pytest.approx(sum(float(logprobs[i, t]) for i, t in enumerate(cont)), abs=1e-4)
+        assert greedy == (logprobs.argmax(-1).tolist() == cont)
+    assert [g for _, g in mine] == [True, False]
+
+
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
