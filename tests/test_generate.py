@@ -116,14 +116,21 @@ def test_device_loop_equals_streaming_loop(gen):
 
 def test_device_loop_warns_of_nothing(tiny):
     """The on-device loop returns only tokens: no cache donation for JAX to call unusable. (A generator of its
-    own: JAX warns when it compiles.)"""
+    own: JAX warns when it compiles.) The fast tier's generate test too: each greedy pick is the argmax over the
+    real vocabulary of one forward over the final sequence (causal: it holds every step's logits)."""
     import warnings
 
     m, params = tiny
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=4))
+        done = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=4))
     assert not [w for w in caught if "donated" in str(w.message)]
+    seqs = np.zeros((len(PROMPTS), 16), np.int32)  # right-padded: trailing pads change nothing before them
+    for row, (prompt, c) in enumerate(zip(PROMPTS, done)):
+        seqs[row, :len(prompt) + 4] = list(prompt) + c.tokens
+    logits = np.asarray(jax.jit(model_lib.GPTNeoX(m).apply)({"params": params}, seqs))
+    for row, (prompt, c) in enumerate(zip(PROMPTS, done)):
+        assert c.tokens == logits[row, len(prompt) - 1:len(prompt) + 3, :VOCAB].argmax(-1).tolist()
 
 
 @pytest.mark.slow
