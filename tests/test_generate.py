@@ -94,7 +94,8 @@ def test_greedy_equals_hf_generate(name="tiny-gpt-neox-parallel"):
 
 @pytest.mark.slow
 def test_sampling_is_seeded_and_respects_filters(gen):
-    sample = lambda **kw: [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW, temperature=1.5, **kw))]
+    sample = lambda **kw: [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW, temperature=1.5,
+                                                                             **kw))]  # noqa: E731
     first = sample(seed=3)
     assert sample(seed=3) == first
     assert sample(seed=4) != first
