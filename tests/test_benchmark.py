@@ -117,6 +117,7 @@ def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     assert "overhead (wall): median of pairs" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_benchmark_rows_on_a_tiny_model(tmp_path, capsys):
     """Both backends on the same random model and tasks: rates, their ratio, the same scores, padding overhead."""
     pytest.importorskip("lm_eval")
@@ -182,6 +183,7 @@ def test_tables_show_dashes_for_missing_figures():
     assert "no roofline applies" in lines[-1]
 
 
+@pytest.mark.slow
 def test_train_benchmark_table_on_cpu(capsys):
     """A run on CPU (no memory stats, no peak, no HF): the table has dashes, the progress lines went to stderr."""
     benchmark("train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.train.batch_size=8",

@@ -76,6 +76,7 @@ def compare(ours, theirs, tasks, tol=1e-3):
                 assert ours["results"][task][metric] == theirs["results"][task][metric], (task, metric)
 
 
+@pytest.mark.slow
 def test_loglikelihood_matches_hf_backend_on_local_tasks(small_hf):
     ours, theirs = run_both(small_hf, list(E.LOCAL_TASKS), limit=3)
     compare(ours, theirs, E.LOCAL_TASKS)
@@ -90,6 +91,7 @@ def test_pythia_70m_shape_matches_hf_backend_limit_20(tmp_path):
     compare(ours, theirs, E.LOCAL_TASKS)
 
 
+@pytest.mark.slow
 def test_rolling_and_generate_until_match_hf_backend(small_hf):
     texts = [(FIXTURES / "text" / "tinyshakespeare_head.txt").read_text()[:1500], "Hello world", "a"]
     requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
@@ -114,6 +116,7 @@ def greedy_tokens(hf_model, context, n):
     return ids[len(context):]
 
 
+@pytest.mark.slow
 def test_packed_scoring_edge_cases_match_hf_backend(small_hf):
     """Shared contexts (one-token, repeated, prefix and greedy continuations, one position predicting many
     targets), contexts longer than max_length (truncated differently per continuation length), a continuation of
@@ -138,6 +141,21 @@ def test_packed_scoring_edge_cases_match_hf_backend(small_hf):
     assert len(ours.scorer.stats.body_shapes) >= 3  # rows of 16, 32 and 64 tokens were used
     with pytest.raises(ValueError, match="continuation of 0 tokens"):
         ours._loglikelihood_tokens([(("", ""), ctx, [])])
+
+
+def test_requests_score_as_the_hf_models_own_logits(small_hf):
+    """The adapter's core, in brief (the tests above hold it to the hf backend at length): a request's
+    log-likelihood and greedy flag from the model's log-softmax at the continuation's positions."""
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(small_hf).eval()
+    ctx = [11, 250, 3000, 7]
+    conts = [greedy_tokens(model, ctx, 2), [42, 9001]]
+    mine = E.NeoXLM(hf=str(small_hf), max_length=64)._loglikelihood_tokens([(("", ""), ctx, c) for c in conts])
+    for (lp, greedy), cont in zip(mine, conts):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ctx + cont[:-1]])).logits[0, len(ctx) - 1:], -1)
+        assert lp == pytest.approx(sum(float(logprobs[i, t]) for i, t in enumerate(cont)), abs=1e-4)
+        assert greedy == (logprobs.argmax(-1).tolist() == cont)
+    assert [g for _, g in mine] == [True, False]
 
 
 def write(path, text):
@@ -183,6 +201,7 @@ def evaluate_script(*args):
     return done, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_evaluate_script_forks_nothing_and_warns_nothing(small_hf):
     """Bootstrap stderrs (LAMBADA's perplexity) without a fork()ed pool beside JAX's threads, and none of lm-eval's
     "Custom kwargs" advice for our local tasks."""
@@ -193,6 +212,7 @@ def test_evaluate_script_forks_nothing_and_warns_nothing(small_hf):
     assert "lambada_openai" in done.stdout and "perplexity" in done.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_script_refuses_a_hub_task_offline_at_once(small_hf):
     done, seconds = evaluate_script("--hf", str(small_hf), "--tasks", "sciq")
     assert done.returncode == 2 and done.stdout == ""
@@ -201,6 +221,7 @@ def test_evaluate_script_refuses_a_hub_task_offline_at_once(small_hf):
     assert seconds < 10  # a bound (no model load, no download retries), not a timing goal
 
 
+@pytest.mark.slow
 def test_bundled_eval_sets_are_the_full_sets(monkeypatch):
     """Without $NEOX_JAX_EVAL_DATA the tasks read the copies in neox_jax/assets/eval: every item of each set (the
     published sizes), LAMBADA byte for byte the file lm-eval checks (its sha256)."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, script_env
 from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax.data import dataset, indexed, preprocess
@@ -41,8 +41,7 @@ def _fails(main, argv, capsys, status=2):
 
 
 def _env(devices=1):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = script_env(devices)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this tree's neox_jax
     return env

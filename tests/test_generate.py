@@ -27,6 +27,16 @@ def tiny():
     return m, random_params(m, 0)
 
 
+@pytest.fixture(scope="module")
+def gen(tiny):
+    """One per-layer generator for the tests that only call it: its jitted prefill, loops and picks compile once
+    per shape (NEW new tokens) and serve them all."""
+    return G.Generator(*tiny)
+
+
+NEW = 10  # max_new_tokens of the tests sharing `gen`: one cache length, so one compiled prefill and step
+
+
 def random_params(m, seed):
     return jax.jit(lambda key: model_lib.init_params(m, key))(jax.random.PRNGKey(seed))
 
@@ -34,6 +44,7 @@ def random_params(m, seed):
 PROMPTS = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 300]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [True, False])
 def test_kv_cache_decode_equals_full_recomputation(tiny, stacked):
     """Left-padded batch: each step's logits equal a fresh forward over that row's whole (unpadded) sequence.
@@ -64,6 +75,7 @@ def test_kv_cache_decode_equals_full_recomputation(tiny, stacked):
                                        atol=1e-4, rtol=0, err_msg=f"row {row}, step {step}")
 
 
+@pytest.mark.slow
 def test_greedy_equals_hf_generate(name="tiny-gpt-neox-parallel"):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -80,24 +92,23 @@ def test_greedy_equals_hf_generate(name="tiny-gpt-neox-parallel"):
         assert completion.tokens == out[0, len(prompt):].tolist()
 
 
-def test_sampling_is_seeded_and_respects_filters(tiny):
-    m, params = tiny
-    gen = G.Generator(m, params)
-    sample = lambda **kw: [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=12, temperature=1.5, **kw))]
+@pytest.mark.slow
+def test_sampling_is_seeded_and_respects_filters(gen):
+    sample = lambda **kw: [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW, temperature=1.5,
+                                                                             **kw))]  # noqa: E731
     first = sample(seed=3)
     assert sample(seed=3) == first
     assert sample(seed=4) != first
     assert all(t < VOCAB for row in first + sample(seed=5, top_p=0.5) for t in row)
-    greedy = [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=12))]
+    greedy = [c.tokens for c in gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW))]
     assert sample(seed=9, top_k=1) == greedy
     assert sample(seed=9, top_p=1e-6) == greedy
 
 
-def test_device_loop_equals_streaming_loop(tiny):
+@pytest.mark.slow
+def test_device_loop_equals_streaming_loop(gen):
     """Without streaming or stop strings the picks run in one on-device loop; tokens must not change."""
-    m, params = tiny
-    gen = G.Generator(m, params)
-    for sampling in (G.Sampling(max_new_tokens=10), G.Sampling(max_new_tokens=10, temperature=1.2, top_k=20, seed=1)):
+    for sampling in (G.Sampling(max_new_tokens=NEW), G.Sampling(max_new_tokens=NEW, temperature=1.2, top_k=20, seed=1)):
         on_device = [c.tokens for c in gen.generate(PROMPTS, sampling)]
         streamed = [c.tokens for c in gen.generate(PROMPTS, sampling, on_text=lambda row, text: None,
                                                    decode=lambda ids: " ".join(map(str, ids)))]
@@ -105,27 +116,36 @@ def test_device_loop_equals_streaming_loop(tiny):
 
 
 def test_device_loop_warns_of_nothing(tiny):
-    """The on-device loop returns only tokens: no cache donation for JAX to call unusable."""
+    """The on-device loop returns only tokens: no cache donation for JAX to call unusable. (A generator of its
+    own: JAX warns when it compiles.) The fast tier's generate test too: each greedy pick is the argmax over the
+    real vocabulary of one forward over the final sequence (causal: it holds every step's logits)."""
     import warnings
 
     m, params = tiny
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=4))
+        done = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=4))
     assert not [w for w in caught if "donated" in str(w.message)]
+    seqs = np.zeros((len(PROMPTS), 16), np.int32)  # right-padded: trailing pads change nothing before them
+    for row, (prompt, c) in enumerate(zip(PROMPTS, done)):
+        seqs[row, :len(prompt) + 4] = list(prompt) + c.tokens
+    logits = np.asarray(jax.jit(model_lib.GPTNeoX(m).apply)({"params": params}, seqs))
+    for row, (prompt, c) in enumerate(zip(PROMPTS, done)):
+        assert c.tokens == logits[row, len(prompt) - 1:len(prompt) + 3, :VOCAB].argmax(-1).tolist()
 
 
-def test_per_layer_generator_equals_stacked(tiny):
+@pytest.mark.slow
+def test_per_layer_generator_equals_stacked(tiny, gen):
     """The default generator (its own per-layer weight copy, unrolled layer loop) picks the tokens the layer
     scan over the stacked training-layout params picks, greedy and sampled."""
-    m, params = tiny
-    stacked, per_layer = G.Generator(m, params, stacked=True), G.Generator(m, params)
+    stacked, per_layer = G.Generator(*tiny, stacked=True), gen
     assert "layers" in stacked.params and "layers_1" in per_layer.params
-    for sampling in (G.Sampling(max_new_tokens=10), G.Sampling(max_new_tokens=10, temperature=0.8, seed=3)):
+    for sampling in (G.Sampling(max_new_tokens=NEW), G.Sampling(max_new_tokens=NEW, temperature=0.8, seed=3)):
         assert [c.tokens for c in per_layer.generate(PROMPTS, sampling)] == \
             [c.tokens for c in stacked.generate(PROMPTS, sampling)]
 
 
+@pytest.mark.slow
 def test_pick_tokens_filters():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05, 0.9]]))  # id 4 is padding (vocab_limit 4)
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
@@ -138,19 +158,18 @@ def test_pick_tokens_filters():
     assert int(G.pick_tokens(logits, keys[0], vocab_limit=4, temperature=1.0, top_k=0, top_p=1.0, greedy=True)[0]) == 0
 
 
-def test_stop_tokens_stop_strings_and_streaming(tiny):
-    m, params = tiny
-    gen = G.Generator(m, params)
+@pytest.mark.slow
+def test_stop_tokens_stop_strings_and_streaming(gen):
     decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)
-    free = gen.generate(PROMPTS, G.Sampling(max_new_tokens=10), decode=decode)
+    free = gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW), decode=decode)
     assert [c.finish_reason for c in free] == ["length", "length"]
     stop_id = free[0].tokens[3]
-    by_token = gen.generate(PROMPTS[:1], G.Sampling(max_new_tokens=10, stop_token_ids=(stop_id,)))[0]
+    by_token = gen.generate(PROMPTS[:1], G.Sampling(max_new_tokens=NEW, stop_token_ids=(stop_id,)))[0]
     assert by_token.finish_reason == "stop_token"
     assert by_token.tokens == free[0].tokens[:free[0].tokens.index(stop_id)]
     stop = free[1].text[4:6]
     streamed = {}
-    by_string = gen.generate(PROMPTS, G.Sampling(max_new_tokens=10, stop_strings=(stop,)), decode=decode,
+    by_string = gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW, stop_strings=(stop,)), decode=decode,
                              on_text=lambda row, text: streamed.__setitem__(row, streamed.get(row, "") + text))
     assert by_string[1].finish_reason == "stop_string"
     assert by_string[1].text == free[1].text[:free[1].text.index(stop)]
@@ -161,12 +180,11 @@ def test_stop_tokens_stop_strings_and_streaming(tiny):
         G.Sampling(top_p=0.0)
 
 
-def test_stop_strings_on_device_in_chunks_equal_streaming(tiny):
+@pytest.mark.slow
+def test_stop_strings_on_device_in_chunks_equal_streaming(gen):
     """Stop strings without streaming: DECODE_CHUNK picks at a time on the device, checked between chunks; the
     same tokens, texts and finish reasons as the token-by-token loop, greedy and sampled, stopping past the
     first chunk and at a max_new_tokens that is no multiple of the chunk."""
-    m, params = tiny
-    gen = G.Generator(m, params)
     decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
     for sampling in (G.Sampling(max_new_tokens=37), G.Sampling(max_new_tokens=37, temperature=1.0, seed=2)):
         free = gen.generate(PROMPTS, sampling, decode=decode)
@@ -179,13 +197,13 @@ def test_stop_strings_on_device_in_chunks_equal_streaming(tiny):
         assert chunked[1].finish_reason == "stop_string" and len(chunked[1].tokens) > G.DECODE_CHUNK
 
 
-def test_sharded_generation_equals_single_device(tiny):
-    m, params = tiny
-    single = G.Generator(m, params).generate(PROMPTS, G.Sampling(max_new_tokens=8))
+@pytest.mark.slow
+def test_sharded_generation_equals_single_device(tiny, gen):
+    single = gen.generate(PROMPTS, G.Sampling(max_new_tokens=NEW))
     mesh = sharding.inference_mesh(tensor_parallel=2)  # 8 CPU devices: data 4 x tensor 2
-    sharded = G.Generator(m, params, mesh=mesh)
+    sharded = G.Generator(*tiny, mesh=mesh)
     assert sharded.params["embed_in"].sharding.spec[0] == "tensor"
-    assert [c.tokens for c in sharded.generate(PROMPTS, G.Sampling(max_new_tokens=8))] == [c.tokens for c in single]
+    assert [c.tokens for c in sharded.generate(PROMPTS, G.Sampling(max_new_tokens=NEW))] == [c.tokens for c in single]
 
 
 @pytest.mark.slow

@@ -3,8 +3,7 @@ analytic model beside it, compile targets, and inspect_sharding's comparison of 
 
 import json
 import os
-import subprocess
-import sys
+import runpy
 
 import jax
 import pytest
@@ -27,6 +26,7 @@ def pipelined_report():
     return layout.inspect(c, jax.devices()[:8])
 
 
+@pytest.mark.slow
 def test_breakdown_finds_what_the_pipeline_keeps(pipelined_report):
     """Each tick keeps one bf16 [rows, T, H] stage input and one [rows, T/S, H] head slice per device; the
     recomputed stage keeps one layer input per layer. XLA's buffers for them have exactly those sizes."""
@@ -66,15 +66,15 @@ def test_a_target_without_its_plugin_is_one_clear_error():
 
 
 @pytest.mark.slow
-def test_inspect_compares_precisions_and_plots(tmp_path):
+def test_inspect_compares_precisions_and_plots(tmp_path, capsys):
+    """scripts/inspect_sharding.py's main in this process (test_sharding.py runs the script as a process)."""
     plot = tmp_path / "memory.png"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "inspect_sharding.py"), "--config", os.path.join(ROOT, "configs", "tiny.py"),
-           "--mesh", "data=4", "--config.model.dtype=bfloat16", "--config.precision.mode=master_weights",
-           "--config.model.vocab_size=512", "--config.model.num_layers=2", "--compare", "precision=fp32_params",
-           "--format", "json", "--plot", str(plot), "--device_memory", "0.01"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout)
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "inspect_sharding.py"), run_name="inspect_sharding")["main"]
+    main(["--config", os.path.join(ROOT, "configs", "tiny.py"),
+          "--mesh", "data=4", "--config.model.dtype=bfloat16", "--config.precision.mode=master_weights",
+          "--config.model.vocab_size=512", "--config.model.num_layers=2", "--compare", "precision=fp32_params",
+          "--format", "json", "--plot", str(plot), "--device_memory", "0.01"])
+    result = json.loads(capsys.readouterr().out)
     first, (same_mesh,) = result["layout"], [c["layout"] for c in result["compare"]]
     assert (first["precision"], same_mesh["precision"]) == ("master_weights", "fp32_params")
     assert first["mesh"] == same_mesh["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}

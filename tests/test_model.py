@@ -51,13 +51,15 @@ def test_causal(tiny, parallel):
     assert np.abs(a[:, t:] - b[:, t:]).max(axis=-1).min() > 1e-3  # every later position sees the change
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [True, False])
 def test_kv_cache_decode_equals_full_forward(tiny, stacked):
     m, params, ids = tiny
     full = np.asarray(logits_fn(m)(params, ids))
     if not stacked:  # per-layer weights and caches, unrolled layer loop: the full forward too
         params = M.unstack_layers(params)
-        np.testing.assert_allclose(M.for_params(m, params).apply({"params": params}, ids), full, rtol=0, atol=1e-5)
+        unrolled = jax.jit(lambda p, ids: M.for_params(m, p).apply({"params": p}, ids))(params, ids)
+        np.testing.assert_allclose(unrolled, full, rtol=0, atol=1e-5)
     step = jax.jit(lambda p, ids, cache: M.for_params(m, p).apply({"params": p}, ids, cache=cache))
     prefill = 5
     cache = M.init_cache(m, batch=ids.shape[0], max_len=16, stacked=stacked)
@@ -70,6 +72,7 @@ def test_kv_cache_decode_equals_full_forward(tiny, stacked):
     np.testing.assert_allclose(np.concatenate(decoded, axis=1), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_remat_policies_give_same_logits_and_grads(tiny):
     m, params, ids = tiny
 
@@ -90,6 +93,7 @@ def test_remat_policies_give_same_logits_and_grads(tiny):
                      grad, ref_grad)
 
 
+@pytest.mark.slow
 def test_chunked_attention_equals_xla_attention(tiny):
     """attention_impl=chunked (query blocks, each rematerialised) gives XLA attention's loss and gradients, and
     runs in bf16 and (on CPU, through fp32) fp16."""
@@ -115,6 +119,7 @@ def test_chunked_attention_equals_xla_attention(tiny):
         loss_and_grad(attention_impl="chunked", attention_chunk=5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_close_to_fp32(tiny):
     m, params, ids = tiny
     fp32 = np.asarray(logits_fn(m)(params, ids))
@@ -125,12 +130,13 @@ def test_bf16_compute_close_to_fp32(tiny):
     assert (bf16.argmax(-1) == fp32.argmax(-1)).mean() > 0.9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("init", ["small_init", "normal"])
 def test_init_std_follows_neox_formulas(init):
     h, layers = 128, 2
     m = tiny_model(hidden_size=h, num_layers=layers, num_heads=4, vocab_size=512, padded_vocab_size=512,
                    init=init, init_std=0.02)
-    p = M.init_params(m, jax.random.PRNGKey(0))
+    p = jax.jit(lambda key: M.init_params(m, key))(jax.random.PRNGKey(0))  # compiled: op by op takes longer
     if init == "small_init":  # small_init sqrt(2/5H); wang_init 2/(L sqrt H) for the output projections
         std, out_std = math.sqrt(2 / (5 * h)), 2 / (layers * math.sqrt(h))
     else:  # normal(0.02); scaled_normal 0.02/sqrt(2L)

@@ -38,6 +38,7 @@ def reference():
     return initial, comparable(jax.device_get(state.params)), losses, eval_loss
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipelined_layout_matches_unpipelined(layout, reference):
     stage, data, tensor, zero = LAYOUTS[layout]
@@ -76,6 +77,7 @@ def test_pipelined_layout_matches_unpipelined(layout, reference):
         assert arr.sharding.is_equivalent_to(want, arr.ndim), (path_name(path), arr.sharding, want)
 
 
+@pytest.mark.slow
 def test_pipeline_gradients_match_unpipelined():
     """d(mean loss)/d(every param) through the pipeline, with per-stage remat, equals plain autodiff on one
     device: the embedding (fed to stage 0) and head (after the last stage) included."""

@@ -33,6 +33,7 @@ def reference():
     return initial, comparable(jax.device_get(state.params)), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_device(layout, reference):
     data, fsdp, tensor, zero, chunks, micro = (*LAYOUTS[layout], 1, 2)[:6]
@@ -77,6 +78,36 @@ def test_layout_matches_single_device(layout, reference):
     assert mu.addressable_shards[0].data.size * moment_split == mu.size
 
 
+def test_one_step_on_one_device_is_autodiff_then_the_optimizer():
+    """The compiled step (two micro-batches accumulated) against its definition written out: the mean
+    cross-entropy of the whole batch, its gradient by plain autodiff, the run's optimizer applied once."""
+    import optax
+
+    run = build(tiny_config(), jax.devices()[:1])
+    state = train.init_train_state(run, jax.random.PRNGKey(0))
+    params, opt_state = jax.device_get((state.params, state.opt_state))
+    tokens = batches(1)[0]
+
+    def plain_loss(p):
+        return loss.cross_entropy(run.net.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:])
+
+    def reference_step(p, o):
+        value, grads = jax.value_and_grad(plain_loss)(p)
+        return value, optax.tree.norm(grads), optax.apply_updates(p, run.optimizer.update(grads, o, p)[0])
+
+    want_loss, want_norm, want = jax.device_get(jax.jit(reference_step)(params, opt_state))
+    want = comparable(want)
+
+    state, metrics = train.make_train_step(run)(state, {"tokens": tokens})
+    assert float(metrics["loss"]) == pytest.approx(float(want_loss), rel=1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(want_norm), rel=1e-4)
+    assert int(state.step) == 1 and int(state.skipped_steps) == 0
+    got = comparable(jax.device_get(state.params))
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        assert rel_err(g, w) <= 1e-5, path_name(path)
+
+
+@pytest.mark.slow
 def test_state_shapes_are_those_of_the_initial_state():
     """state_shapes derives the state from the params' shapes (the model is traced once, in setup.build): the
     state init_train_state creates has exactly those shapes, dtypes and shardings (master weights, ZeRO-1)."""
@@ -88,6 +119,7 @@ def test_state_shapes_are_those_of_the_initial_state():
         assert (s.shape, s.dtype) == (x.shape, x.dtype) and s.sharding.is_equivalent_to(x.sharding, x.ndim)
 
 
+@pytest.mark.slow  # the fast tier's loss is the one-device step's above
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_chunked_head_loss_matches_full_logits(dtype):
     """The sliced head + loss (gradient formed in the forward pass) against autodiff of the whole-batch
@@ -117,6 +149,7 @@ def test_chunked_head_loss_matches_full_logits(dtype):
             assert rel_err(np.asarray(g, np.float32), np.asarray(w, np.float32)) <= 10 * tol
 
 
+@pytest.mark.slow
 def test_chunked_loss_adds_no_collectives_under_data_parallelism():
     """Per-slice sums stay per batch shard: the compiled data-parallel step communicates exactly as much as
     with the whole-batch loss (no all-reduce of the head gradient or the loss inside the slice loop)."""
@@ -132,6 +165,7 @@ def test_chunked_loss_adds_no_collectives_under_data_parallelism():
     assert whole["all-reduce"] > 0 and collectives(4) == whole
 
 
+@pytest.mark.slow
 def test_overflow_skips_step_and_drives_loss_scale():
     """Dynamic loss scaling (hysteresis 2, window 2): an injected inf parameter makes every gradient non-finite."""
     config = tiny_config(data=2)

@@ -14,6 +14,7 @@ import pytest
 
 from jax.sharding import NamedSharding, PartitionSpec
 
+from conftest import script_env
 from neox_jax import checkpoint as ckpt
 from neox_jax import config as cfg, convert, metrics, optim, setup, sharding, trainer, weights
 from neox_jax import model as model_lib
@@ -44,8 +45,7 @@ def _flags(**extra):
 
 
 def _env(devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = script_env(devices)  # conftest's XLA flags, as in this process: runs compare bit for bit
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest sets in this process
     return env
