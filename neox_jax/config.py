@@ -358,9 +358,15 @@ def validate_data(c: ml_collections.ConfigDict) -> None:
         split_proportions(d.split)
     _require(d.order != "sequential" or not d.train_weights, "data.train_weights",
              "data.order='sequential' reads the datasets one after another; weights do not apply")
-    datasets = [e for e in d.train_paths.split(",") if e.strip()]  # one dataset per entry (dataset.resolve_paths)
+    datasets = path_entries(d.train_paths)
     if datasets:
         mixing_weights(d.train_weights, len(datasets))
+
+
+def path_entries(spec: str) -> list[str]:
+    """A comma-separated paths field (data.train_paths, data.val_paths) -> its entries, stripped, empty ones
+    dropped: one dataset each."""
+    return [e.strip() for e in spec.split(",") if e.strip()]
 
 
 def mixing_weights(spec: str, count: int) -> list[float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import signal
 import time
@@ -31,8 +30,6 @@ from neox_jax.data import default_paths
 from neox_jax.data.dataset import make_train_iterator, make_val_batches, tokenizes_text, train_spec
 from neox_jax.data.indexed import IndexedDataset
 from neox_jax.data.tokenizer import check_vocab
-
-log = logging.getLogger("neox_jax")
 
 
 class NonFiniteError(errors.RunFailure):

@@ -268,9 +268,7 @@ def resolve_paths(spec: str, tokenizer: str = "", cache_dir: str = "", field: st
     """Comma-separated `.bin/.idx` prefixes or Pile-format files (globs allowed, one dataset per entry)
     -> prefixes, preprocessing text inputs into the cache on first use."""
     prefixes = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if not entry:
-            continue
+    for entry in cfg.path_entries(spec):
         if indexed.resolve_prefix(entry):
             prefixes.append(indexed.resolve_prefix(entry))
         elif is_text_input(entry):
@@ -309,8 +307,8 @@ def tokenizes_text(config) -> bool:
     """Whether the run tokenizes text on the fly (the bundled sample, or Pile-format files in its paths): only
     then does the tokenizer have to fit the model (pre-tokenized data is checked by its ids instead)."""
     d = config.data
-    return not d.train_paths or any(is_text_input(e.strip()) for spec in (d.train_paths, d.val_paths)
-                                    for e in spec.split(","))
+    return not d.train_paths or any(is_text_input(e) for spec in (d.train_paths, d.val_paths)
+                                    for e in cfg.path_entries(spec))
 
 
 def _process(process_index, process_count):
