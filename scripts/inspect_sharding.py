@@ -155,13 +155,10 @@ def main(argv=None):
     for spec in layouts:
         c = layout_config(config, spec)
         count = math.prod(c.mesh[a] for a in MESH_AXES)
-        devices = targets.devices(target)
-        if len(devices) < count or (target.device_count and len(devices) != count):
-            raise cfg.ConfigError(f"config field mesh: the layout uses {count} devices but --target "
-                                  f"{target.spec} has {len(devices)}")
+        devices = _devices(target, count, "config field mesh: the layout uses")
         print(f"compiling the train step of layout {len(reports) + 1}/{len(layouts)} for {target.spec} "
               f"({count} devices)...", file=sys.stderr, flush=True)
-        reports.append(layout.inspect(c, devices[:count], target.platform, args.compile, args.compile_layers,
+        reports.append(layout.inspect(c, devices, target.platform, args.compile, args.compile_layers,
                                       args.cpu_hoisting))
     if args.plot:
         device = args.device_memory * 1e9 if args.device_memory else target.device_bytes
@@ -176,6 +173,17 @@ def main(argv=None):
     for other in reports[1:]:
         print()
         print(layout.format_comparison(layout.compare_reports(reports[0], other)))
+
+
+def _devices(target, count: int, needs: str):
+    """`count` devices of --target; one ConfigError when it has fewer (simulated CPUs are set before JAX starts, so
+    a caller in a running process may have fewer) or, sized, another number. `needs` says what asks for them."""
+    from neox_jax import targets
+
+    devices = targets.devices(target)
+    if len(devices) < count or (target.device_count and len(devices) != count):
+        raise cfg.ConfigError(f"{needs} {count} devices but --target {target.spec} has {len(devices)}")
+    return devices[:count]
 
 
 def presets_table(args) -> None:
@@ -195,11 +203,8 @@ def presets_table(args) -> None:
         target = targets.parse(f"{kind}:{count}" if kind.startswith("gpu:") else kind)
         doing = "compiling" if args.compile else "laying out"
         print(f"{doing} {spec} for {target.spec} ({count} devices)...", file=sys.stderr, flush=True)
-        devices = targets.devices(target)
-        if len(devices) < count:  # simulated CPUs are set before JAX starts: a caller in a running process has fewer
-            raise cfg.ConfigError(f"--presets {spec}: trained on {count} devices but --target {target.spec} has "
-                                  f"{len(devices)}")
-        report = layout.inspect(cfg.from_spec(spec, args.overrides, "--config"), devices[:count],
+        devices = _devices(target, count, f"--presets {spec}: trained on")
+        report = layout.inspect(cfg.from_spec(spec, args.overrides, "--config"), devices,
                                 target.platform, args.compile, args.compile_layers, args.cpu_hoisting)
         device = args.device_memory * 1e9 if args.device_memory else target.device_bytes
         rows.append(layout.preset_row(os.path.basename(spec), report, device))

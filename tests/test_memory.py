@@ -15,7 +15,7 @@ from neox_jax import config as cfg, fit, layout, memory, setup, sharding, target
 from neox_jax.data.dataset import train_spec
 
 from configs import pythia
-from conftest import ROOT
+from conftest import ROOT, script_env
 from tiny_configs import tiny_config
 
 # Big enough that activations, not fixed overheads, set the peak: 8 sequences of 256 per device, 4 layers.
@@ -142,7 +142,7 @@ def test_presets_without_compiling_give_each_size_its_devices_and_the_model():
     done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "inspect_sharding.py"), "--presets",
                            os.path.join(ROOT, "configs", "pythia.py"), "--nocompile", "--format", "json"],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                          env=script_env())
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout)
     assert [r["config"] for r in rows] == [f"pythia.py:{s}" for s in pythia.SIZES]
