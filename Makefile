@@ -41,8 +41,9 @@ train: $(STAMP)
 	$(VPY) scripts/train.py $(ARGS)
 
 # One pytest-xdist worker per core; --dist loadfile keeps a file's tests (and its module fixtures: trained runs,
-# compiled steps) in one worker. test-fast is the tier to run before each commit (BUILD.md, "Tests").
-XDIST := -n auto --dist loadfile
+# compiled steps) in one worker; --no-loadscope-reorder hands files out longest first (tests/conftest.py,
+# LONG_FILES) instead of by their number of tests. test-fast is the tier to run before each commit (BUILD.md, "Tests").
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
 	$(VPY) -m pytest -q $(XDIST) tests $(ARGS)
 

@@ -11,7 +11,7 @@ import itertools
 import os
 import sys
 
-from neox_jax import errors
+from neox_jax import errors, files, goodput
 from neox_jax import metrics as metrics_lib
 
 CONFIG_HELP = "config file, path[:arg]; any field is overridden with --config.FIELD=VALUE"
@@ -115,19 +115,34 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: list[str] | No
     return args
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a batch size, a device count), refused as a usage error otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+def _int_at_least(least: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {least}, got {value}")
+        return value
+
+    return parse
 
 
-def check_writable(path: str | None, flag: str) -> None:
-    """Refuse an output file that could not be written, before the work whose results would go into it."""
+# argparse types refusing a value below their least as a usage error: a batch size or a device count (>= 1), a
+# number of few-shot examples (>= 0)
+positive_int = _int_at_least(1)
+non_negative_int = _int_at_least(0)
+
+
+def add_overwrite(parser: argparse.ArgumentParser, *flags: str) -> None:
+    """The --overwrite flag of a script writing the files `flags` name (`check_writable` refuses an existing one
+    without it)."""
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {' / '.join(flags)} file")
+
+
+def check_writable(path: str | None, flag: str, overwrite: bool = False) -> None:
+    """Refuse an output file that could not be written, or one that exists unless `overwrite` (`files.check_new`),
+    before the work whose results would go into it."""
     if not path:
         return
     folder = os.path.dirname(os.path.abspath(path))
@@ -137,6 +152,7 @@ def check_writable(path: str | None, flag: str) -> None:
         raise errors.InputError(f"{flag} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise errors.InputError(f"{flag} {path}: the folder {folder} is not writable")
+    files.check_new([path], flag, overwrite)
 
 
 def default_workdir(config_spec: str) -> str:
@@ -149,7 +165,8 @@ def default_workdir(config_spec: str) -> str:
 
 
 def summary(last: dict, workdir: str) -> str:
-    """The run's last line: step, losses (with the unigram baseline beside the validation loss), throughput."""
+    """The run's last line: step, losses (with the unigram baseline beside the validation loss), throughput, energy,
+    goodput."""
     parts = [f"done: step {last.get('step')}"]
     if last.get("loss") is not None:
         parts.append(f"loss {last['loss']:.4f}")
@@ -162,5 +179,7 @@ def summary(last: dict, workdir: str) -> str:
     if last.get("energy_kwh_total") is not None:
         label = metrics_lib.estimated_label(last.get("energy_estimated"))
         parts.append(f"energy {last['energy_kwh_total']:.4g} kWh ({label}), {last['co2e_kg_total']:.4g} kg CO2e")
+    if last.get("goodput") is not None:
+        parts.append(goodput.describe(last))
     parts.append(f"workdir {workdir}")
     return " | ".join(parts)

@@ -144,6 +144,9 @@ def default_config() -> ml_collections.ConfigDict:
             num_samples=0,  # gpt_neox: N, the samples its index is built for; 0 = train.steps x train.batch_size
             split="",  # gpt_neox with one train path: "969,30,1" cuts its documents into train/valid/test ranges
             start_batch=0,  # a new run's first batch is this global batch of the order (continuing a released run)
+            # resume although a training dataset's files changed since the checkpoint (refused by default: the
+            # checkpoint records each one's fingerprint, indexed.fingerprint)
+            allow_changed_data=False,
         )
     )
     # energy and carbon accounting (neox_jax/energy.py): measured where the hardware reports it, else estimated
@@ -171,17 +174,31 @@ def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], flag: s
     for dotted, value in overrides.items():
         node = c
         parts = dotted.split(".")
+        where = f"{flag}.{dotted}={value}" if flag else f"config field {dotted}"
         for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict):  # `train.steps.x`: a value has no fields
+                raise ConfigError(f"{where}: {'.'.join(parts[:i])} is a value, not a section with fields")
             keys = list(node.keys())
             if part not in keys:
                 raise ConfigError(_unknown(".".join(parts[: i + 1]), keys, ".".join(parts[:i])))
             if i == len(parts) - 1:
-                where = f"{flag}.{dotted}={value}" if flag else f"config field {dotted}"
-                node[part] = typed(node[part], value, where)
+                _set(node, part, value, where, dotted)
             else:
                 node = node[part]
     return c
 
+
+def _set(node: ml_collections.ConfigDict, key: str, value: Any, where: str, dotted: str) -> None:
+    """node[key] = value typed by the field; a section replaced by a scalar (`--config.model=3`) would lose every
+    field under it, so it is refused, as is any value ConfigDict cannot cast to the field's type."""
+    if isinstance(node[key], ml_collections.ConfigDict) and not isinstance(value, Mapping):
+        fields = ", ".join(f"{dotted}.{k}" for k in sorted(node[key].keys())[:3])
+        raise ConfigError(f"{where}: {dotted} is a section, not a value; set one of its fields instead "
+                          f"({fields}, ...)")
+    try:
+        node[key] = typed(node[key], value, where)
+    except TypeError as e:  # ConfigDict's own type check, e.g. a list for an integer field
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def import_file(path: str, prefix: str):
@@ -208,6 +225,10 @@ def from_spec(spec: str, overrides: Mapping[str, Any] | None = None, flag: str |
         raise ConfigError(str(e)) from e
     except Exception as e:  # noqa: BLE001
         raise ConfigError(f"config {spec}: get_config() raised {type(e).__name__}: {e}") from e
+    if not isinstance(c, ml_collections.ConfigDict):  # e.g. a get_config that forgot its `return`
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"config file {path}: {call} returned {type(c).__name__}, expected an "
+                          "ml_collections.ConfigDict (does it end with `return config`?)")
     return merge(c, overrides or {}, flag)
 
 
@@ -282,6 +303,10 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
     _require(m.padded_vocab_size == 0 or m.padded_vocab_size >= m.vocab_size, prefix + "padded_vocab_size",
              f"{m.padded_vocab_size} is smaller than vocab_size={m.vocab_size}")
     _require(m.intermediate_size >= 0, prefix + "intermediate_size", "must be >= 0 (0 means 4 x hidden_size)")
+    _require(isinstance(m.make_vocab_size_divisible_by, int) and m.make_vocab_size_divisible_by >= 1,
+             prefix + "make_vocab_size_divisible_by",
+             f"must be a positive integer (the vocabulary is padded to a multiple of it), got "
+             f"{m.make_vocab_size_divisible_by!r}")
     _require(isinstance(m.attention_chunk, int) and m.attention_chunk >= 1, prefix + "attention_chunk",
              f"must be a positive integer, got {m.attention_chunk!r}")
     _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, prefix + "scan_unroll",
@@ -303,6 +328,32 @@ def validate_energy(e: ml_collections.ConfigDict) -> None:
     _require(e.cpu_watts >= 0, "energy.cpu_watts", f"must be >= 0 W (0 = look the CPU up), got {e.cpu_watts}")
 
 
+# Interval and count fields with the least each may hold. A step number is taken modulo the intervals (and the
+# validation loss is a mean over eval_batches), so there a 0 would divide by zero, and only after the first compiled
+# step; the fields where 0 means "off" may hold it. Other fields a value is divided by are checked beside their
+# kin: model.make_vocab_size_divisible_by, train.micro_batches, train.loss_chunks, energy.sample_secs.
+COUNT_FIELDS = (
+    ("train.log_every", 1, "a step number is taken modulo it"),
+    ("train.checkpoint_every", 1, "a step number is taken modulo it; the last step is always saved"),
+    ("train.eval_every", 0, "0: no evaluation"),
+    ("train.eval_batches", 1, "the validation loss is their mean"),
+    ("train.keep_checkpoints", 0, "0: keep every checkpoint"),
+    ("train.keep_every", 0, "0: none kept permanently"),
+    ("train.max_nonfinite_in_a_row", 1, "the run stops after this many non-finite steps in a row"),
+    ("precision.loss_scale_window", 1, "the count of finite steps is taken modulo it"),
+    ("precision.hysteresis", 1, "overflows tolerated before the loss scale is cut"),
+    ("data.workers", 0, "0: in-process"),
+)
+
+
+def check_counts(c: ml_collections.ConfigDict) -> None:
+    """Every field of COUNT_FIELDS an integer at or above its least value."""
+    for field, least, why in COUNT_FIELDS:
+        section, name = field.split(".")
+        v = c[section][name]
+        _require(isinstance(v, int) and v >= least, field, f"must be an integer >= {least} ({why}), got {v!r}")
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validate a whole run config once at start-up. Returns it for chaining."""
     check_keys(c)
@@ -316,6 +367,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     t = c.train
     for f in ("steps", "batch_size", "micro_batches", "seq_len"):
         _require(isinstance(t[f], int) and t[f] > 0, f"train.{f}", f"must be a positive integer, got {t[f]!r}")
+    check_counts(c)
+    for f, zero in (("device_memory_gb", "what the device reports"), ("peak_tflops", "the device's table entry")):
+        _require(isinstance(t[f], (int, float)) and t[f] >= 0, f"train.{f}", f"must be >= 0 (0: {zero}), got {t[f]!r}")
     _require(t.batch_size % t.micro_batches == 0, "train.batch_size",
              f"{t.batch_size} is not divisible by train.micro_batches={t.micro_batches}")
     _require(isinstance(t.loss_chunks, int) and t.loss_chunks >= 1 and t.seq_len % t.loss_chunks == 0,
@@ -419,6 +473,24 @@ def check_pipeline(c: ml_collections.ConfigDict, stages: int) -> None:
     _require(c.train.micro_batches % stages == 0, "train.micro_batches",
              f"{c.train.micro_batches} micro-batches do not fill a {stages}-stage pipeline; use a multiple of "
              f"mesh.stage={stages} (the idle 'bubble' is (stages - 1) / (micro_batches + stages - 1) of the step)")
+
+
+def mesh_shape(sizes, num_devices: int) -> dict[str, int]:
+    """Resolve mesh sizes {axis: size} (one axis may be -1: it takes what the others leave; a missing one is 1)
+    against a device count."""
+    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
+    given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a != "stage" or v != 1)
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(f"config field mesh: {given} cannot fill {num_devices} devices "
+                              f"({num_devices} is not divisible by {fixed})")
+        sizes[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(f"config field mesh: {given} uses {fixed} devices but {num_devices} are available; "
+                          "set one axis to -1 or make the product equal the device count")
+    return sizes
 
 
 def check_batch(c: ml_collections.ConfigDict) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -76,7 +77,8 @@ def _int_or(value, default: int) -> int:
         return default
 
 
-def _env_int(name: str) -> int | None:
+def env_int(name: str) -> int | None:
+    """The integer value of environment variable `name`; None when unset or empty; an error naming it otherwise."""
     value = os.environ.get(name)
     if value in (None, ""):
         return None
@@ -120,12 +122,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     Must run before any JAX computation.
     """
     if initialization_timeout is None:
-        initialization_timeout = _env_int(ENV_INIT_TIMEOUT) or 300
+        initialization_timeout = env_int(ENV_INIT_TIMEOUT) or 300
     if heartbeat_timeout is None:
-        heartbeat_timeout = _env_int(ENV_HEARTBEAT) or 100
+        heartbeat_timeout = env_int(ENV_HEARTBEAT) or 100
     coordinator_address = coordinator_address or os.environ.get(ENV_ADDRESS) or None
-    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM)
-    process_id = process_id if process_id is not None else _env_int(ENV_ID)
+    num_processes = num_processes if num_processes is not None else env_int(ENV_NUM)
+    process_id = process_id if process_id is not None else env_int(ENV_ID)
     explicit = any(v is not None for v in (coordinator_address, num_processes, process_id))
     auto = launched_multi_process()
     if explicit and (not auto or None not in (coordinator_address, num_processes, process_id)):
@@ -150,8 +152,9 @@ def _join(coordinator_address, num_processes, process_id, initialization_timeout
         except (AttributeError, KeyError):
             pass
     where = coordinator_address or "the address auto-detected from the cluster environment"
+    who = f"process {'?' if process_id is None else process_id} on {socket.gethostname()}"
     advice = (f"could not join the {num_processes or '?'}-process run through coordinator {where} within "
-              f"{initialization_timeout}s; check that every process was started with the same "
+              f"{initialization_timeout}s ({who}); check that every process was started with the same "
               "--coordinator_address and --num_processes, distinct --process_id values, and that process 0's "
               "port is reachable" + ("" if coordinator_address else " (under SLURM: one srun task per process)"))
     # JAX aborts the process (an uncatchable C++ fatal error) when the connection times out: a watchdog 30 s

@@ -46,6 +46,7 @@ import zlib
 import numpy as np
 
 from neox_jax import config as cfg
+from neox_jax import files
 from neox_jax import metrics as metrics_lib
 
 log = logging.getLogger("neox_jax")
@@ -346,5 +347,8 @@ class RunEnergy:
             record = {"backend": self._meter.backend, "sources": self._meter.sources, "pue": self.pue,
                       "carbon_intensity_g_per_kwh": self.intensity, "intensity_source": self.intensity_source,
                       **{k: float(v) for k, v in self._totals.items() if math.isfinite(v)}}
-            with open(os.path.join(self.workdir, "energy.json"), "w") as f:
-                json.dump(record, f, indent=1)
+            try:
+                with files.atomic_path(os.path.join(self.workdir, "energy.json")) as tmp:
+                    tmp.write_text(json.dumps(record, indent=1))
+            except OSError as e:  # a full disk: the run's error says so; metrics.jsonl has the totals
+                log.warning("%s/energy.json could not be written (%s)", self.workdir, e.strerror or e)

@@ -23,6 +23,11 @@ import sys
 _BAD_PATH_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
 
 
+# A run stopped by a signal before train.steps, its checkpoint saved: run the same command again to resume
+# (sysexits' EX_TEMPFAIL, "try again later"; scripts/slurm/train.sbatch requeues the job on it).
+EXIT_RESUMABLE = 75
+
+
 class UserError(Exception):
     """Bad input the user can correct; scripts exit 2 with the message."""
 
@@ -78,3 +83,19 @@ def guarded(main):
             return main(*args, **kwargs)
 
     return run
+
+
+def filter_hook(owner, name: str, drop) -> None:
+    """Wrap the hook `owner.<name>` (sys.unraisablehook, threading.excepthook) so that what `drop(arg)` claims (and
+    may report itself, in one line) is not printed as a traceback from a background thread; everything else goes
+    to the hook as before. Installed once per `drop`, however often it is called."""
+    current = getattr(owner, name)
+    if drop in getattr(current, "neox_drops", ()):
+        return
+
+    def hook(arg):
+        if not drop(arg):
+            current(arg)
+
+    hook.neox_drops = (*getattr(current, "neox_drops", ()), drop)
+    setattr(owner, name, hook)

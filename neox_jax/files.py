@@ -4,7 +4,12 @@ Every writer that must never leave half a file (params and HF exports, preproces
 caches) writes a temporary file beside its target and renames it when complete. `tempfile.mkstemp` creates that
 file 0600, and safetensors' writer creates its files 0600 too; renamed as they are, colleagues reading the
 outputs on shared storage could not open them. `publish` gives the file the mode a plain `open(path, "w")` would
-(0644 under umask 022, 0600 under 077) before the rename. A leaf: imports nothing of its siblings.
+(0644 under umask 022, 0600 under 077) before the rename.
+
+A temporary file's name holds the host and process that write it (`out.bin.HOST-PID.XXXXXXXX.tmp`), so a later run
+can tell the leftovers of a writer that was killed (`kill -9`, a lost node) from the files of one still writing:
+`remove_stale_temps`. Whether an output may replace an existing file is `check_new`'s one rule (the scripts'
+--overwrite). A leaf but for `errors`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import re
+import socket
 import tempfile
+from typing import Iterable
+
+from neox_jax import errors
 
 
 def umask() -> int:
@@ -35,11 +45,51 @@ def new_file_mode() -> int:
     return 0o666 & ~umask()
 
 
+def _writer_tag() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def temp_beside(target) -> tuple[int, str]:
-    """(open fd, path) of a new temporary file in `target`'s folder (the rename onto it is then atomic)."""
+    """(open fd, path) of a new temporary file in `target`'s folder (the rename onto it is then atomic), named for
+    this host and process."""
     target = os.fspath(target)
-    return tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
+    return tempfile.mkstemp(prefix=f"{os.path.basename(target)}.{_writer_tag()}.", suffix=".tmp",
                             dir=os.path.dirname(target) or ".")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder, stem: str) -> list[str]:
+    """Remove the temporary files in `folder` whose names start with `stem` and whose writer, a process of this host,
+    is gone (killed before it could rename or remove them); returns their names. A file of a live writer, of
+    another host (shared storage: its process cannot be seen from here) or of an older naming is left alone."""
+    folder = os.fspath(folder) or "."
+    pattern = re.compile(rf"{re.escape(stem)}.*\.{re.escape(socket.gethostname())}-(\d+)\.\w+\.tmp")
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = pattern.fullmatch(name)
+        if match and int(match[1]) != os.getpid() and not _alive(int(match[1])):
+            with contextlib.suppress(FileNotFoundError):  # another run cleaning up at the same time
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    return removed
+
+
+def check_new(paths: Iterable, flag: str, overwrite: bool = False) -> None:
+    """Refuse to replace an existing output file unless `overwrite` (the scripts' --overwrite): results already
+    written are not lost to a repeated or mistyped command. `flag` names where the path came from."""
+    for path in paths:
+        if not overwrite and os.path.exists(path):
+            raise errors.InputError(f"{flag} {os.fspath(path)}: the file exists; choose a new name, or pass "
+                                    "--overwrite to replace it")
 
 
 def publish(tmp, target) -> None:

@@ -10,9 +10,12 @@ training split's token frequencies. A language model is learning something once 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
+import threading
 import time
 from typing import Mapping, Sequence
 
@@ -20,6 +23,8 @@ import numpy as np
 
 from neox_jax import config as cfg
 from neox_jax import errors
+
+log = logging.getLogger("neox_jax")
 
 # Dense bf16 peak TFLOP/s by device kind (datasheets); substring match on jax's device_kind, first hit wins.
 PEAK_TFLOPS = (
@@ -103,6 +108,19 @@ def open_wandb(project: str, workdir: str, config: dict):
                       name=os.path.basename(os.path.abspath(workdir)))
 
 
+class MetricsWriteError(errors.RunFailure):
+    """metrics.jsonl could not be written (a full disk)."""
+
+
+def _event_writer_failed(args) -> bool:
+    """tensorboardX's writer thread's I/O errors (a full disk printed its traceback in the middle of the run's
+    lines), as one warning; metrics.jsonl, written in the loop, reports its own."""
+    if type(args.thread).__name__ == "_EventLoggerThread" and isinstance(args.exc_value, (OSError, ValueError)):
+        log.warning("tensorboard: events could not be written (%s); metrics.jsonl holds every row", args.exc_value)
+        return True
+    return False
+
+
 class Writers:
     """Console + metrics.jsonl + TensorBoard (+ Weights & Biases when `wandb_project` is set) for one run;
     a no-op on processes other than 0."""
@@ -116,17 +134,27 @@ class Writers:
         os.makedirs(workdir, exist_ok=True)
         if wandb_project:
             self._wandb = open_wandb(wandb_project, workdir, run_config or {})
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        repaired = repair_jsonl(path)
+        if repaired:
+            log.warning(repaired)
+        self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from tensorboardX import SummaryWriter  # optional at import time: benchmarks don't need it
 
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            errors.filter_hook(threading, "excepthook", _event_writer_failed)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
-        self._jsonl.write(json.dumps({"step": int(step), "split": prefix, "time": time.time(), **clean}) + "\n")
+        try:
+            self._jsonl.write(json.dumps({"step": int(step), "split": prefix, "time": time.time(), **clean}) + "\n")
+        except OSError as e:  # a full disk: the row may be cut short, which the next start repairs
+            raise MetricsWriteError(f"{self._jsonl.name}: step {step}'s metrics could not be written ({e.strerror or e}"
+                                    "); the checkpoints written before are intact: free space and run the same "
+                                    "command again to resume") from None
         if self._tb is not None:
             for k, v in clean.items():
                 if math.isfinite(v):
@@ -136,9 +164,14 @@ class Writers:
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            with contextlib.suppress(OSError):  # its failure was raised at the write
+                self._jsonl.close()
         if self._tb is not None:
-            self._tb.close()
+            try:
+                self._tb.close()
+            except (OSError, ValueError) as e:  # ValueError: its file handle was closed by a failed write
+                log.warning("%s/tensorboard: the event file could not be closed (%s); metrics.jsonl holds every "
+                            "row", self.workdir, e)
         if self._wandb is not None:
             self._wandb.finish()
 
@@ -166,8 +199,39 @@ def estimated_label(share: float | None) -> str:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of a metrics file. A last line cut short (a full disk, a kill mid-write) is left out: it is what
+    a run leaves when it dies writing, and the next run's writer repairs it (`repair_jsonl`). Any other line that
+    is not JSON is an error naming the file and line."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n < len(lines):  # not the unterminated last line
+                raise errors.InputError(f"{path}: line {n} is not a JSON row ({line[:60]!r}...)") from None
+    return rows
+
+
+def repair_jsonl(path: str) -> str | None:
+    """Cut an unterminated last line off `path` (a write cut short), keeping it in `<path>.torn`; returns a line
+    saying so, or None when there was nothing to repair."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":  # the common case, checked at every start without reading the file
+            return None
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        with open(path + ".torn", "ab") as torn:
+            torn.write(data[keep:] + b"\n")
+        f.truncate(keep)
+    return f"{path}: its last line was cut short ({len(data) - keep} bytes, kept in {path}.torn); continuing after it"
 
 
 def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:

@@ -83,6 +83,18 @@ def estimate(config, device: str, devices: int, *, mfu: float | None = None, tfl
         raise PlanError(f"--devices must be at least 1, got {devices}")
     if (mfu is None) == (tflops is None):
         raise PlanError("give exactly one of --mfu, --tflops or --benchmark")
+    # 0 W or 0 TFLOP/s would fall back to the tables in silence (and a negative one give negative energy or time)
+    for flag, value, ok, expected in (("--utilisation", utilisation, 0 < utilisation <= 1, "in (0, 1]"),
+                                      ("--steps", steps, steps is None or steps >= 1, "at least 1"),
+                                      ("--watts", watts, watts is None or watts > 0,
+                                       "> 0 W (leave it out for the device's rated power)"),
+                                      ("--peak_tflops", peak_tflops, peak_tflops is None or peak_tflops > 0,
+                                       "> 0 (leave it out for the device's datasheet peak)"),
+                                      ("--pue", pue, pue is None or pue >= 1, "at least 1"),
+                                      ("--carbon_intensity", carbon_intensity,
+                                       carbon_intensity is None or carbon_intensity >= 0, ">= 0 g CO2e/kWh")):
+        if not ok:
+            raise PlanError(f"{flag} must be {expected}, got {value}")
     peak = peak_tflops or metrics.device_peak_tflops(device)
     if not peak:
         raise PlanError(f"--device {device!r}: no datasheet peak known (table: "
@@ -95,13 +107,6 @@ def estimate(config, device: str, devices: int, *, mfu: float | None = None, tfl
     if not rated:
         raise PlanError(f"--device {device!r}: no rated power known (table: "
                         f"{', '.join(n for n, _ in energy_lib.RATED_WATTS)}); give --watts")
-    for flag, value, ok, expected in (("--utilisation", utilisation, 0 < utilisation <= 1, "in (0, 1]"),
-                                      ("--steps", steps, steps is None or steps >= 1, "at least 1"),
-                                      ("--pue", pue, pue is None or pue >= 1, "at least 1"),
-                                      ("--carbon_intensity", carbon_intensity,
-                                       carbon_intensity is None or carbon_intensity >= 0, ">= 0 g CO2e/kWh")):
-        if not ok:
-            raise PlanError(f"{flag} must be {expected}, got {value}")
     cfg.validate(config)
     t = config.train
     model = cfg.resolve_model(config)

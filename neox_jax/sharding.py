@@ -28,7 +28,7 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from neox_jax.config import MESH_AXES, ConfigError
+from neox_jax.config import MESH_AXES, ConfigError, mesh_shape
 from neox_jax.pytree import path_name
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (and ZeRO-1 optimizer state)
@@ -54,24 +54,6 @@ def logical_rules(zero_stage: int, pipelined: bool = False) -> tuple:
 
 
 # ---- mesh ---------------------------------------------------------------------------------------------
-
-def mesh_shape(sizes, num_devices: int) -> dict[str, int]:
-    """Resolve mesh sizes {axis: size} (one axis may be -1: it takes what the others leave; a missing one is 1)
-    against a device count."""
-    sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-    given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a != STAGE_AXIS or v != 1)
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    fill = [a for a, v in sizes.items() if v == -1]
-    if fill:
-        if num_devices % fixed:
-            raise ConfigError(f"config field mesh: {given} cannot fill {num_devices} devices "
-                              f"({num_devices} is not divisible by {fixed})")
-        sizes[fill[0]] = num_devices // fixed
-    elif fixed != num_devices:
-        raise ConfigError(f"config field mesh: {given} uses {fixed} devices but {num_devices} are available; "
-                          "set one axis to -1 or make the product equal the device count")
-    return sizes
-
 
 def make_mesh(config, devices=None) -> Mesh:
     """The ([stage,] data, fsdp, tensor) mesh of config's mesh.* over `devices` (default: all)."""

@@ -273,9 +273,23 @@ def make_eval_step(run: RunSetup):
                    out_shardings=NamedSharding(run.mesh, P()))
 
 
+_STEPS: dict = {}  # (run config, mesh) -> the compiled train step, the latest _KEEP_STEPS of them
+_KEEP_STEPS = 4  # a sweep or the layout report compiles dozens of configs in one process: keep few executables
+
+
 def compile_train_step(run: RunSetup, compiler_options: dict | None = None):
     """AOT-compile the train step from shapes only (no weights allocated); `.memory_analysis()` on the result.
-    `compiler_options`: XLA debug options for this compile only (e.g. `{"xla_dump_to": DIR}`)."""
-    t = run.config.train
-    tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=run.batch_sharding)
-    return make_train_step(run).lower(state_shapes(run), {"tokens": tokens}).compile(compiler_options)
+    `compiler_options`: XLA debug options for this compile only (e.g. `{"xla_dump_to": DIR}`). Without them the
+    executable is kept per config and mesh, as the init is (`_jitted_init`): a run set up again in one process
+    reuses it."""
+    key = (run.config.to_json(), run.mesh)
+    if compiler_options or key not in _STEPS:
+        t = run.config.train
+        tokens = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), jnp.int32, sharding=run.batch_sharding)
+        compiled = make_train_step(run).lower(state_shapes(run), {"tokens": tokens}).compile(compiler_options)
+        if compiler_options:
+            return compiled
+        _STEPS[key] = compiled
+        while len(_STEPS) > _KEEP_STEPS:
+            del _STEPS[next(iter(_STEPS))]
+    return _STEPS[key]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import signal
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from neox_jax import config as cfg
 from neox_jax import energy as energy_lib
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
-from neox_jax import fit, setup, sharding, weights
+from neox_jax import fit, goodput, setup, sharding, weights
 from neox_jax import train as train_lib
 from neox_jax import workdir as workdir_lib
 from neox_jax.data import default_paths
@@ -33,10 +34,14 @@ from neox_jax.data.tokenizer import check_vocab
 
 
 class NonFiniteError(errors.RunFailure):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, from `first_bad_step` on."""
+
+    def __init__(self, message: str, first_bad_step: int | None = None):
+        super().__init__(message)
+        self.first_bad_step = first_bad_step
 
 
-def _check_tokenizer(config, model) -> None:
+def check_tokenizer(config, model) -> None:
     """Refuse a tokenizer whose ids don't fit the padded embedding, when text is tokenized on the fly (pre-tokenized
     data is checked by its ids when it is opened: the default tokenizer has nothing to say about it)."""
     if tokenizes_text(config):
@@ -87,28 +92,37 @@ def compile_and_check(run: setup.RunSetup, say):
     return step
 
 
-def train(config, workdir: str, *, stop_after: int | None = None) -> dict:
+def train(config, workdir: str, *, stop_after: int | None = None, stop: workdir_lib.StopFlag | None = None,
+          started: float | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics (plus
-    "step" and, with a validation set, "unigram_val_loss").
+    "step" and, with a validation set, "unigram_val_loss") and the goodput record of the workdir.
 
     `stop_after` ends the run after that many steps of this invocation exactly as a preemption signal would
-    (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir.
+    (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir. `stop`: a flag
+    the caller installed before start-up (scripts/train.py), so that a signal during start-up is not lost.
+    `started`: when this attempt began, in epoch seconds (scripts/train.py passes its process's start), for the
+    goodput record; default now.
     """
+    clock = goodput.Clock(started)  # every second of this attempt, charged to one category
     cfg.validate(config)
     run = setup.build(config, sharding.make_mesh(config))  # the model, optimizer and placement, derived once
     is_main = jax.process_index() == 0
-    _check_tokenizer(run.config, run.model_config)
+    check_tokenizer(run.config, run.model_config)
     say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
     say(describe_devices(run.mesh))
     train_spec(run.config)  # no data named: one line before anything is written
     with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
-        loop = _open_workdir(run, workdir, cleanup, say)
+        loop = _open_workdir(run, workdir, clock, cleanup, say, stop or workdir_lib.StopFlag())
         loop.state, loop.rng = _restore_or_init(run, loop, say)
         if is_main:
             workdir_lib.write_config(workdir, run.config)
-        step = _run_steps(run, loop, stop_after, say)
-    if is_main:
-        _plot(workdir, say)
+        try:
+            step = _run_steps(run, loop, stop_after, say)
+        except NonFiniteError as e:
+            if e.first_bad_step is None:
+                raise
+            raise NonFiniteError(f"{e} {_roll_back(loop.checkpointer, e.first_bad_step)}", e.first_bad_step) from None
+        _finish(loop, step, say)
     return {**loop.log.last, "step": step}
 
 
@@ -129,12 +143,16 @@ class _Loop:
     rng: Any = None
 
 
-def _open_workdir(run: setup.RunSetup, workdir: str, cleanup: contextlib.ExitStack, say) -> _Loop:
+def _open_workdir(run: setup.RunSetup, workdir: str, clock: goodput.Clock, cleanup: contextlib.ExitStack,
+                  say, stop: workdir_lib.StopFlag) -> _Loop:
     """Hold `workdir`, compile the step, then open what the loop reads and writes, each closed by `cleanup`."""
     config, t = run.config, run.config.train
     is_main = jax.process_index() == 0
     cleanup.enter_context(workdir_lib.hold_workdir(workdir))
-    step_fn = compile_and_check(run, say)  # before anything else is written or allocated
+    jax.monitoring.register_event_time_span_listener(clock.on_span)  # compilations anywhere count as compile
+    cleanup.callback(jax.monitoring.unregister_event_time_span_listener, clock.on_span)
+    with clock.charged("compile"):
+        step_fn = compile_and_check(run, say)  # before anything else is written or allocated
     writers = metrics_lib.Writers(workdir, enabled=is_main, wandb_project=t.wandb_project,
                                   run_config=config.to_dict())
     cleanup.callback(writers.close)
@@ -145,9 +163,8 @@ def _open_workdir(run: setup.RunSetup, workdir: str, cleanup: contextlib.ExitSta
     val_batches = make_val_batches(config) if t.eval_every else None
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
     cleanup.callback(checkpointer.close)
-    stop = workdir_lib.StopFlag()
     cleanup.callback(stop.install())
-    log = StepLog(run, writers, energy, say)
+    log = StepLog(run, writers, energy, say, clock)
     if val_batches is not None and is_main:
         log.last["unigram_val_loss"] = unigram_baseline(train_it, val_batches, run.model_config.vocab_size)
         say(f"unigram baseline: val_loss {log.last['unigram_val_loss']:.4f} (context-free token frequencies "
@@ -167,7 +184,7 @@ def _restore_or_init(run: setup.RunSetup, loop: _Loop, say):
         abstract = {"train": train_lib.state_shapes(run),
                     "rng": jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=replicated)}
         restored, data_state, _ = loop.checkpointer.restore(abstract, move_aside=True)
-        loop.train_it.set_state(data_state)
+        loop.train_it.set_state(data_state, allow_changed_data=run.config.data.allow_changed_data)
         say(f"resumed from {loop.checkpointer.directory} at step {int(restored['train'].step)}")
         return restored["train"], restored["rng"]
     params = weights.params_for(run.model_config, t.init_from) if t.init_from else None
@@ -182,27 +199,30 @@ def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) ->
     early, saved. Returns the step reached."""
     t = run.config.train
     step = start_step = int(loop.state.step)
+    loop.log.begin(step)
     if step >= t.steps:
         say(f"nothing to do: {loop.workdir} is already at step {step} (train.steps={t.steps}); "
             "raise --config.train.steps to train further")
     trace = _Trace(cfg.profile_window(t.profile_steps), f"{loop.workdir}/profile", say)
     while step < t.steps:
         trace.before(step)
-        batch = sharding.global_batch(next(loop.train_it), run.mesh)
+        with loop.log.clock.charged("data"):
+            batch = sharding.global_batch(next(loop.train_it), run.mesh)
         loop.state, step_metrics = loop.step_fn(loop.state, batch)
         step += 1
         loop.log.add(step, step_metrics)
         trace.after(step, step_metrics)
         if loop.eval_fn is not None and step % t.eval_every == 0:
-            with loop.log.paused():
+            with loop.log.paused("eval"):
                 val_loss = validation_loss(loop.eval_fn, loop.state.params, loop.val_batches, run.mesh)
             loop.log.validation(step, val_loss)
         preempted = workdir_lib.any_process(loop.stop.signal is not None) or (
             stop_after is not None and step - start_step >= stop_after)
         if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-            with loop.log.paused():
+            with loop.log.paused("checkpoint"):
                 loop.checkpointer.save(step, {"train": loop.state, "rng": loop.rng}, loop.train_it.get_state(),
-                                       json.loads(run.config.to_json()), force=True)
+                                       json.loads(run.config.to_json()), force=True,
+                                       skipped_steps=int(jax.device_get(step_metrics["skipped_steps"])))
         if preempted:
             why = f"signal {signal.Signals(loop.stop.signal).name}" if loop.stop.signal else f"stop_after={stop_after}"
             say(f"stopping at step {step} ({why}); checkpoint saved in {loop.checkpointer.directory}")
@@ -210,6 +230,28 @@ def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) ->
     loop.log.flush()
     trace.close()
     return step
+
+
+def _finish(loop: _Loop, step: int, say) -> None:
+    """The attempt's end: the last save completed, the loss plot redrawn, then the attempt's last goodput record."""
+    with loop.log.clock.charged("checkpoint"):
+        loop.checkpointer.wait()
+    loop.log.clock.switch("other")
+    if jax.process_index() == 0:
+        _plot(loop.workdir, say)
+    loop.log.record_goodput(step)
+
+
+def _roll_back(checkpointer: ckpt_lib.Checkpointer, first_bad_step: int) -> str:
+    """After a divergence, set aside the checkpoints whose weights led into it (the step saved just before the
+    first bad step computed that step's loss) so that rerunning, with a lower learning rate say, starts from
+    before it; what was done, as the second half of the error line."""
+    moved, step = checkpointer.set_aside_after(first_bad_step - 2)
+    where = (f"rerunning resumes from step {step}, the newest checkpoint from before the streak" if step is not None
+             else "no checkpoint was saved before the streak: rerunning starts afresh")
+    aside = f" (the ones after it are kept as {', '.join(os.path.basename(m) for m in moved)})" if moved else ""
+    return (f"{where}{aside}. Lower optimizer.lr, check the data, or use precision.loss_scale=dynamic for fp16, "
+            "then run the same command again.")
 
 
 def _plot(workdir: str, say) -> None:
@@ -221,16 +263,19 @@ def _plot(workdir: str, say) -> None:
 class StepLog:
     """The loop's metrics. Each step's are read one step late (the read then never waits for the step running),
     and every train.log_every steps one line is written over the window of steps since the last: the mean loss,
-    throughput, MFU and energy. Evaluations and saves run `with log.paused():`, kept out of the throughput."""
+    throughput, MFU and energy, then the goodput record. Evaluations and saves run `with log.paused(category):`,
+    kept out of the throughput and charged to their goodput category on `clock`."""
 
-    def __init__(self, run: setup.RunSetup, writers: metrics_lib.Writers, energy: energy_lib.RunEnergy, say):
-        self.t, self.writers, self.energy, self.say = run.config.train, writers, energy, say
+    def __init__(self, run: setup.RunSetup, writers: metrics_lib.Writers, energy: energy_lib.RunEnergy, say,
+                 clock: goodput.Clock):
+        self.t, self.writers, self.energy, self.say, self.clock = run.config.train, writers, energy, say, clock
         self.flops_token = metrics_lib.flops_per_token(run.model_config, self.t.seq_len,
                                                        tensor_parallel=run.config.mesh.tensor)
         self.peak = metrics_lib.device_peak_tflops(override=self.t.peak_tflops)
         self.last: dict = {}  # the latest line's metrics, the latest val_loss and the unigram baseline
         self._pending = None  # (step, metrics) of the step dispatched last, read once the next one is dispatched
         self._warm = False  # the first step includes compilation: throughput is timed from its end
+        self._carried, self._start_step = None, 0  # the earlier attempts' goodput, read when the loop begins
         self._new_window()
 
     def _new_window(self):
@@ -242,14 +287,28 @@ class StepLog:
             self._read(*self._pending)
         self._pending = (step, metrics)
 
+    def begin(self, step: int) -> None:
+        """The loop begins at `step`: the earlier attempts' goodput carried on, the first record written; the time
+        until the first step is read is compilation."""
+        earlier = goodput.earlier_records(self.writers.workdir) if self.writers.enabled else []
+        self._carried, self._start_step = goodput.resume(earlier, step, self.clock.started), step
+        self.record_goodput(step)
+        self.clock.switch("compile")
+
+    def record_goodput(self, step: int) -> None:
+        row = goodput.record(self._carried, self.clock.read(), self.clock.started, self._start_step)
+        self.writers.write(step, row, prefix=goodput.SPLIT)
+        self.last.update(row)
+
     @contextlib.contextmanager
-    def paused(self):
-        """The body's time (an evaluation, a checkpoint save) kept out of the window's throughput: the step it
-        follows is finished first, so none of the step's own time is taken out."""
+    def paused(self, category: str):
+        """The body's time (an evaluation, a checkpoint save) kept out of the window's throughput and charged to
+        goodput `category`: the step it follows is finished first, so none of the step's own time is taken out."""
         jax.block_until_ready(self._pending[1])
         start = time.perf_counter()
         try:
-            yield
+            with self.clock.charged(category):
+                yield
         finally:
             self._paused += time.perf_counter() - start
 
@@ -274,15 +333,15 @@ class StepLog:
         if m["nonfinite_in_a_row"] >= self.t.max_nonfinite_in_a_row:
             raise NonFiniteError(
                 f"step {step}: {int(m['nonfinite_in_a_row'])} steps in a row had a non-finite loss or gradient "
-                f"(limit train.max_nonfinite_in_a_row={self.t.max_nonfinite_in_a_row}); the updates were skipped "
-                "and the last checkpoint is intact. Lower optimizer.lr, check the data, or use "
-                "precision.loss_scale=dynamic for fp16.")
+                f"(limit train.max_nonfinite_in_a_row={self.t.max_nonfinite_in_a_row}); their updates were "
+                "skipped;", first_bad_step=step - int(m["nonfinite_in_a_row"]) + 1)
         if not m["skipped"]:
             self._losses.append(m["loss"])
         if self._warm:
             self._steps += 1
         else:  # the first step includes compilation: time throughput from its end
             self._warm, self._t0, self._paused = True, time.perf_counter(), 0.0
+            self.clock.switch("productive")
         if step % self.t.log_every == 0 or force_log:
             self._write(step, m)
 
@@ -304,6 +363,7 @@ class StepLog:
         self.say(metrics_lib.format_line(step, t.steps, out))
         self._new_window()
         self.last.update(out)
+        self.record_goodput(step)
 
 
 class _Trace:

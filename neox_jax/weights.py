@@ -192,12 +192,15 @@ def load_workdir_params(workdir: str, step: int | None = None) -> tuple[Any, dic
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
         raise FileNotFoundError(f"{workdir}: no checkpoints/ folder; expected a training workdir")
     ckpt = checkpoint.Checkpointer(workdir, async_save=False, create=False)
-    try:
-        step = ckpt.intact_step(step)
-        config = C.from_saved(ckpt.restore_config(step), f"{ckpt.directory}/{step}/config")
-        stored = ckpt.stored_metadata(step)["train"]
+
+    def read(s):
+        config = C.from_saved(ckpt.restore_config(s), f"{ckpt.directory}/{s}/config")
+        stored = ckpt.stored_metadata(s)["train"]
         which = "master" if stored.get("master") else "params"
-        params = ckpt.restore_numpy(step, {"train": {which: stored[which]}})["train"][which]
+        return config, ckpt.restore_numpy(s, {"train": {which: stored[which]}})["train"][which]
+
+    try:
+        config, params = ckpt.newest_readable(step, read)  # checked against the step's checksums
     finally:
         ckpt.close()
     config.model.padded_vocab_size = int(np.shape(params["embed_in"])[0])

@@ -10,11 +10,11 @@ import signal
 import socket
 import time
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from neox_jax import errors
+from neox_jax import errors, files
+
+# jax is imported by the functions that use it: scripts/train.py installs the stop signals before JAX loads
 
 
 class WorkdirBusyError(errors.RunFailure):
@@ -23,6 +23,9 @@ class WorkdirBusyError(errors.RunFailure):
 
 def any_process(flag: bool) -> bool:
     """True on every process when it is true on one (a preemption signal may reach only some hosts)."""
+    import jax
+    from jax.experimental import multihost_utils
+
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
@@ -35,6 +38,8 @@ def hold_workdir(workdir: str):
     The kernel releases it when the process ends, kill -9 included, so a dead run never leaves it stuck. A second
     run on the same workdir (which would interleave metrics.jsonl and race the checkpoints) stops at once with
     one WorkdirBusyError naming the holder, on every process (the verdicts are gathered)."""
+    import jax
+
     os.makedirs(workdir, exist_ok=True)
     f = open(os.path.join(workdir, f".lock.{jax.process_index()}"), "a+")
     try:
@@ -58,21 +63,26 @@ def hold_workdir(workdir: str):
         f.close()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 @dataclasses.dataclass
 class StopFlag:
-    """Set by SIGTERM / SIGINT: the loop finishes the current step, saves and returns."""
+    """Set by SIGTERM, SIGINT or SIGUSR1: the loop finishes the current step, saves and returns. SIGUSR1 is what
+    clusters send ahead of a time limit when asked (`sbatch --signal=USR1@300`); unhandled, it kills the process."""
 
     signal: int | None = None
 
     def __call__(self, signum, frame):
         self.signal = signum
 
-    def install(self):
-        previous = {s: signal.signal(s, self) for s in (signal.SIGTERM, signal.SIGINT)}
+    def install(self, signals=STOP_SIGNALS):
+        """Answer `signals` from now on; returns the function that puts the previous handlers back."""
+        previous = {s: signal.signal(s, self) for s in signals}
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 
 def write_config(workdir: str, config) -> None:
     """`workdir/config.json`: the resolved run config, for the tools that read a workdir."""
-    with open(f"{workdir}/config.json", "w") as f:
-        f.write(config.to_json(indent=1))
+    with files.atomic_path(f"{workdir}/config.json") as tmp:  # never a torn file for the tools that read it
+        tmp.write_text(config.to_json(indent=1))

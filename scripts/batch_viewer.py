@@ -32,6 +32,7 @@ def parse(argv):
     p.add_argument("--rows", default="", help="rows of each global batch, A:B (default: all)")
     p.add_argument("--json", help="write one JSON object per row (step, row, tokens, text) to this file")
     p.add_argument("--npy", help="write the tokens as int32 [steps, rows, seq_len + 1] to this .npy file")
+    cli.add_overwrite(p, "--json", "--npy")
     p.add_argument("--chars", type=int, default=120, help="characters of text printed per row (0: print no text)")
     return cli.parse_args_with_config(p, argv)
 
@@ -57,7 +58,7 @@ def main(argv=None):
     from neox_jax.data.tokenizer import load_tokenizer
 
     for flag in ("json", "npy"):
-        cli.check_writable(getattr(args, flag), f"--{flag}")
+        cli.check_writable(getattr(args, flag), f"--{flag}", args.overwrite)
     steps = _range(args.steps, "steps")
     rows = _range(args.rows, "rows", config.train.batch_size) if args.rows else range(config.train.batch_size)
     tokenizer = load_tokenizer(config.data.tokenizer or None)

@@ -13,6 +13,7 @@
                                                   # (written by --config.train.profile_steps=10,12: 2 steps)
   python scripts/benchmark.py energy --pairs 10                             # energy tracking's cost per step
   python scripts/benchmark.py eval --config configs/pythia.py:70m           # lm-eval: neox_jax vs the hf backend
+  python scripts/benchmark.py checkpoint                                    # a 160m save with and without checksums
 """
 
 import json
@@ -133,6 +134,24 @@ def evaluation(args):
     _write(rows, args.json)
 
 
+def checkpoint(args):
+    from neox_jax import targets
+
+    targets.apply_xla_flags()
+    from neox_jax.bench import checkpoint as bench
+
+    rows = bench.run(args.config, args.overrides, args.repeats, args.dir)
+    print(bench.format_rows(rows))
+    _write(rows, args.json)
+
+
+def checkpoint_flags(c):
+    c.add_argument("--config", default="configs/pythia.py:160m", help="the model whose train state is saved")
+    c.add_argument("--repeats", type=int, default=3, help="timed saves (after one warm-up)")
+    c.add_argument("--dir", default="", help="where to write (default: the system's temporary folder)")
+    c.add_argument("--json")
+
+
 def train_flags(t):
     from neox_jax.bench.train import presets
 
@@ -217,9 +236,11 @@ COMMANDS = {
     "generate": (generate, "prefill / decode tokens/s against the bandwidth roofline", generate_flags),
     "data": (data, "data loader and preprocessing throughput", data_flags),
     "energy": (energy, "energy tracking's overhead per train step (interleaved A/B), J/token", energy_flags),
+    "checkpoint": (checkpoint, "a train state's save time and the share its integrity checksums take",
+                   checkpoint_flags),
     "eval": (evaluation, "lm-eval requests/s: the neox_jax backend vs lm-eval's hf backend, same model", eval_flags),
 }
-TAKE_OVERRIDES = ("train", "energy")  # the subcommands whose config --config.FIELD=VALUE changes
+TAKE_OVERRIDES = ("train", "energy", "checkpoint")  # the subcommands whose config --config.FIELD=VALUE changes
 
 
 @errors.guarded
@@ -227,10 +248,13 @@ def main(argv=None):
     p = cli.Parser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, (_, help_text, add_flags) in COMMANDS.items():
-        add_flags(sub.add_parser(name, help=help_text))
+        command = sub.add_parser(name, help=help_text)
+        add_flags(command)
+        cli.add_overwrite(command, "--json")
     args = cli.parse_args_with_config(p, argv)
+    cli.check_writable(args.json, "--json", args.overwrite)  # before the benchmark runs
     if args.overrides and args.command not in TAKE_OVERRIDES:
-        raise errors.InputError(f"{args.command}: --config.FIELD=VALUE overrides are for train and energy only "
+        raise errors.InputError(f"{args.command}: --config.FIELD=VALUE overrides are for train, energy and checkpoint only "
                                 f"(got --config.{next(iter(args.overrides))})")
     COMMANDS[args.command][0](args)
 

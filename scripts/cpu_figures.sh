@@ -10,7 +10,8 @@
 #   data:     benchmark.py data (loader, preprocessing of the bundled sample, gpt_neox index), and preprocessing of
 #             the sample x 4
 #   eval:     benchmark.py eval (neox_jax vs lm-eval's hf backend, pythia-70m shape, the tasks and limits)
-# OUT_DIR gets one .txt (the printed table) and one .json per command, machine.txt and load.txt (uptime every 30 s).
+# OUT_DIR gets one .txt (the printed table) and one .json per command (replaced on a rerun), machine.txt and load.txt
+# (uptime every 30 s).
 set -u
 OUT=${1:-cpu_results}
 PARTS=",${2:-train,decode,pipeline,data,eval},"
@@ -42,39 +43,39 @@ run() {  # run NAME COMMAND...: the command's output to NAME.txt (warnings dropp
 if [[ $PARTS == *,train,* ]]; then
   for i in 1 2; do
     run "train-cpu-small-$i" $BENCH train --preset cpu-small --compare-hf --steps 5 --variant train.loss_chunks=4 \
-      --json "$OUT/train-cpu-small-$i.json"
-    run "train-cpu-tiny-$i" $BENCH train --preset cpu-tiny --compare-hf --steps 5 --json "$OUT/train-cpu-tiny-$i.json"
+      --overwrite --json "$OUT/train-cpu-small-$i.json"
+    run "train-cpu-tiny-$i" $BENCH train --preset cpu-tiny --compare-hf --steps 5 --overwrite --json "$OUT/train-cpu-tiny-$i.json"
   done
 fi
 if [[ $PARTS == *,decode,* ]]; then
   for i in 1 2; do
     run "decode-160m-$i" $BENCH generate --config configs/pythia.py:160m --dtype float32 --batches 1,8 \
-      --prompt-len 64 --new-tokens 64 --layer-loops scan,unstacked --compare-hf --json "$OUT/decode-160m-$i.json"
+      --prompt-len 64 --new-tokens 64 --layer-loops scan,unstacked --compare-hf --overwrite --json "$OUT/decode-160m-$i.json"
   done
 fi
 if [[ $PARTS == *,pipeline,* ]]; then
   for stage in 1 2; do
     run "pipeline-cpu-small-stage$stage" env XLA_FLAGS=--xla_force_host_platform_device_count=2 $BENCH train \
       --preset cpu-small --config.mesh.stage=$stage --config.train.micro_batches=4 --steps 5 \
-      --json "$OUT/pipeline-cpu-small-stage$stage.json"
+      --overwrite --json "$OUT/pipeline-cpu-small-stage$stage.json"
     run "pipeline-tiny-stage$stage" env XLA_FLAGS=--xla_force_host_platform_device_count=2 $BENCH train \
       --config configs/tiny.py --config.mesh.stage=$stage --config.train.micro_batches=4 --steps 10 \
-      --json "$OUT/pipeline-tiny-stage$stage.json"
+      --overwrite --json "$OUT/pipeline-tiny-stage$stage.json"
   done
 fi
 if [[ $PARTS == *,data,* ]]; then
-  run data $BENCH data --json "$OUT/data.json"
+  run data $BENCH data --overwrite --json "$OUT/data.json"
   sample=neox_jax/assets/train.jsonl.zst
-  run data-sample-x4 $BENCH data --skip-index --input "$sample,$sample,$sample,$sample" --json "$OUT/data-sample-x4.json"
+  run data-sample-x4 $BENCH data --skip-index --input "$sample,$sample,$sample,$sample" --overwrite --json "$OUT/data-sample-x4.json"
 fi
 if [[ $PARTS == *,eval,* ]]; then
   run eval $BENCH eval --config configs/pythia.py:70m --tasks lambada_openai=300,piqa=200,hellaswag=200 \
-    --batch-size 16 --passes 2 --json "$OUT/eval.json"
+    --batch-size 16 --passes 2 --overwrite --json "$OUT/eval.json"
 fi
 if [[ $PARTS == *,trainrun,* ]]; then
   run trainrun bash -c "time $PY scripts/train.py --workdir $OUT/trainrun"
 fi
 if [[ $PARTS == *,energy,* ]]; then
-  run energy $BENCH energy --steps 50 --pairs 8 --json "$OUT/energy.json"
+  run energy $BENCH energy --steps 50 --pairs 8 --overwrite --json "$OUT/energy.json"
 fi
 echo "done: $OUT (load during the run in $OUT/load.txt)"

@@ -21,7 +21,9 @@ def main(argv=None):
     p.add_argument("--threshold", type=float, default=0.8, help="estimated Jaccard for a near duplicate")
     p.add_argument("--skip-bad", action="store_true")
     p.add_argument("--json", default="", help="also write the report as JSON here")
+    cli.add_overwrite(p, "--json")
     args = p.parse_args(argv)
+    cli.check_writable(args.json, "--json", args.overwrite)  # before the inputs are read
     report = dedup_report(args.inputs, ngram=args.ngram, num_perm=args.num_perm, bands=args.bands,
                           threshold=args.threshold, skip_bad=args.skip_bad)
     print(format_report(report))

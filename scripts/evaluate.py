@@ -23,9 +23,11 @@ def parse(argv):
     source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
     source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")
     p.add_argument("--tasks", default=",".join(E.LOCAL_TASKS), help="comma-separated task names")
-    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--num_fewshot", type=cli.non_negative_int, default=None,
+                   help="solved examples shown before each question (default: the task's own)")
     p.add_argument("--limit", type=float, default=None, help="docs per task (a fraction if < 1)")
     p.add_argument("--output", help="write the harness's results as JSON here")
+    cli.add_overwrite(p, "--output")
     p.add_argument("--data_dir", help="folder holding lambada/ piqa/ arc/ winogrande/ hellaswag/")
     p.add_argument("--batch_size", type=cli.positive_int, default=8)
     p.add_argument("--max_length", type=cli.positive_int, default=None,
@@ -36,7 +38,7 @@ def parse(argv):
     p.add_argument("--include_builtin_tasks", action="store_true",
                    help="also offer lm-eval's own tasks (implied by a task name that is not one of ours)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--bootstrap_iters", type=int, default=1000, help="resamples for stderrs (0: none)")
+    p.add_argument("--bootstrap_iters", type=cli.non_negative_int, default=1000, help="resamples for stderrs (0: none)")
     return p.parse_args(argv)
 
 
@@ -46,7 +48,7 @@ def main(argv=None):
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     if limit is not None and limit <= 0:
         raise errors.InputError(f"--limit={args.limit}: expected a number of documents >= 1 or a fraction in (0, 1)")
-    cli.check_writable(args.output, "--output")  # before the evaluation whose results it holds
+    cli.check_writable(args.output, "--output", args.overwrite)  # before the evaluation whose results it holds
     tasks = [t for t in args.tasks.split(",") if t]
     try:
         E.check_offline(tasks)  # before the model loads

@@ -28,6 +28,7 @@ def parse(argv):
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt_file", help=".txt (one prompt per line) or .jsonl ({\"prompt\": ...} per line)")
     p.add_argument("--output", help="JSONL file for the completions")
+    cli.add_overwrite(p, "--output")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -49,7 +50,7 @@ def parse(argv):
 @errors.guarded
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
-    cli.check_writable(args.output, "--output")  # before the model is loaded and run
+    cli.check_writable(args.output, "--output", args.overwrite)  # before the model is loaded and run
     prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
     tokenizer = load_tokenizer(args.tokenizer, hf_dir=args.hf)
     m, params = weights.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)

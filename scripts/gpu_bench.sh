@@ -31,13 +31,13 @@ fi
 # decode: the layer scan vs per-layer weight buffers (the Generator's default), batch 1 and 32, vs HF generate
 if [[ $PARTS == *,decode,* ]]; then
 timeout 150 $PY scripts/benchmark.py generate --config configs/pythia.py:1.4b --batches 1,32 \
-  --layer-loops scan,unstacked --compare-hf --json "$OUT/generate.json" 2>&1 | grep -v -i warn | tee "$OUT/generate.txt"
+  --layer-loops scan,unstacked --compare-hf --overwrite --json "$OUT/generate.json" 2>&1 | grep -v -i warn | tee "$OUT/generate.txt"
 fi
 # train: HF eager and torch.compile, then neox_jax as configured and with the sliced head + loss
 for size in 1.4b 410m; do
   [[ $PARTS == *,$size,* ]] || continue
   timeout 240 $PY scripts/benchmark.py train --preset gpu-$size --steps 8 --compare-hf --torch-compile \
-    --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --json "$OUT/train-gpu-$size.json" 2>&1 \
+    --variant train.loss_chunks=8 --profile /tmp/neox_trace --top 30 --overwrite --json "$OUT/train-gpu-$size.json" 2>&1 \
     | grep -v -i warn | tee "$OUT/train-gpu-$size.txt"   # the kernel table is in the .txt; raw traces stay behind
 done
 # precision: pythia-1.4b batch 8 with fp32 params and with master weights, each in its own process (peak memory is
@@ -45,13 +45,13 @@ done
 if [[ $PARTS == *,precision,* ]]; then
   for mode in fp32_params master_weights; do
     timeout 150 $PY scripts/benchmark.py train --preset gpu-1.4b --steps 8 --config.precision.mode=$mode \
-      --json "$OUT/precision-$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/precision-$mode.txt"
+      --overwrite --json "$OUT/precision-$mode.json" 2>&1 | grep -v -i warn | tee "$OUT/precision-$mode.txt"
   done
 fi
 # energy: tracking on/off interleaved and NVML joules per token (log line every 10 steps, as a real run's would be)
 if [[ $PARTS == *,energy,* ]]; then
 for size in 410m 1.4b; do
   timeout 200 $PY scripts/benchmark.py energy --preset gpu-$size --config.train.log_every=10 --steps 20 --pairs 3 \
-    --json "$OUT/energy-gpu-$size.json" 2>&1 | grep -v -i warn | tee "$OUT/energy-gpu-$size.txt"
+    --overwrite --json "$OUT/energy-gpu-$size.json" 2>&1 | grep -v -i warn | tee "$OUT/energy-gpu-$size.txt"
 done
 fi

@@ -97,6 +97,7 @@ def parse(argv):
     p.add_argument("--target", default="cpu", help="compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
     p.add_argument("--format", default="text", choices=["text", "json"], help="output format")
     p.add_argument("--plot", help="write the per-device memory of every layout as stacked bars (PNG)")
+    cli.add_overwrite(p, "--plot")
     p.add_argument("--device_memory", type=float, help="device memory line on the plot, GB (default: the target's)")
     p.add_argument("--compile", action=cli.Switch, default=True,
                    help="AOT-compile the train step for the activation/temp estimate")
@@ -132,6 +133,7 @@ def compared(first: dict, spec: str) -> dict:
 @errors.guarded
 def main(argv=None):
     args = parse(argv)
+    cli.check_writable(args.plot, "--plot", args.overwrite)  # before the compiles
     config = cfg.from_spec(args.config, args.overrides, "--config")
     from neox_jax import layout, targets
 

@@ -40,6 +40,7 @@ def parse(argv):
     p.add_argument("--pue", type=float, help="data-centre PUE (default: the config's energy.pue)")
     p.add_argument("--carbon_intensity", type=float, help="g CO2e/kWh (default: from the config's energy.* fields)")
     p.add_argument("--json", help="also write the rows here")
+    cli.add_overwrite(p, "--json")
     args = cli.parse_args_with_config(p, sys.argv[1:] if argv is None else argv)
     if args.sweep and args.config:
         p.error("give --config or --sweep, not both (--config.FIELD=VALUE overrides apply to every run of a sweep)")
@@ -51,7 +52,7 @@ def parse(argv):
 @errors.guarded
 def main(argv=None) -> int:
     args = parse(argv)
-    cli.check_writable(args.json, "--json")
+    cli.check_writable(args.json, "--json", args.overwrite)
     mfu, source = (P.mfu_from_benchmark(args.benchmark) if args.benchmark else (args.mfu, None))
     kwargs = dict(mfu=mfu, tflops=args.tflops, peak_tflops=args.peak_tflops, watts=args.watts,
                   utilisation=args.utilisation, pue=args.pue, carbon_intensity=args.carbon_intensity,

@@ -5,8 +5,11 @@
   python scripts/preprocess_data.py --input 'data/*.jsonl.zst' --output-prefix data/pile --workers 8
   python scripts/preprocess_data.py data/ --output-prefix data/pile    # every Pile-format file under data/
 
-Exit status: 0 written, 2 bad input (a bad line as file:line, a missing file, no documents at all: nothing is
-written then), with one FATAL: line on stderr.
+Outputs appear only when every input was read; an existing one is refused unless --overwrite, and with
+--split-by-component so are components whose output names would be the same. Ctrl-C stops with one line and leaves
+no temporary files; those of a run that was killed (`kill -9`) are removed by the next run of the same prefix.
+Exit status: 0 written, 2 bad input (a bad line as file:line, a missing file, no documents at all, an existing or
+colliding output: nothing is written then), 130 interrupted, with one FATAL: line on stderr.
 """
 
 import argparse
@@ -44,6 +47,7 @@ def parse_args(argv=None):
                         "HFTokenizer does (the 20B tokenizer adds none)")
     p.add_argument("--neox-names", action="store_true",
                    help="name outputs as GPT-NeoX does: PREFIX_text_document.bin/.idx")
+    cli.add_overwrite(p, "--output-prefix")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     args.all_inputs = list(args.inputs) + ([args.input] if args.input else [])
@@ -65,9 +69,14 @@ def main(argv=None):
                              append_eod=args.append_eod, skip_bad=args.skip_bad,
                              split_by_component=args.split_by_component, dedup=args.dedup,
                              progress=not args.no_progress, keep_whitespace_docs=args.keep_whitespace_docs,
-                             add_special_tokens=args.add_special_tokens, neox_names=args.neox_names)
+                             add_special_tokens=args.add_special_tokens, neox_names=args.neox_names,
+                             overwrite=args.overwrite)
     except DataError as e:
         raise errors.InputError(f"{e} (--skip-bad skips and counts bad lines)") from e
+    except KeyboardInterrupt:  # preprocess has removed its temporary files; outputs are renamed in only at the end
+        errors.fatal(f"interrupted (Ctrl-C) before {args.output_prefix} was complete: nothing under that prefix was "
+                     "written or replaced, and no temporary file is left; run the same command again to start over",
+                     130)
     print(summary.format())
 
 

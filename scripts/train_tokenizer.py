@@ -6,7 +6,7 @@
 """
 
 
-from neox_jax import cli, errors
+from neox_jax import cli, errors, files
 from neox_jax.data.tokenizer import train_sentencepiece
 
 
@@ -19,7 +19,10 @@ def main(argv=None):
     p.add_argument("--model-type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--max-docs", type=int, default=None, help="train on the first N documents only")
     p.add_argument("--skip-bad", action="store_true")
+    cli.add_overwrite(p, "--output-prefix")
     args = p.parse_args(argv)
+    # its folder is made if missing: only an existing file is refused, before the training
+    files.check_new([args.output_prefix + ext for ext in (".model", ".vocab")], "--output-prefix", args.overwrite)
     path = train_sentencepiece(args.inputs, args.output_prefix, args.vocab_size, model_type=args.model_type,
                                max_docs=args.max_docs, skip_bad=args.skip_bad)
     print(f"wrote {path}")

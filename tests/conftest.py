@@ -38,3 +38,17 @@ def script_env(devices: int | None = None, **extra) -> dict:
     env["XLA_FLAGS"] = " ".join(flags)
     return env
 
+
+
+# The files that take over a minute of a worker each, longest first (`pytest --durations=0`, summed per file;
+# test_slurm.py first: its minutes are mostly spent waiting for its SLURM jobs, which run beside the others). Run
+# with `--dist loadfile --no-loadscope-reorder` (the Makefile), pytest-xdist hands out files in this order, so no
+# long file starts last while the other worker idles; by default it orders files by their number of tests.
+LONG_FILES = ("test_slurm.py", "test_readme.py", "test_trainer.py", "test_distributed.py", "test_benchmark.py",
+              "test_train_step.py", "test_evaluate.py", "test_memory.py", "test_generate.py", "test_precision.py",
+              "test_preflight.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order

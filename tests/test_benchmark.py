@@ -48,7 +48,7 @@ def test_train_benchmark_rejects_bad_variants_before_timing(capsys):
 def test_config_flags_go_only_to_commands_that_take_a_config(capsys):
     for argv, message in ((("data", "--config", "configs/tiny.py"), "FATAL: --config: this command takes no config"),
                           (("generate", "--config.model.dtype=float32"),
-                           "FATAL: generate: --config.FIELD=VALUE overrides are for train and energy only "
+                           "FATAL: generate: --config.FIELD=VALUE overrides are for train, energy and checkpoint only "
                            "(got --config.model.dtype)"),
                           (("train", "--preset", "cpu-tiny", "--config.train.stepz=2"),
                            "unknown config field 'train.stepz'; did you mean 'train.steps'")):
@@ -115,6 +115,19 @@ def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     assert r["overhead_median"] == pytest.approx(sorted(rel)[0] / 2 + sorted(rel)[1] / 2)
     assert r["joules_per_token"] > 0 and r["window_ms"] > 0 and r["backend"].startswith("codecarbon")
     assert "overhead (wall): median of pairs" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_checkpoint_benchmark_times_both_saves(tmp_path, capsys):
+    out = tmp_path / "ckpt.json"
+    benchmark("checkpoint", "--config", "configs/tiny.py", "--config.model.num_layers=1",
+              "--config.model.hidden_size=64", "--config.model.num_heads=4", "--repeats", "1", "--dir", str(tmp_path),
+              "--json", str(out))
+    (row,) = json.loads(out.read_text())
+    assert row["orbax_s"] > 0 and row["checkpointer_s"] > 0 and row["checksums_alone_s"] > 0
+    assert row["extra"] == pytest.approx(row["checkpointer_s"] / row["orbax_s"] - 1)
+    assert 0.003 < row["state_gb"] < 0.1 and "Checkpointer save s" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]  # its saves removed
 
 
 @pytest.mark.slow

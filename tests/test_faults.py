@@ -1,7 +1,9 @@
 """Faults a user can cause end in one clear line, with nothing lost (issue 15; the table in BUILD.md, "Fault
 injection", maps each case to its test here). Cases: token ids outside the vocabulary, damaged checkpoints and a
 full disk, orphaned workers and a second trainer on one workdir, tracebacks where one line is promised, non-finite
-weights and overwritten outputs in conversion, broken workflows, README commands that did not hold."""
+weights and overwritten outputs in conversion, broken workflows, README commands that did not hold; issue 25:
+colliding preprocessing outputs, Ctrl-C and `kill -9` during preprocessing, zero intervals and broken configs,
+outputs replaced without --overwrite, nonsense numbers."""
 
 import json
 import logging
@@ -154,6 +156,62 @@ def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact(tmp_path, kin
     c.save(2, _state(2), {"samples": 16}, {})
     c.close()
     assert ckpt.Checkpointer(str(tmp_path)).all_steps() == [1, 2]
+
+
+def _noise_state(step):
+    """Random weights (incompressible: zstd stores them as they are, so flipped bytes decode without an error)."""
+    w = np.random.default_rng(step).standard_normal((256, 256)).astype(np.float32)
+    return {"train": {"params": {"w": jnp.asarray(w)}, "step": jnp.asarray(step, jnp.int32)}}
+
+
+def _corrupt(path: pathlib.Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    if how == "flip":
+        data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+    elif how == "zero":
+        data[mid:mid + 64] = bytes(len(data[mid:mid + 64]))
+    elif how == "truncate":
+        data = data[:mid]
+    if how == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_any_corruption_of_any_checkpoint_file_is_caught_before_the_weights_are_used(tmp_path):
+    """Every file of the newest step, flipped, zeroed, truncated or deleted: the restore either passes the step
+    over for the one before (with the reason), or returns exactly what was saved (bytes nothing reads, such as
+    orbax's commit timestamp). Never other weights."""
+    c = ckpt.Checkpointer(str(tmp_path / "clean"), async_save=False)
+    for s in (1, 2):
+        c.save(s, _noise_state(s), {"samples": s * 8}, {"train": {"steps": 100}})
+    c.close()
+    step2 = pathlib.Path(ckpt.checkpoint_dir(str(tmp_path / "clean"))) / "2"
+    files = sorted(str(p.relative_to(step2)) for p in step2.rglob("*") if p.is_file())
+    caught, harmless = [], []
+    for i, (rel, how) in enumerate((rel, how) for rel in files for how in ("flip", "zero", "truncate", "delete")):
+        work = tmp_path / f"w{i}"
+        shutil.copytree(tmp_path / "clean", work)
+        _corrupt(pathlib.Path(ckpt.checkpoint_dir(str(work))) / "2" / rel, how)
+        reader = ckpt.Checkpointer(str(work), async_save=False, create=False)
+        try:
+            restored, data, _ = reader.restore(_abstract(_noise_state(0)))
+        finally:
+            reader.close()
+        step = int(restored["train"]["step"])
+        np.testing.assert_array_equal(restored["train"]["params"]["w"], _noise_state(step)["train"]["params"]["w"],
+                                      err_msg=f"{how} {rel}")
+        assert data == {"samples": step * 8}, (how, rel)
+        (caught if step == 1 else harmless).append(f"{how} {rel}")
+    # every file a restore reads is caught whatever is done to it: the merged database (its manifest and data
+    # files, tensor values included), the tree metadata and the JSON items; what else is harmless is files
+    # nothing reads back (commit markers, the per-process databases orbax merged, an absent sharding file)
+    read = [f for f in files if f.startswith(("state/d/", "state/manifest.ocdbt", "state/_METADATA", "data/metadata",
+                                              "config/metadata", "integrity/metadata"))]
+    assert {f"{how} {f}" for f in read for how in ("flip", "zero", "truncate", "delete")} <= set(caught), harmless
+    assert any(f.startswith("state/d/") for f in read)
 
 
 def test_no_intact_checkpoint_is_one_error_and_nothing_moves(tmp_path):
@@ -435,7 +493,7 @@ def test_a_bad_flag_is_one_line_in_every_script(capsys):
         assert line.startswith("FATAL: unknown flag --wokdir") and "flags: " in line, (name, line)
     assert _fails(_script("train").main, ["--wokdir", "/tmp/x"], capsys) == (
         "FATAL: unknown flag --wokdir; did you mean --workdir? (this script's flags: --config, --config.FIELD, "
-        "--coordinator_address, --num_processes, --process_id, --verbosity, --workdir)")
+        "--coordinator_address, --num_processes, --preflight, --process_id, --verbosity, --workdir)")
     assert "did you mean --nocompile" in _fails(_script("inspect_sharding").main, ["--nocomplie"], capsys)
     assert "did you mean --warmup? (train's flags: --config, --config.FIELD, --compare-hf," in _fails(
         _script("benchmark").main, ["train", "--wrmup", "3"], capsys)
@@ -572,3 +630,224 @@ def test_benchmark_data_prints_the_table(capsys):
     assert out.splitlines()[0].split() == ["measure", "goal", "measured"] and "loader tokens/s, one core" in out
     with pytest.raises(json.JSONDecodeError):
         json.loads(out)
+
+
+# issue 25: preprocessing, config and script outputs
+
+def _jsonl(path, components, words=3):
+    path.write_text("".join(json.dumps({"text": f"document {i} " + "lorem ipsum " * words,
+                                        "meta": {"pile_set_name": c}}) + "\n" for i, c in enumerate(components)))
+    return str(path)
+
+
+def test_colliding_component_names_are_refused_before_anything_is_written(tmp_path, capsys):
+    preprocess_data = _script("preprocess_data").main
+    text = _jsonl(tmp_path / "in.jsonl", ["a/b", "x", "a_b", "a b"])
+    line = _fails(preprocess_data, [text, "--output-prefix", str(tmp_path / "c"), "--split-by-component",
+                                    "--no-progress"], capsys)
+    assert line == (f"FATAL: --split-by-component: components 'a/b' and 'a_b' would both be written to "
+                    f"{tmp_path / 'c_a_b'}.bin/.idx (an output name has _ for each run of characters other than "
+                    "letters and digits); nothing was written; rename one (meta.pile_set_name) or preprocess without "
+                    "--split-by-component")
+    assert os.listdir(tmp_path) == ["in.jsonl"]  # no output, no temporary file
+    preprocess_data([text, "--output-prefix", str(tmp_path / "c"), "--no-progress"])  # one output: all 4 documents
+    assert len(indexed.IndexedDataset(str(tmp_path / "c")).sizes) == 4
+
+
+def _preprocessing_until_temps(text, prefix):
+    """preprocess_data.py as a process in a session of its own (a Ctrl-C reaches its whole group), returned once its
+    temporary files exist (it is writing them)."""
+    # under a shell's `cmd &` this process ignores SIGINT, and a child would inherit that: give it Python's handler
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, ROOT / "scripts/preprocess_data.py", text, "--output-prefix", prefix,
+                                 "--workers", "1", "--no-progress"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.time() + 60
+    while not list(pathlib.Path(prefix).parent.glob("*.tmp")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_and_kill_9_during_preprocessing_leave_no_temporary_files(tmp_path, caplog):
+    big = _jsonl(tmp_path / "big.jsonl", ["A", "B"] * 6000, words=300)  # ~20 MB: seconds of tokenizing
+    prefix = str(tmp_path / "out" / "p")
+    proc = _preprocessing_until_temps(big, prefix)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == (
+        f"FATAL: interrupted (Ctrl-C) before {prefix} was complete: nothing under that prefix was written or replaced, "
+        "and no temporary file is left; run the same command again to start over"), err
+    assert os.listdir(tmp_path / "out") == []
+    proc = _preprocessing_until_temps(big, prefix)
+    proc.kill()  # kill -9: no exit path runs
+    proc.wait()
+    left = sorted(os.listdir(tmp_path / "out"))
+    assert len(left) == 2 and all(n.endswith(".tmp") for n in left), left
+    with caplog.at_level(logging.WARNING, logger="neox_jax"):
+        _script("preprocess_data").main([_jsonl(tmp_path / "small.jsonl", ["A"]), "--output-prefix", prefix,
+                                         "--no-progress"])
+    assert f"removed 2 temporary file(s) that a killed run left in {tmp_path / 'out'}: {', '.join(left)}" in caplog.text
+    assert sorted(os.listdir(tmp_path / "out")) == ["p.bin", "p.idx"]
+
+
+def test_count_fields_a_config_that_is_no_config_and_a_section_given_a_value(tmp_path, capsys):
+    from neox_jax import config as cfg
+
+    train = _script("train").main
+    workdir = ["--workdir", str(tmp_path / "w")]
+    for field in ("checkpoint_every", "log_every"):  # were a ZeroDivisionError after the first compiled step
+        line = _fails(train, workdir + [f"--config.train.{field}=0"], capsys)
+        assert line.startswith(f"FATAL: config field train.{field}: must be an integer >= 1 (a step number is taken "
+                               f"modulo it"), line
+    assert not (tmp_path / "w").exists()  # refused before the workdir is made
+    for field, least, _ in cfg.COUNT_FIELDS:
+        with pytest.raises(cfg.ConfigError, match=f"config field {field}: must be an integer >= {least} "):
+            cfg.validate(tiny_py(**{field: least - 1}))
+        cfg.validate(tiny_py(**{field: least}))
+    (tmp_path / "none.py").write_text("def get_config():\n    config = 1\n")
+    assert _fails(train, ["--config", str(tmp_path / "none.py")], capsys) == (
+        f"FATAL: config file {tmp_path / 'none.py'}: get_config() returned NoneType, expected an "
+        "ml_collections.ConfigDict (does it end with `return config`?)")
+    assert _fails(train, ["--config.model=3"], capsys) == (
+        "FATAL: --config.model=3: model is a section, not a value; set one of its fields instead "
+        "(model.attention_chunk, model.attention_impl, model.dtype, ...)")
+    assert "train.steps is a value, not a section" in _fails(train, ["--config.train.steps.x=3"], capsys)
+    assert cfg.from_spec(TINY_PY, {"train.log_every": "5"}, "--config").train.log_every == 5  # the correct command
+
+
+def test_script_outputs_are_not_replaced_without_overwrite(tmp_path, capsys):
+    """Checked before any work: the models, inputs and sweep runs named here do not even exist."""
+    old = tmp_path / "old.txt"
+    old.write_text("results of an earlier run")
+    plan = ["--config", TINY_PY, "--device", "A100", "--devices", "8", "--mfu", "0.4"]
+    sweep = tmp_path / "sweep.py"
+    sweep.write_text(f"from neox_jax.sweep import Sweep\n\ndef get_sweep():\n    return Sweep(config={TINY_PY!r}, "
+                     "runs=[{'optimizer.lr': 1e-3}])\n")
+    cases = {"generate": ["--hf", "/no/model", "--prompt", "x", "--output"], "evaluate": ["--hf", "/no/model",
+             "--output"], "plan_run": plan + ["--json"], "dedup_report": ["/no/in.jsonl", "--json"],
+             "benchmark": ["data", "--json"], "batch_viewer": ["--json"], "inspect_sharding": ["--mesh", "data=1",
+             "--plot"], "sweep": ["--sweep", str(sweep), "--emit", "slurm", "--slurm_script"]}
+    for name, argv in cases.items():
+        line = _fails(_script(name).main, argv + [str(old)], capsys)
+        assert line.endswith(f" {old}: the file exists; choose a new name, or pass --overwrite to replace it"), line
+    for name, ext in (("train_tokenizer", ".model"), ("preprocess_data", ".bin")):  # an output prefix's files
+        shutil.copy(old, tmp_path / f"old{ext}")
+        assert f"--output-prefix {tmp_path / 'old'}{ext}: the file exists" in _fails(
+            _script(name).main, ["/no/in.jsonl", "--output-prefix", str(tmp_path / "old")], capsys)
+    assert old.read_text() == "results of an earlier run"
+    _script("plan_run").main(plan + ["--json", str(old), "--overwrite"])
+    assert json.loads(old.read_text())[0]["devices"] == 8
+
+
+def test_negative_watts_and_few_shot_counts_are_refused(capsys):
+    plan_run = _script("plan_run").main
+    plan = ["--config", TINY_PY, "--device", "A100", "--devices", "8", "--mfu", "0.4"]
+    assert _fails(plan_run, plan + ["--watts", "-300"], capsys) == (
+        "FATAL: --watts must be > 0 W (leave it out for the device's rated power), got -300.0")
+    assert "--watts must be > 0 W" in _fails(plan_run, plan + ["--watts", "0"], capsys)  # was: the table's in silence
+    assert _fails(_script("evaluate").main, ["--hf", "/no/model", "--num_fewshot", "-1"], capsys) == (
+        "FATAL: argument --num_fewshot: expected an integer >= 0, got -1")
+    plan_run(plan + ["--watts", "300"])
+    assert "300" in capsys.readouterr().out
+
+
+# issue 25: checkpoints, metrics.jsonl and data that change under a run
+
+TORN = b'{"step": 7, "split": "train", "loss": '
+
+
+def test_a_torn_metrics_line_is_skipped_by_readers_and_repaired_by_the_next_writer(tmp_path, caplog):
+    from neox_jax import energy, sweep
+
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    rows = [{"step": 6, "split": "train", "loss": 2.5, "energy_kwh_total": 0.25}]
+    path = run / "metrics.jsonl"
+    path.write_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows) + TORN)  # a full disk, a kill
+    assert metrics.read_jsonl(str(path)) == rows
+    assert energy.previous_totals(str(run)) == {"energy_kwh_total": 0.25}  # what a restart reads first
+    assert sweep.summarize(str(tmp_path / "runs"))[1][0]["train_loss"] == 2.5
+    with caplog.at_level(logging.WARNING, logger="neox_jax"):
+        writers = metrics.Writers(str(run), tensorboard=False)
+        writers.write(8, {"loss": 2.0})
+        writers.close()
+    assert f"its last line was cut short ({len(TORN)} bytes, kept in" in caplog.text
+    assert [r["step"] for r in metrics.read_jsonl(str(path))] == [6, 8]
+    assert (run / "metrics.jsonl.torn").read_bytes() == TORN + b"\n"  # nothing lost
+    path.write_bytes(path.read_bytes().replace(b'"step": 6', b'"step": ?'))  # damage in the middle is not a torn end
+    with pytest.raises(errors.InputError, match=r"metrics.jsonl: line 1 is not a JSON row"):
+        metrics.read_jsonl(str(path))
+
+
+def test_dangling_links_and_stray_entries_in_checkpoints_are_reported_once_and_skipped(tmp_path, caplog):
+    _save(tmp_path, [1])
+    root = pathlib.Path(ckpt.checkpoint_dir(str(tmp_path)))
+    os.symlink(tmp_path / "gone", root / "2")  # a checkpoint moved away by hand
+    (root / "notes.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING, logger="neox_jax"):
+        c = ckpt.Checkpointer(str(tmp_path), async_save=False)
+    assert caplog.text.count("dangling links ['2'] (to missing targets) skipped, renamed ['2.dangling']") == 1
+    assert "entries ['notes.txt'] are not checkpoints, skipped" in caplog.text
+    assert c.all_steps() == [1]
+    c.save(2, _state(2), {"samples": 16}, {})  # the step the link blocked saves
+    c.close()
+    assert sorted(os.listdir(root)) == ["1", "2", "2.dangling", "notes.txt"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neox_jax"):
+        ckpt.Checkpointer(str(tmp_path), async_save=False).close()
+    assert "dangling links" not in caplog.text  # reported once: what was set aside is not reported again
+
+
+def test_a_bin_of_another_dataset_is_refused(tmp_path):
+    a = _pair(tmp_path / "a", [np.arange(1, 50)])
+    b = _pair(tmp_path / "b", [np.arange(1, 90)])
+    shutil.copy(b + ".bin", a + ".bin")
+    with pytest.raises(indexed.IndexedFormatError, match=r"a\.bin: 178 bytes, but .*a\.idx describes 98 \(49 tokens "
+                                                         r"of uint16\); the two files are not one pair"):
+        indexed.IndexedDataset(a)
+
+
+def test_a_resume_on_changed_data_is_refused_unless_asked(tmp_path):
+    prefix = _pair(tmp_path / "d", [np.arange(1, 200)])
+    it = dataset.TrainIterator([prefix], [1.0], seq_len=8, global_batch=4, seed=0)
+    next(it)
+    state = it.get_state()
+    _pair(tmp_path / "d", [np.arange(2, 201)])  # preprocessed again from other text, same name and size
+    again = dataset.TrainIterator([prefix], [1.0], seq_len=8, global_batch=4, seed=0)
+    with pytest.raises(dataset.ResumeError, match=rf"data.train_paths: {prefix} changed since the checkpoint was saved "
+                                                  r"\(bin_ends_sha256 differ\); .*allow_changed_data=true"):
+        again.set_state(state)
+    again.set_state(state, allow_changed_data=True)
+    assert again.samples == 4
+
+
+SMALL = {"model.num_layers": 2, "model.hidden_size": 64, "model.num_heads": 4, "train.seq_len": 32,
+         "train.batch_size": 8, "train.steps": 6, "train.checkpoint_every": 3, "train.log_every": 1,
+         "train.eval_every": 0, "optimizer.warmup_steps": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _unshare_available(), reason="needs unprivileged user namespaces to mount a small tmpfs")
+def test_a_run_that_fills_the_disk_ends_in_one_line_and_resumes_once_space_is_free(tmp_path, capsys):
+    """The workdir on a 70 MB disk: step 3's checkpoint (~47 MB) fits, step 6's does not. The run ends in one line
+    (no tracebacks from the TensorBoard writer or orbax's abandoned writes); the workdir, copied to a disk with
+    room, resumes from step 3 and finishes (metrics.jsonl and energy totals readable)."""
+    (tmp_path / "disk").mkdir()
+    flags = " ".join(f"--config.{k}={v}" for k, v in SMALL.items())
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+                           f"mount -t tmpfs -o size=70m tmpfs {tmp_path}/disk && {sys.executable} "
+                           f"{ROOT}/scripts/train.py --config {TINY_PY} {flags} --workdir {tmp_path}/disk/run; "
+                           f"status=$?; cp -a {tmp_path}/disk/run {tmp_path}/run; exit $status"],
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"FATAL: checkpoint step 6 could not be written to {tmp_path}/disk/run/checkpoints: the disk is full (no space "
+        "left on device); the newest complete checkpoint is step 3; run the same command again to resume from it once "
+        "space is free (the partial folder it left is ignored)"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout
+    last = trainer.train(tiny_py(**SMALL), str(tmp_path / "run"))
+    assert "at step 3" in capsys.readouterr().out and last["step"] == 6

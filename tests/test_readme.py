@@ -17,8 +17,9 @@ What a RUN case changes before running, all listed here:
     leftovers, which `convert_hf.py` rightly refuses to overwrite) do not meet;
   - `_cheaper`: a run of `configs/tiny.py` (`make train` included) trains 4 steps instead of 800 (or up to the end
     of the train.profile_steps window it asks for).
-The commands see a user's environment: no XLA_FLAGS (conftest's 8 simulated devices are for in-process tests;
-a command that wants devices sets XLA_FLAGS itself, as the README's do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
+The commands see a user's environment: XLA_FLAGS holds only -O0 for XLA:CPU's backend (COMPILE_FAST; conftest's 8
+simulated devices are for in-process tests; a command that wants devices sets XLA_FLAGS itself, as the README's
+do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
 PYTHONPATH (every script finds its own checkout). The walk took 5.8 minutes on 2 cores shared with other jobs
 (load average ~6; 3.9 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
 """
@@ -40,6 +41,9 @@ from readme_commands import Command, commands
 
 DOCS = ("README.md", "BUILD.md")
 TIMEOUT_S = 300  # one command; the slowest run here takes ~1 minute on 2 busy cores
+# XLA:CPU's backend at -O0, as conftest sets for the in-process tests: the walk's programs compile in about half
+# the time; what they compute is the same. A command that sets XLA_FLAGS itself replaces it.
+COMPILE_FAST = "--xla_backend_optimization_level=0"
 
 RUN, SKIP, XFAIL = "run", "skip", "xfail"
 _SLOW_BENCH = "a benchmark: minutes on 2 cores (measured: `train --preset cpu-small --profile` 150 s, with " \
@@ -55,7 +59,13 @@ RULES = [
      "sets up a venv from PyPI (network; the CUDA / TPU ones for hardware not here); the venv these tests run in "
      "was set up the same way, and CI's .ci/run runs `make test` from a clean clone"),
     (r"^gcloud\b", SKIP, "needs a TPU pod slice (gcloud, TPU VMs)"),
-    (r"\bsbatch\b", SKIP, "needs a SLURM cluster (issue 26 runs it under a local slurmctld)"),
+    (r"\bsbatch\b|local_cluster\.sh|^(squeue|scancel|scontrol)\b|^export SLURM_CONF=", SKIP,
+     "drives a SLURM cluster (root, slurm-wlm): tests/test_slurm.py does these steps against local_cluster.sh's "
+     "controller"),
+    (r"^bash runs/\S+/sweep_tpu\.sh\b", SKIP, "needs gcloud and a TPU pod slice; tests/test_sweep.py runs the "
+     "script (and its setup) with stand-ins for gcloud, gcsfuse, make and the workers' python"),
+    (r"^bash runs/\S+/skypilot/launch\.sh\b", SKIP, "needs SkyPilot and a cloud account; tests/test_sweep.py runs "
+     "launch.sh with a stand-in sky and each task's run script as a node would"),
     (r"^\.venv-cuda/", SKIP, "needs the CUDA plugin venv .venv-cuda (`make venv-cuda`, ~4 GB from PyPI)"),
     (r"^\.venv-tpu/", SKIP, "needs the TPU compiler venv .venv-tpu (`make venv-tpu`, libtpu from PyPI)"),
     (r"--coordinator_address", SKIP,
@@ -69,6 +79,8 @@ RULES = [
      "decodes pythia-1.4b against HF torch: a GPU benchmark (~6 GB of weights, minutes per batch on CPU); "
      "tests/test_benchmark.py runs `generate` on configs/tiny.py"),
     (r"benchmark\.py (train|energy|eval)\b", SKIP, _SLOW_BENCH),
+    (r"benchmark\.py checkpoint\b", SKIP, "saves pythia-160m's 2.3 GB train state ten times (minutes on 2 cores); "
+     "tests/test_benchmark.py runs the subcommand on configs/tiny.py"),
     (r"benchmark\.py data .*--input BIG\.jsonl\.zst", SKIP, "BIG.jsonl.zst stands for your own input"),
     (r"benchmark\.py data\b", SKIP,
      "builds a gpt_neox index of up to 150 M samples (~4 GB of memory, ~1 minute); "
@@ -189,7 +201,8 @@ class Walk:
         self.logs.mkdir()
         _clone(self.clone)
         self.env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-        self.env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        self.env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                        XLA_FLAGS=COMPILE_FAST)
         self._link_venv()
         found = self._bash(".venv/bin/python -c \"import importlib.util as u; print(u.find_spec('neox_jax').origin)\"",
                            self.logs / "venv.log", 60)

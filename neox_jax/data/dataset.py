@@ -174,6 +174,7 @@ class TrainIterator:
             self._mixture, self.order = cycled(order, self.global_batch), order.state()
         self.samples = int(start_batch) * self.global_batch
         self._it = None
+        self._fingerprints = None
 
     # ---- the pure function -----------------------------------------------------------------------------
     def local_batches(self, start_sample: int = 0):
@@ -213,12 +214,20 @@ class TrainIterator:
         self._it = None
 
     # ---- checkpointing -----------------------------------------------------------------------------------
+    def fingerprints(self) -> list[dict]:
+        """indexed.fingerprint of each training dataset, taken once (a checkpoint records them)."""
+        if self._fingerprints is None:
+            self._fingerprints = [indexed.fingerprint(p) for p in self.prefixes]
+        return self._fingerprints
+
     def get_state(self) -> dict:
         return {"version": STATE_VERSION, "samples": self.samples, "seed": self.seed, "seq_len": self.seq_len,
                 "datasets": [os.path.basename(p) for p in self.prefixes], "weights": self.weights,
-                "order": self.order}
+                "order": self.order, "fingerprints": self.fingerprints()}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict, allow_changed_data: bool = False) -> None:
+        """Continue from `state`; refused (ResumeError) when it was saved for other data settings, or, unless
+        `allow_changed_data`, when a dataset's files changed since (states saved before fingerprints: unchecked)."""
         mine = self.get_state()
         state = {"order": {"order": "grain"}, **state}  # states saved before data.order existed
         for key, field in (("seq_len", "train.seq_len"), ("seed", "train.seed"),
@@ -231,6 +240,12 @@ class TrainIterator:
                         and state[key].get("epochs") != mine[key].get("epochs") else "")
                 raise ResumeError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
                                  f"this run has {mine[key]!r}; the data order cannot be resumed exactly{hint}")
+        for prefix, old, new in zip(self.prefixes, state.get("fingerprints") or [], mine["fingerprints"]):
+            if old != new and not allow_changed_data:
+                what = ", ".join(k for k in new if old.get(k) != new[k])
+                raise ResumeError(f"data.train_paths: {prefix} changed since the checkpoint was saved ({what} "
+                                  "differ); resuming would go on with other tokens. Put the files back, or pass "
+                                  "--config.data.allow_changed_data=true to resume on the new ones")
         samples = int(state["samples"])
         self.close()
         self.samples = samples

@@ -3,9 +3,12 @@
 The main thread reads and checks documents (`neox_jax.data.documents`: the input formats, bad input and empty
 documents), encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
 tokenizer's batched encoder, and the results are written in input order, an end-of-document id after each
-document. Outputs are written atomically; input that holds no document at all is refused before any file
-appears (an empty dataset trains nothing). With `keep_whitespace_docs=True` whitespace-only texts are documents,
-as in GPT-NeoX's preprocess_data.py, so both tools write the same files.
+document. Outputs are written atomically: under temporary names, renamed into place only when every input was read,
+and removed on any exception (Ctrl-C included); the temporary files of a run that was killed outright are removed
+by the next run of the same output prefix. Input that holds no document at all is refused before any file appears
+(an empty dataset trains nothing), as are components whose output names would collide. With
+`keep_whitespace_docs=True` whitespace-only texts are documents, as in GPT-NeoX's preprocess_data.py, so both tools
+write the same files.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import time
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from neox_jax import errors
+from neox_jax import errors, files
 from neox_jax.data import indexed
 from neox_jax.data.dedup import text_key
 from neox_jax.data.documents import BAD_KINDS, Document, expand_inputs, iter_documents
@@ -76,13 +80,31 @@ def _tokenizer_pool(workers: int, tokenizer, append_eod: bool):
         pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
         return pool, lambda texts: _encode(texts, append_eod, tokenizer)
     pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"),
+        workers, mp_context=_WorkerContext(),
         initializer=_init_worker, initargs=(tokenizer.path, tokenizer.add_special_tokens))
     return pool, functools.partial(_worker_encode, append_eod)
 
 
 def _worker_encode(append_eod: bool, texts: Sequence[str]):
     return _encode(texts, append_eod)
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    """A tokenizer process that never sees Ctrl-C. The terminal sends SIGINT to the whole process group, and every
+    worker would print a KeyboardInterrupt traceback of its own; the parent alone stops the pool. SIGINT is blocked
+    while the process starts, and a blocked signal stays blocked in the child across fork and exec (a signal
+    handler set in the child's initializer would come after its imports, which take seconds)."""
+
+    def start(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a Ctrl-C that came meanwhile is delivered now
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
 
 
 def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
@@ -130,13 +152,15 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
                split_by_component: bool = False, dedup: bool = False, progress: bool = True,
                keep_whitespace_docs: bool = False, add_special_tokens: bool = False,
-               neox_names: bool = False) -> Summary:
+               neox_names: bool = False, overwrite: bool = True) -> Summary:
     """Tokenize Pile-format inputs into `output_prefix.{bin,idx}` (or one `output_prefix_<component>` pair
     per pile_set_name). Nothing is written under the final names unless every input was read.
 
     neox_names: GPT-NeoX's output names, `output_prefix[_<component>]_text_document.{bin,idx}`.
+    overwrite: False refuses an output that exists (preprocess_data.py without --overwrite) before it is written.
     add_special_tokens: let an HF tokenizer's post-processor add its special tokens (e.g. a BOS before every
     document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same."""
+    _remove_leftovers(output_prefix)
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
@@ -146,11 +170,11 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     # The stack closes every writer with the exception, if any (KeyboardInterrupt included), so a failed
     # run discards all partial outputs.
     with contextlib.ExitStack() as stack:
+        outputs = _Outputs(stack, output_prefix, dtype, split_by_component, neox_names, summary, overwrite)
         bar = stack.enter_context(tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=0.5,
                                        disable=not progress or None))
         pool, encode = _tokenizer_pool(workers, tokenizer, append_eod)
         stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
-        outputs = _Outputs(stack, output_prefix, dtype, split_by_component, neox_names, summary)
         for chunk, flat, lengths in _encoded_in_order(_chunks(docs), pool, encode, workers):
             bar.update(outputs.write(chunk, flat, lengths))
             bar.set_postfix_str(f"{summary.docs / (time.perf_counter() - start):.0f} docs/s", refresh=False)
@@ -158,6 +182,17 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
             raise _no_documents(inputs, output_prefix, summary)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _remove_leftovers(output_prefix: str) -> None:
+    """Remove the temporary files that a run writing this prefix left when it was killed (`kill -9`, a lost node:
+    no exit path ran), saying so in one line; those of a run still writing are left alone (`files`)."""
+    folder = os.path.dirname(os.path.abspath(output_prefix))
+    if os.path.isdir(folder):
+        removed = files.remove_stale_temps(folder, os.path.basename(output_prefix))
+        if removed:
+            log.warning("removed %d temporary file(s) that a killed run left in %s: %s", len(removed), folder,
+                        ", ".join(removed))
 
 
 def _drop_duplicates(docs: Iterable[Document], summary: Summary) -> Iterator[Document]:
@@ -190,18 +225,33 @@ class _Outputs:
     document arrives, and the summary's counts of what went into them."""
 
     def __init__(self, stack: contextlib.ExitStack, output_prefix: str, dtype, split_by_component: bool,
-                 neox_names: bool, summary: Summary):
+                 neox_names: bool, summary: Summary, overwrite: bool):
         self.stack, self.output_prefix, self.dtype, self.summary = stack, output_prefix, dtype, summary
-        self.split_by_component, self.neox_names = split_by_component, neox_names
+        self.split_by_component, self.neox_names, self.overwrite = split_by_component, neox_names, overwrite
         self.writers: dict[str, indexed.IndexedWriter] = {}
+        self.owners: dict[str, str] = {}  # output prefix -> the component written there
+        if not split_by_component:
+            self.claim("all")  # the one output's name is known: refused before a document is read
+
+    def claim(self, key: str) -> str:
+        """The output prefix of `key` (a component, or "all"), refused when another component's name gives the same
+        one (the last would replace the others) or, unless overwriting, when its files exist. Components appear
+        while the input is read, so a refusal can come late; nothing is final by then (see `preprocess`)."""
+        prefix = f"{self.output_prefix}_{component_slug(key)}" if self.split_by_component else self.output_prefix
+        prefix = indexed.strip_suffix(prefix + (indexed.NEOX_SUFFIX if self.neox_names else ""))
+        other = self.owners.setdefault(prefix, key)
+        if other != key:
+            raise errors.InputError(
+                f"--split-by-component: components {other!r} and {key!r} would both be written to {prefix}.bin/.idx "
+                "(an output name has _ for each run of characters other than letters and digits); nothing was "
+                "written; rename one (meta.pile_set_name) or preprocess without --split-by-component")
+        files.check_new([prefix + ".bin", prefix + ".idx"], "--output-prefix", self.overwrite)
+        return prefix
 
     def writer_for(self, component: str) -> indexed.IndexedWriter:
         key = component if self.split_by_component else "all"
         if key not in self.writers:
-            prefix = (f"{self.output_prefix}_{component_slug(component)}" if self.split_by_component
-                      else self.output_prefix)
-            prefix += indexed.NEOX_SUFFIX if self.neox_names else ""
-            self.writers[key] = self.stack.enter_context(indexed.IndexedWriter(prefix, self.dtype))
+            self.writers[key] = self.stack.enter_context(indexed.IndexedWriter(self.claim(key), self.dtype))
             self.summary.outputs[key] = self.writers[key].prefix
         return self.writers[key]
 
