@@ -26,7 +26,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 HALF_DTYPES = ("bfloat16", "float16")
 # precision.mode: where the weights the optimizer updates live (see `default_config`).
 PRECISION_MODES = ("fp32_params", "master_weights")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh only when mesh.stage > 1
 DATA_ORDERS = ("grain", "gpt_neox", "sequential")
@@ -57,8 +57,11 @@ def model_defaults() -> ml_collections.ConfigDict:
             init_std=0.02,  # used by init="normal"
             param_dtype="float32",  # dtype params are created in (with precision.mode=master_weights: the master's)
             dtype="float32",  # compute dtype; "bfloat16"/"float16" for mixed precision (see precision.mode)
-            attention_impl="auto",  # auto: cuDNN flash on GPU with bf16/fp16, XLA elsewhere; see model.Attention
+            attention_impl="auto",  # auto: splash on TPU, cuDNN flash on GPU with bf16/fp16, XLA elsewhere; model.attention_impl
             attention_chunk=512,  # attention_impl="chunked": queries per block (scores held: B x heads x chunk x T)
+            splash_block_q=0,  # attention_impl="splash" (TPU): queries per kernel block; 0 = min(512, seq_len)
+            splash_block_kv=0,  # keys per kernel block; 0 = min(512, seq_len)
+            splash_interpret=False,  # run the splash kernel in Pallas interpret mode off TPU (slow; for tests)
             remat_policy="none",
             scan_unroll=1,  # layers per iteration of the layer scan; = num_layers removes the loop (fast decode)
         )
@@ -309,6 +312,8 @@ def validate_model(m: ml_collections.ConfigDict, prefix: str = "model.") -> None
              f"{m.make_vocab_size_divisible_by!r}")
     _require(isinstance(m.attention_chunk, int) and m.attention_chunk >= 1, prefix + "attention_chunk",
              f"must be a positive integer, got {m.attention_chunk!r}")
+    for f in ("splash_block_q", "splash_block_kv"):
+        _require(isinstance(m[f], int) and m[f] >= 0, prefix + f, f"must be >= 0 (0: min(512, seq_len)), got {m[f]!r}")
     _require(isinstance(m.scan_unroll, int) and m.scan_unroll >= 1, prefix + "scan_unroll",
              f"must be a positive integer, got {m.scan_unroll!r}")
     _require(m.layernorm_eps > 0, prefix + "layernorm_eps", f"must be positive, got {m.layernorm_eps}")
@@ -379,6 +384,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     chunk = min(c.model.attention_chunk, t.seq_len)
     _require(c.model.attention_impl != "chunked" or t.seq_len % chunk == 0, "model.attention_chunk",
              f"{c.model.attention_chunk} does not divide train.seq_len={t.seq_len} (attention_impl=chunked)")
+    if c.model.attention_impl == "splash" and splash_block_problem(c.model, t.seq_len):
+        _require(False, *splash_block_problem(c.model, t.seq_len))
     if c.mesh.stage > 1:
         check_pipeline(c, c.mesh.stage)
     _require(c.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
@@ -517,6 +524,24 @@ def from_saved(stored: Mapping[str, Any], where: str) -> ml_collections.ConfigDi
 
 
 # ---- derived sizes -------------------------------------------------------------------------------------
+
+SPLASH_BLOCK = 512  # splash attention's default block (MaxText's): the kernel's own 128 leaves the MXU idle
+TPU_LANES = 128  # the splash kernel tiles keys (and Mosaic queries) in multiples of 128 lanes
+
+
+def splash_blocks(m, seq_len: int) -> tuple[int, int]:
+    """Splash attention's (block_q, block_kv): model.splash_block_q/kv, or min(512, seq_len) where they are 0."""
+    return (m.splash_block_q or min(SPLASH_BLOCK, seq_len), m.splash_block_kv or min(SPLASH_BLOCK, seq_len))
+
+
+def splash_block_problem(m, seq_len: int) -> tuple[str, str] | None:
+    """(field, what is wrong) when splash attention's blocks cannot tile sequences of seq_len; None when they can."""
+    for field, block in zip(("splash_block_q", "splash_block_kv"), splash_blocks(m, seq_len)):
+        if block % TPU_LANES or seq_len % block:
+            return (f"model.{field}", f"block {block} must be a multiple of {TPU_LANES} that divides the sequence "
+                    f"length {seq_len} (attention_impl=splash; below {TPU_LANES} tokens use attention_impl=xla)")
+    return None
+
 
 def head_dim(m) -> int:
     return m.hidden_size // m.num_heads

@@ -295,7 +295,8 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
                              "show its final memory assignment")
     report = add_compiled_memory(report, stats, breakdown=breakdown)
     report["target"] = platform
-    report["attention"] = model_lib.attention_impl_for(compiled_config.model, platform)
+    report["attention"] = model_lib.attention_impl_for(compiled_config.model, platform,
+                                                       seq_len=compiled_config.train.seq_len)
     report["model"] = memory.analytic_memory(compiled, platform)
     report["notes"] += notes
     if platform == "cpu":

@@ -123,7 +123,8 @@ def analytic_memory(run: RunSetup, platform: str = "cpu") -> dict:
     b_act = np.dtype(m.dtype).itemsize
     b_grad = np.dtype(cfg.state_param_dtype(c)).itemsize
     layers = m.num_layers // stages
-    attention = model_lib.attention_impl_for(m, platform)
+    attention = model_lib.attention_impl_for(m, platform, seq_len=c.train.seq_len)
+    flash = attention in ("cudnn", "splash")  # one kernel call: no T x T scores, nothing a dots policy saves
     policy = m.remat_policy
     out = {}
     if stages > 1:
@@ -133,13 +134,13 @@ def analytic_memory(run: RunSetup, platform: str = "cpu") -> dict:
     query = min(m.attention_chunk, t) if attention == "chunked" else t
     kept_h, kept_f = KEPT_PER_TOKEN[policy]
     kept = layers * tokens * (kept_h * h + kept_f * f) * b_act
-    if (policy == "dots" and attention != "cudnn") or (policy == "none" and attention == "xla"):
+    if (policy == "dots" and not flash) or (policy == "none" and attention == "xla"):
         # every layer's fp32 scores (dots: the score matmul's output; chunked attention recomputes them otherwise)
         kept += layers * rows * heads * t * t * 4
     out[STORED] = int(kept)
     work_h, work_f = WORK[("cpu" if platform == "cpu" else "gpu", policy != "none")]
     work = tokens * (work_h * h + work_f * f) * b_act
-    if attention != "cudnn":
+    if not flash:
         work += SCORE_BUFFERS["cpu" if platform == "cpu" else "gpu"] * rows * heads * query * t * 4
     vocab = cfg.padded_vocab(m, tensor)
     # one head slice's fp32 logits and their gradient (the sliced head keeps the gradient in the compute dtype)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from neox_jax import config as cfg
-from neox_jax import targets
+from neox_jax import splash, targets
 
 Array = jax.Array
 
@@ -107,21 +107,27 @@ def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
 
 # ---- attention -------------------------------------------------------------------------------------------
 
-def attention_impl_for(m, platform: str, decoding: bool = False) -> str:
+def attention_impl_for(m, platform: str, decoding: bool = False, seq_len: int | None = None) -> str:
     """The attention implementation a step traced for `platform` uses."""
     with targets.compiling_for(platform):
-        return attention_impl(m, decoding)
+        return attention_impl(m, decoding, seq_len)
 
 
-def attention_impl(m, decoding: bool) -> str:
-    """cuDNN flash attention on GPU for half-precision training; XLA otherwise (CPU, TPU, fp32, decoding).
-    "chunked" (`causal_attention_chunked`) is for training, so decoding with it uses XLA."""
-    if m.attention_impl == "chunked" and decoding:
+def attention_impl(m, decoding: bool, seq_len: int | None = None) -> str:
+    """Training: splash attention on TPU (sequences of whole 128-token blocks), cuDNN flash attention on GPU in
+    half precision, XLA otherwise (CPU, fp32 on GPU). Decoding and packed-row masks always use XLA: "chunked"
+    (`causal_attention_chunked`) and "splash" are causal-only training kernels."""
+    if m.attention_impl in ("chunked", "splash") and decoding:
         return "xla"
     if m.attention_impl != "auto":
         return m.attention_impl
+    if decoding:
+        return "xla"
+    if targets.target_platform() == "tpu":
+        fits = seq_len is None or cfg.splash_block_problem(m, seq_len) is None
+        return "splash" if fits else "xla"
     half = jnp.dtype(m.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if targets.target_platform() != "gpu" or not half or decoding:
+    if targets.target_platform() != "gpu" or not half:
         return "xla"
     return "cudnn" if _cudnn_takes_head_dim(m.hidden_size // m.num_heads) else "chunked"
 
@@ -196,8 +202,10 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None and mask is not None:  # the caller's [B, 1, T, T] mask (rows packing several sequences)
             out = dot_product_attention(q, k, v, attention_impl(m, True), mask=mask)
-        elif kv is None and attention_impl(m, False) == "chunked":
+        elif kv is None and attention_impl(m, False, q.shape[1]) == "chunked":
             out = causal_attention_chunked(q, k, v, m.attention_chunk)
+        elif kv is None and attention_impl(m, False, q.shape[1]) == "splash":
+            out = splash.causal_attention(q, k, v, m)
         elif kv is None:
             out = dot_product_attention(q, k, v, attention_impl(m, False), is_causal=True)
         else:
@@ -412,10 +420,21 @@ def for_params(m, params) -> GPTNeoX:
     return GPTNeoX(m, stacked="layers" in params)
 
 
+def _for_init(m):
+    """The config a parameter-creating trace runs: parameters do not depend on the attention kernel, and that
+    trace's few tokens do not fill one of splash attention's 128-token blocks."""
+    if m.attention_impl != "splash":
+        return m
+    m = m.copy_and_resolve_references()
+    m.attention_impl = "xla"
+    return m
+
+
 def param_shapes(m, seq_len: int = 8):
     """Boxed (logically annotated) parameter shapes, without allocating anything."""
     ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda: GPTNeoX(m).init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype)))["params"]
+    init = GPTNeoX(_for_init(m)).init
+    return jax.eval_shape(lambda: init(jax.random.PRNGKey(0), jnp.zeros(ids.shape, ids.dtype)))["params"]
 
 
 def count_params(m) -> int:
@@ -425,4 +444,4 @@ def count_params(m) -> int:
 
 def init_params(m, rng) -> Any:
     """Unboxed fp32 (param_dtype) parameters."""
-    return nn.meta.unbox(GPTNeoX(m).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    return nn.meta.unbox(GPTNeoX(_for_init(m)).init(rng, jnp.zeros((1, 8), jnp.int32))["params"])

@@ -1,0 +1,75 @@
+"""Splash attention: the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu.splash_attention`)
+with GPT-NeoX's causal mask, for training (`model.attention_impl="splash"`, or "auto" on a TPU).
+
+The kernel walks blocks of `block_q` queries x `block_kv` keys, skips those above the diagonal, and never holds
+the T x T scores: memory O(T) per head forward and backward. It takes one sequence's heads [n, T, d] and does not
+scale the scores, so q is scaled by 1/sqrt(d) first and the batch is a vmap. Rotary is applied to q and k before,
+as on every other path.
+
+Under a mesh (the one `sharding.activation_rules` sets while a step is traced) a `shard_map` gives each device its
+rows (batch over data x fsdp) and its heads (tensor): GSPMD cannot split a custom kernel, and this way the kernel
+runs per device with no collectives. Without a mesh (one device, a plain `model.apply`) it runs on the whole batch.
+
+Off a TPU the same kernel runs in Pallas interpret mode (`model.splash_interpret=true`): slow, for tests on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+from jax.sharding import PartitionSpec as P
+
+from neox_jax import config as cfg
+from neox_jax import targets
+from neox_jax.config import ConfigError
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def check(m, seq_len: int) -> None:
+    """One ConfigError naming the field, for a splash call that cannot run here."""
+    if targets.target_platform() != "tpu" and not m.splash_interpret:
+        raise ConfigError(f"model.attention_impl=splash: the Pallas kernel compiles only for TPU (this step is for "
+                          f"{targets.target_platform()}); set model.splash_interpret=true to run it in interpret "
+                          f"mode (slow, for tests) or pick another attention_impl")
+    problem = cfg.splash_block_problem(m, seq_len)
+    if problem:
+        raise ConfigError(": ".join(problem))
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, m) -> jax.Array:
+    """Causal softmax attention of q, k, v [B, T, n, d] through the splash kernel; returns [B, T, n, d]."""
+    b, t, n, d = q.shape
+    check(m, t)
+    q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
+    block_q, block_kv = cfg.splash_blocks(m, t)
+
+    def attend(q, k, v):  # one device's rows and heads
+        heads = q.shape[2]
+        sizes = kernel_lib.BlockSizes(
+            block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+            block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+            block_q_dq=block_q, block_kv_dq=block_kv)
+        mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t))] * heads)
+        kernel = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                            interpret=bool(m.splash_interpret))
+        heads_first = [x.swapaxes(1, 2) for x in (q, k, v)]  # [b, n, T, d]
+        return jax.vmap(kernel)(*heads_first).swapaxes(1, 2).astype(q.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return attend(q, k, v)
+    spec = _spec(mesh, b, n)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+
+
+def _spec(mesh, batch: int, heads: int) -> P:
+    """[B, T, n, d] split as the activations are: batch over data x fsdp, heads over tensor (where they divide)."""
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    rows = rows if rows and batch % math.prod(mesh.shape[a] for a in rows) == 0 else None
+    tensor = "tensor" if "tensor" in mesh.axis_names and heads % mesh.shape["tensor"] == 0 else None
+    return P(rows, None, tensor, None)
