@@ -28,7 +28,9 @@ HALF_DTYPES = ("bfloat16", "float16")
 PRECISION_MODES = ("fp32_params", "master_weights")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
-MESH_AXES = ("stage", "data", "fsdp", "tensor")  # "stage" joins the device mesh only when mesh.stage > 1
+MESH_AXES = ("stage", "data", "fsdp", "context", "tensor")
+OPTIONAL_AXES = ("stage", "context")  # join the device mesh only when larger than 1
+SLICE_AXES = ("data", "fsdp")  # mesh axes that may span TPU slices (DCN); the others stay inside one
 DATA_ORDERS = ("grain", "gpt_neox", "sequential")
 
 
@@ -73,7 +75,10 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = model_defaults()
     # stage > 1: pipeline parallelism (layers split evenly into stages; train.micro_batches flow through them)
-    c.mesh = ml_collections.ConfigDict(dict(stage=1, data=-1, fsdp=1, tensor=1))
+    # slices: TPU slices (or simulated ones) the mesh spans; mesh.slice_axis (data or fsdp) crosses them over DCN
+    # context: splits every sequence (context parallelism: K/V all-gathered, see neox_jax/context.py)
+    c.mesh = ml_collections.ConfigDict(dict(stage=1, data=-1, fsdp=1, context=1, tensor=1, slices=1,
+                                            slice_axis="data"))
     c.zero_stage = 1
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -368,6 +373,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         v = c.mesh[axis]
         _require(isinstance(v, int) and (v >= 1 or v == -1), f"mesh.{axis}", f"must be -1 or a positive integer, got {v!r}")
     _require(sum(c.mesh[a] == -1 for a in MESH_AXES) <= 1, "mesh", "at most one axis may be -1")
+    _require(isinstance(c.mesh.slices, int) and c.mesh.slices >= 1, "mesh.slices",
+             f"must be a positive integer (1: one slice), got {c.mesh.slices!r}")
+    _require(c.mesh.slice_axis in SLICE_AXES, "mesh.slice_axis",
+             f"{c.mesh.slice_axis!r} is not one of {', '.join(SLICE_AXES)} (tensor and stage stay inside a slice)")
     _require(c.zero_stage in (0, 1, 3), "zero_stage", f"must be 0, 1 or 3, got {c.zero_stage!r}")
     t = c.train
     for f in ("steps", "batch_size", "micro_batches", "seq_len"):
@@ -384,8 +393,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     chunk = min(c.model.attention_chunk, t.seq_len)
     _require(c.model.attention_impl != "chunked" or t.seq_len % chunk == 0, "model.attention_chunk",
              f"{c.model.attention_chunk} does not divide train.seq_len={t.seq_len} (attention_impl=chunked)")
-    if c.model.attention_impl == "splash" and splash_block_problem(c.model, t.seq_len):
-        _require(False, *splash_block_problem(c.model, t.seq_len))
+    context = c.mesh.context
+    _require(context == -1 or t.seq_len % context == 0, "mesh.context",
+             f"{context} does not divide train.seq_len={t.seq_len} (each device holds seq_len / context tokens)")
+    local = t.seq_len // context if context > 0 else t.seq_len
+    if c.model.attention_impl == "splash" and splash_block_problem(c.model, local):
+        _require(False, *splash_block_problem(c.model, local))
     if c.mesh.stage > 1:
         check_pipeline(c, c.mesh.stage)
     _require(c.optimizer.lr > 0, "optimizer.lr", f"must be positive, got {c.optimizer.lr}")
@@ -486,7 +499,7 @@ def mesh_shape(sizes, num_devices: int) -> dict[str, int]:
     """Resolve mesh sizes {axis: size} (one axis may be -1: it takes what the others leave; a missing one is 1)
     against a device count."""
     sizes = {a: int(sizes.get(a, 1)) for a in MESH_AXES}
-    given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a != "stage" or v != 1)
+    given = ", ".join(f"mesh.{a}={v}" for a, v in sizes.items() if a not in OPTIONAL_AXES or v != 1)
     fixed = math.prod(v for v in sizes.values() if v != -1)
     fill = [a for a, v in sizes.items() if v == -1]
     if fill:

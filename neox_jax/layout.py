@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from neox_jax import config as cfg
 from neox_jax import model as model_lib
-from neox_jax import fit, memory, setup, sharding, table, targets, train
+from neox_jax import collectives, fit, memory, metrics, setup, sharding, table, targets, train
 from neox_jax.memory import (ACTIVATIONS, ATTENTION, COLLECTIVES, GRADIENTS, HEAD, HEAD_INPUTS, OTHER, PARTS,
                              SHARDS, STAGE_INPUTS, STORED, UNATTRIBUTED)
 from neox_jax.pytree import path_name
@@ -284,7 +284,9 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
             options = {**options, "xla_dump_to": dump, "xla_dump_hlo_as_text": True,
                        "xla_dump_hlo_module_re": ".*train_step.*"}
             try:
-                stats = train.compile_train_step(compiled, options).memory_analysis()
+                executable = train.compile_train_step(compiled, options)
+                stats = executable.memory_analysis()
+                report["collectives"] = collective_report(executable, compiled, devices, platform)
             except jax.errors.JaxRuntimeError as e:
                 stats = _refused(e, report)  # a compiler that checks the device's memory refuses a step too big
             shapes = step_shapes(compiled)
@@ -303,6 +305,24 @@ def inspect(config, devices, platform: str = "cpu", compile: bool = True, compil
         report["notes"].append("compiled by XLA:CPU" + ("" if cpu_hoisting else " with loop-invariant code motion "
                                "off (see targets.CPU_AS_ACCELERATOR)") + ": an upper bound for a GPU or TPU compile")
     return report
+
+
+def collective_report(executable, run, devices, platform: str) -> dict:
+    """The compiled step's collectives per device per step (`neox_jax.collectives`): bytes inside a slice (ICI)
+    and across slices (DCN), by op; the DCN bytes the analytic model expects; the compiler's cost analysis next to
+    the model's FLOPs."""
+    slices = run.config.mesh.slices
+    found = collectives.collectives(executable.as_text(), sharding.mesh_device_slices(run.mesh, devices, slices))
+    out = collectives.summary(found)
+    out["slices"] = slices
+    out["dcn_analytic"] = memory.dcn_bytes(run, platform) if slices > 1 else 0
+    cost = executable.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
+    tokens = run.config.train.batch_size * run.config.train.seq_len
+    out["cost"] = {"flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+                   "model_flops": metrics.flops_per_token(run.config.model, run.config.train.seq_len) * tokens
+                   / run.mesh.size}
+    return out
 
 
 _STATS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes")
@@ -430,9 +450,26 @@ def format_report(report: dict) -> str:
         lines += ["", f"pipeline ({p['schedule']}): {p['stages']} stages x {p['layers_per_stage']} layers"
                   + (f", {p['micro_batches']} micro-batches, bubble {p['bubble_fraction']:.1%} of the step"
                      if "micro_batches" in p else "")]
+    if "collectives" in report:
+        lines += ["", *format_collectives(report["collectives"])]
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def format_collectives(c: dict) -> list[str]:
+    """The collectives section: bytes per device per step inside a slice (ICI) and across slices (DCN), by op."""
+    lines = [f"collectives per device per step: ICI {c['ici'] / 1e9:.3f} GB, DCN {c['dcn'] / 1e9:.3f} GB"
+             + (f" (analytic, the gradient reduction across {c['slices']} slices: {c['dcn_analytic'] / 1e9:.3f} GB)"
+                if c["slices"] > 1 else "")]
+    rows = [(op, v["calls"], v["bytes"]) for op, v in c["by_op"].items()]
+    lines.append(table.render([table.Column("op", 0, align="<", width=26), table.Column("calls", 1, width=8),
+                               table.Column("GB", 2, lambda b: f"{b / 1e9:.3f}", width=10)], rows))
+    cost = c["cost"]
+    lines.append(f"compiler cost analysis per device: {cost['flops'] / 1e12:.3f} TFLOP, "
+                 f"{cost['bytes_accessed'] / 1e9:.3f} GB accessed; model FLOPs (6N + 12LHS per token): "
+                 f"{cost['model_flops'] / 1e12:.3f} TFLOP")
+    return lines
 
 
 def format_comparison(cmp: dict) -> str:

@@ -110,6 +110,36 @@ def state_bytes(run: RunSetup) -> dict:
     return out
 
 
+TPU_LANES = 128  # a TPU tile's minor dim
+
+
+def dcn_bytes(run: RunSetup, platform: str = "tpu") -> int:
+    """Bytes per device per step that cross slices (DCN) when only the data-parallel gradient reduction does.
+
+    Each parameter's gradient (the params' dtype; split as the params are: tensor, and fsdp at ZeRO-3) is summed
+    over the batch axes, hierarchically: reduce-scattered inside the slice over the r devices of its group there,
+    each 1/r piece all-reduced across slices, all-gathered inside the slice. So bytes / r cross DCN per reduction:
+    once per step, or at ZeRO-3 once per micro-batch (each layer's gradient is reduce-scattered in its backward).
+    XLA:CPU, simulating slices, reduces flat: its report shows more. On TPU the transfers carry the arrays in its
+    tiles, whose minor dim is 128 lanes: a head dim (`kv`) below a multiple of 128 is padded up (GPT-NeoX-20B's
+    96 travels as 128); `platform` says whether to count that."""
+    c, mesh = run.config, run.mesh
+    is_boxed = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    boxed = jax.tree.leaves(run.param_shapes, is_leaf=is_boxed)
+    specs = jax.tree.leaves(run.placement.params, is_leaf=lambda x: isinstance(x, P))
+    itemsize = np.dtype(cfg.state_param_dtype(c)).itemsize
+    batch_inside = mesh.shape["data"] * mesh.shape["fsdp"] // c.mesh.slices
+    total = 0
+    head_dim = cfg.head_dim(run.model_config)
+    lanes = -(-head_dim // TPU_LANES) * TPU_LANES / head_dim if platform == "tpu" else 1.0
+    for b, spec in zip(boxed, specs):
+        split_by_fsdp = any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in spec)
+        inside = batch_inside // (mesh.shape["fsdp"] if split_by_fsdp else 1)
+        padded = lanes if "kv" in b.names else 1.0
+        total += int(np.prod(NamedSharding(mesh, spec).shard_shape(tuple(b.value.shape)))) * itemsize * padded / max(1, inside)
+    return int(total * (c.train.micro_batches if c.zero_stage == 3 else 1))
+
+
 def analytic_memory(run: RunSetup, platform: str = "cpu") -> dict:
     """Per-device bytes of `run`'s train step compiled for `platform`: {"state", "temp", "parts", "peak"}."""
     c, m, mesh = run.config, run.model_config, run.mesh

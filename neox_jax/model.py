@@ -13,6 +13,7 @@ attention) and decoding (an explicit KV-cache pytree in, an updated one out; see
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from neox_jax import config as cfg
-from neox_jax import splash, targets
+from neox_jax import context, splash, targets
 
 Array = jax.Array
 
@@ -187,6 +188,20 @@ def causal_attention_chunked(q: Array, k: Array, v: Array, chunk: int) -> Array:
     return out.swapaxes(0, 1).reshape(b, t, n, d)
 
 
+def _context_attention(m, chunk: int, chunks: int):
+    """One device's causal attention under context parallelism: its `chunk` queries, chunk `index` of the
+    sequence, against all keys. Splash builds its mask from a static offset, so it switches between one kernel
+    per chunk; XLA takes the offset as it comes."""
+    if attention_impl(m, False, chunk) == "splash":
+        kernels = [functools.partial(splash.local_attention, m=m, offset=i * chunk) for i in range(chunks)]
+        return lambda q, k, v, index: jax.lax.switch(index, kernels, q, k, v)
+
+    def xla(q, k, v, index):
+        causal = (index * chunk + jnp.arange(chunk))[:, None] >= jnp.arange(k.shape[1])[None, :]
+        return dot_product_attention(q, k, v, "xla", mask=causal[None, None])
+    return xla
+
+
 class Attention(nn.Module):
     config: Any
 
@@ -202,12 +217,14 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None and mask is not None:  # the caller's [B, 1, T, T] mask (rows packing several sequences)
             out = dot_product_attention(q, k, v, attention_impl(m, True), mask=mask)
-        elif kv is None and attention_impl(m, False, q.shape[1]) == "chunked":
+        elif kv is None and (chunks := context.in_mesh()) > 1:
+            out = context.causal_attention(q, k, v, _context_attention(m, q.shape[1] // chunks, chunks))
+        elif kv is None and (impl := attention_impl(m, False, q.shape[1])) == "chunked":
             out = causal_attention_chunked(q, k, v, m.attention_chunk)
-        elif kv is None and attention_impl(m, False, q.shape[1]) == "splash":
+        elif kv is None and impl == "splash":
             out = splash.causal_attention(q, k, v, m)
         elif kv is None:
-            out = dot_product_attention(q, k, v, attention_impl(m, False), is_causal=True)
+            out = dot_product_attention(q, k, v, impl, is_causal=True)
         else:
             # The whole [L, B, S, n, d] cache rides in the scan carry and this layer writes its slice in place:
             # returning per-layer slices as scan outputs would copy the entire cache on every decode step.
@@ -379,7 +396,10 @@ class GPTNeoX(nn.Module):
 
     def embed(self, input_ids):
         """Token embeddings [B, T, H] in the compute dtype: what the first pipeline stage receives."""
-        x = jnp.take(self.embed_in, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
+        # Gather the table whole over fsdp (ZeRO-3) first, as every layer's weights are: left to itself the gather's
+        # partitioner reshuffles table shards between data replicas, which on a multi-slice mesh crosses DCN.
+        table = nn.with_logical_constraint(self.embed_in, ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(jnp.dtype(self.config.dtype))
         return nn.with_logical_constraint(x, ACT_AXES)
 
     def head(self, x):

@@ -1,8 +1,10 @@
 """One device mesh, one table of logical axis rules, ZeRO as shardings of the optimizer state.
 
 Mesh axes are ("data", "fsdp", "tensor"), led by "stage" when mesh.stage > 1 (pipeline parallelism: the
-stacked `layers` dim of every block parameter splits over it; see neox_jax/pipeline.py). Every parameter and the block-boundary activations carry logical
-axis names; `logical_rules(zero_stage)` maps them to mesh axes, Megatron-style for tensor parallelism
+stacked `layers` dim of every block parameter splits over it; see neox_jax/pipeline.py), with "context" before
+"tensor" when mesh.context > 1 (the sequence split; see neox_jax/context.py). With mesh.slices > 1 the data (or
+fsdp) axis spans TPU slices (the others stay inside one). Every parameter and the block-boundary activations
+carry logical axis names; `logical_rules(zero_stage)` maps them to mesh axes, Megatron-style for tensor parallelism
 (qkv / h->4h column-parallel over heads / mlp, attention dense / 4h->h row-parallel, vocab-parallel
 embedding and head). ZeRO is a placement decision:
 
@@ -28,19 +30,21 @@ import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from neox_jax.config import MESH_AXES, ConfigError, mesh_shape
+from neox_jax.config import MESH_AXES, OPTIONAL_AXES, ConfigError, mesh_shape
 from neox_jax.pytree import path_name
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes that split the batch (and ZeRO-1 optimizer state)
 STAGE_AXIS = "stage"  # pipeline stages; in the mesh only when there are at least two
+CONTEXT_AXIS = "context"  # context parallelism: splits the sequence; in the mesh only when at least two
 # Sets the mesh for sharding constraints while tracing (jax.set_mesh is refused inside jit); newer JAX also
 # exports it at top level.
 _use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None) or getattr(jax, "use_abstract_mesh")
 
 
-def logical_rules(zero_stage: int, pipelined: bool = False) -> tuple:
+def logical_rules(zero_stage: int, pipelined: bool = False, context: bool = False) -> tuple:
     """Logical axis -> mesh axis. Order matters: an activation's batch claims fsdp before embed can.
-    Pipelined, each stage holds a contiguous block of layers: the stacked `layers` dim splits over `stage`."""
+    Pipelined, each stage holds a contiguous block of layers: the stacked `layers` dim splits over `stage`.
+    With a context axis, every activation's sequence (`length`) splits over it."""
     return (
         ("batch", BATCH_AXES),
         ("vocab", "tensor"),
@@ -49,15 +53,16 @@ def logical_rules(zero_stage: int, pipelined: bool = False) -> tuple:
         ("embed", "fsdp" if zero_stage == 3 else None),
         ("kv", None),
         ("layers", STAGE_AXIS if pipelined else None),
-        ("length", None),
+        ("length", CONTEXT_AXIS if context else None),
     )
 
 
 # ---- mesh ---------------------------------------------------------------------------------------------
 
 def make_mesh(config, devices=None) -> Mesh:
-    """The ([stage,] data, fsdp, tensor) mesh of config's mesh.* over `devices` (default: all)."""
-    return mesh_of({a: config.mesh.get(a, 1) for a in MESH_AXES}, devices)
+    """The ([stage,] data, fsdp, [context,] tensor) mesh of config's mesh.* over `devices` (default: all)."""
+    return mesh_of({a: config.mesh.get(a, 1) for a in MESH_AXES}, devices,
+                   slices=config.mesh.get("slices", 1), slice_axis=config.mesh.get("slice_axis", "data"))
 
 
 def inference_mesh(tensor_parallel: int = 1) -> Mesh:
@@ -66,19 +71,61 @@ def inference_mesh(tensor_parallel: int = 1) -> Mesh:
     return mesh_of({"data": -1, "fsdp": 1, "tensor": int(tensor_parallel)})
 
 
-def mesh_of(sizes, devices=None) -> Mesh:
-    """The ([stage,] data, fsdp, tensor) mesh of `sizes` (see `mesh_shape`) over `devices` (default: all), with
-    Auto axes for GSPMD. `stage` is left out at size 1, so a run without pipelining has exactly the unpipelined
-    mesh."""
+def mesh_of(sizes, devices=None, slices: int = 1, slice_axis: str = "data") -> Mesh:
+    """The ([stage,] data, fsdp, [context,] tensor) mesh of `sizes` (see `mesh_shape`) over `devices` (default:
+    all), with Auto axes for GSPMD. `stage` and `context` are left out at size 1, so a run without them has
+    exactly the mesh it had before they existed. With `slices` > 1, `slice_axis` (data or fsdp) spans the slices
+    (its collectives cross the data-centre network, DCN) and every other axis stays inside one slice (ICI)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(sizes, len(devices))
-    axes = tuple(a for a in MESH_AXES if a != STAGE_AXIS or sizes[a] > 1)
+    axes = tuple(a for a in MESH_AXES if a not in OPTIONAL_AXES or sizes[a] > 1)
     shape = tuple(sizes[a] for a in axes)
+    if slices > 1:
+        return Mesh(_multi_slice_grid(sizes, axes, devices, slices, slice_axis), axes,
+                    axis_types=(AxisType.Auto,) * len(axes))
     try:
         return jax.make_mesh(shape, axes, axis_types=(AxisType.Auto,) * len(axes), devices=devices)
     except NotImplementedError:  # an axis that is no product of a TPU torus's dims: let it split one
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
         return Mesh(grid, axes, axis_types=(AxisType.Auto,) * len(axes))
+
+
+def device_slices(devices, slices: int) -> list[int]:
+    """Each device's slice: a TPU's `slice_index`; elsewhere (simulated CPU devices, GPUs) `slices` contiguous
+    blocks of the device list, so a multi-slice layout can be built and tested anywhere."""
+    if slices == 1:
+        return [0] * len(devices)
+    if hasattr(devices[0], "slice_index"):
+        found = sorted({d.slice_index for d in devices})
+        if len(found) != slices:
+            raise ConfigError(f"config field mesh.slices: {slices} slices asked for, but the {len(devices)} devices "
+                              f"are in {len(found)} slice(s); set mesh.slices={len(found)}")
+        return [found.index(d.slice_index) for d in devices]
+    if len(devices) % slices:
+        raise ConfigError(f"config field mesh.slices: {slices} slices do not divide the {len(devices)} devices")
+    return [i * slices // len(devices) for i in range(len(devices))]
+
+
+def mesh_device_slices(mesh: Mesh, devices, slices: int) -> list[int]:
+    """The slice of each of the mesh's devices, in the mesh's order (a compiled program's device ids)."""
+    of = dict(zip(devices, device_slices(list(devices), slices)))
+    return [of[d] for d in mesh.devices.flat]
+
+
+def _multi_slice_grid(sizes, axes, devices, slices: int, slice_axis: str) -> np.ndarray:
+    """The device grid of a multi-slice mesh: one grid per slice (shaped by the TPU torus where there is one), the
+    slices laid side by side along `slice_axis`; what `mesh_utils.create_hybrid_device_mesh` does, for any device."""
+    of = device_slices(devices, slices)
+    if sizes[slice_axis] % slices:
+        others = ", ".join(f"mesh.{a}={sizes[a]}" for a in axes if a != slice_axis and sizes[a] > 1)
+        raise ConfigError(f"config field mesh.slices: {slices} slices need mesh.{slice_axis} (here "
+                          f"{sizes[slice_axis]}) to be a multiple of {slices}: only mesh.slice_axis ({slice_axis}) "
+                          f"may cross slices, {others or 'the other axes'} stay inside one (over DCN they would be "
+                          f"too slow)")
+    groups = [[d for d, s in zip(devices, of) if s == i] for i in range(slices)]
+    inner = tuple(sizes[a] // slices if a == slice_axis else sizes[a] for a in axes)
+    grids = [mesh_utils.create_device_mesh(inner, g, allow_split_physical_axes=True) for g in groups]
+    return np.concatenate(grids, axis=axes.index(slice_axis))
 
 
 def num_stages(mesh: Mesh) -> int:
@@ -100,7 +147,7 @@ def with_mesh_sizes(config, mesh: Mesh):
 
 def mesh_rules(mesh: Mesh, zero_stage: int) -> tuple:
     """The logical rules for this mesh (pipelined when it has a stage axis)."""
-    return logical_rules(zero_stage, pipelined=num_stages(mesh) > 1)
+    return logical_rules(zero_stage, pipelined=num_stages(mesh) > 1, context=CONTEXT_AXIS in mesh.shape)
 
 
 @contextlib.contextmanager
@@ -108,6 +155,15 @@ def activation_rules(mesh: Mesh, zero_stage: int):
     """Make the model's `nn.with_logical_constraint` calls take effect while tracing a step (usable inside jit)."""
     with _use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(mesh_rules(mesh, zero_stage)):
         yield
+
+
+def attention_spec(mesh, batch: int, heads: int, length: str | None = None) -> P:
+    """q, k, v [B, T, n, d] inside a shard_map, split as the activations are: batch over data x fsdp, heads over
+    tensor (where they divide), the sequence over `length` (the context axis) if given."""
+    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    rows = rows if rows and batch % math.prod(mesh.shape[a] for a in rows) == 0 else None
+    tensor = "tensor" if "tensor" in mesh.axis_names and heads % mesh.shape["tensor"] == 0 else None
+    return P(rows, length, tensor, None)
 
 
 # ---- batches ------------------------------------------------------------------------------------------

@@ -15,19 +15,17 @@ Off a TPU the same kernel runs in Pallas interpret mode (`model.splash_interpret
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
-from jax.sharding import PartitionSpec as P
 
 from neox_jax import config as cfg
-from neox_jax import targets
+from neox_jax import sharding, targets
 from neox_jax.config import ConfigError
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def check(m, seq_len: int) -> None:
@@ -43,33 +41,27 @@ def check(m, seq_len: int) -> None:
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, m) -> jax.Array:
     """Causal softmax attention of q, k, v [B, T, n, d] through the splash kernel; returns [B, T, n, d]."""
-    b, t, n, d = q.shape
-    check(m, t)
-    q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)
-    block_q, block_kv = cfg.splash_blocks(m, t)
-
-    def attend(q, k, v):  # one device's rows and heads
-        heads = q.shape[2]
-        sizes = kernel_lib.BlockSizes(
-            block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-            block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-            block_q_dq=block_q, block_kv_dq=block_kv)
-        mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((t, t))] * heads)
-        kernel = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                            interpret=bool(m.splash_interpret))
-        heads_first = [x.swapaxes(1, 2) for x in (q, k, v)]  # [b, n, T, d]
-        return jax.vmap(kernel)(*heads_first).swapaxes(1, 2).astype(q.dtype)
-
     mesh = jax.sharding.get_abstract_mesh()
+    attend = functools.partial(local_attention, m=m, offset=0)
     if mesh.empty:
         return attend(q, k, v)
-    spec = _spec(mesh, b, n)
+    spec = sharding.attention_spec(mesh, q.shape[0], q.shape[2])
     return jax.shard_map(attend, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
 
 
-def _spec(mesh, batch: int, heads: int) -> P:
-    """[B, T, n, d] split as the activations are: batch over data x fsdp, heads over tensor (where they divide)."""
-    rows = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    rows = rows if rows and batch % math.prod(mesh.shape[a] for a in rows) == 0 else None
-    tensor = "tensor" if "tensor" in mesh.axis_names and heads % mesh.shape["tensor"] == 0 else None
-    return P(rows, None, tensor, None)
+def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, m, offset: int) -> jax.Array:
+    """One device's attention: queries q [b, Tq, n, d] at positions offset .. offset + Tq - 1 over keys k, v
+    [b, Tk, n, d] at positions 0 .. Tk - 1 (Tq < Tk under context parallelism), causal."""
+    tq, tk, heads, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    check(m, tq)
+    q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)  # the kernel does not scale the scores
+    block_q, block_kv = cfg.splash_blocks(m, tq)
+    sizes = kernel_lib.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv)
+    mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((tq, tk), offset=offset)] * heads)
+    kernel = kernel_lib.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                        interpret=bool(m.splash_interpret))
+    heads_first = [x.swapaxes(1, 2) for x in (q, k, v)]  # [b, n, T, d]
+    return jax.vmap(kernel)(*heads_first).swapaxes(1, 2).astype(q.dtype)

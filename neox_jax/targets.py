@@ -129,12 +129,16 @@ def prepare_environment(target: Target) -> None:
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver or GPU to check against
 
 
-def devices(target: Target):
-    """The devices to build the mesh on (compile-only for TPU and GPU targets)."""
+def devices(target: Target, slices: int = 1):
+    """The devices to build the mesh on (compile-only for TPU and GPU targets); for a TPU, `slices` slices of the
+    topology (multi-slice over DCN). Simulated CPU devices stand in for any number of slices."""
     import jax
 
     if target.platform == "cpu":
         return jax.devices("cpu")
+    if slices > 1 and target.platform != "tpu":
+        raise TargetError(f"--target {target.spec}: several slices are a TPU layout (multi-slice over DCN); give a "
+                          "tpu:VERSION:TOPOLOGY target, or cpu to simulate them")
     from jax.experimental import topologies
 
     try:
@@ -143,7 +147,7 @@ def devices(target: Target):
             # v4 and v5p chips hold two cores; run as one device each ("megacore"), as on a real slice
             megacore = {"chip_config_name": "megacore"} if version in ("v4", "v5p") else {}
             return topologies.get_topology_desc(topology_name=f"{version}:{topology}", platform="tpu",
-                                                **megacore).devices
+                                                num_slices=slices, **megacore).devices
         _, name, _ = target.spec.split(":")
         per_host = 8 if target.device_count % 8 == 0 else target.device_count
         return topologies.get_topology_desc(platform="cuda", target_config=_GPU.format(**GPU_KINDS[name]),

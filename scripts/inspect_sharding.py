@@ -87,7 +87,7 @@ DEFAULT_CONFIG = "configs/tiny.py"
 def parse(argv):
     p = cli.Parser(description=__doc__)
     p.add_argument("--config", default=DEFAULT_CONFIG, help=cli.CONFIG_HELP)
-    p.add_argument("--mesh", help="layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/tensor, default 1)")
+    p.add_argument("--mesh", help="layout, e.g. data=12,tensor=2 (axes stage/data/fsdp/context/tensor, default 1)")
     p.add_argument("--zero_stage", type=int, help="ZeRO stage 0/1/3 (default: the config's)")
     p.add_argument("--remat", help="model.remat_policy (none/full/dots/...)")
     p.add_argument("--batch_size", type=int, help="train.batch_size (global)")
@@ -95,6 +95,8 @@ def parse(argv):
     p.add_argument("--compare", action="append", default=[], help="another layout to compare (repeatable), e.g. "
                    "data=48,tensor=2,zero_stage=1 or precision=fp32_params; unnamed fields carry over from --mesh")
     p.add_argument("--target", default="cpu", help="compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
+    p.add_argument("--slices", type=int, help="TPU slices the mesh spans (config mesh.slices; mesh.slice_axis, data "
+                   "by default, crosses them over DCN); --target names one slice's topology")
     p.add_argument("--format", default="text", choices=["text", "json"], help="output format")
     p.add_argument("--plot", help="write the per-device memory of every layout as stacked bars (PNG)")
     cli.add_overwrite(p, "--plot")
@@ -148,6 +150,8 @@ def main(argv=None):
         if value is not None:
             section, name = field.split(".")
             config[section][name] = value
+    if args.slices is not None:
+        config.mesh.slices = args.slices
     first = parse_layout(args.mesh)
     if args.zero_stage is not None:
         first.setdefault("zero_stage", args.zero_stage)
@@ -157,7 +161,7 @@ def main(argv=None):
     for spec in layouts:
         c = layout_config(config, spec)
         count = math.prod(c.mesh[a] for a in MESH_AXES)
-        devices = _devices(target, count, "config field mesh: the layout uses")
+        devices = _devices(target, count, "config field mesh: the layout uses", c.mesh.slices)
         print(f"compiling the train step of layout {len(reports) + 1}/{len(layouts)} for {target.spec} "
               f"({count} devices)...", file=sys.stderr, flush=True)
         reports.append(layout.inspect(c, devices, target.platform, args.compile, args.compile_layers,
@@ -177,14 +181,16 @@ def main(argv=None):
         print(layout.format_comparison(layout.compare_reports(reports[0], other)))
 
 
-def _devices(target, count: int, needs: str):
-    """`count` devices of --target; one ConfigError when it has fewer (simulated CPUs are set before JAX starts, so
-    a caller in a running process may have fewer) or, sized, another number. `needs` says what asks for them."""
+def _devices(target, count: int, needs: str, slices: int = 1):
+    """`count` devices of --target (`slices` slices of it); one ConfigError when it has fewer (simulated CPUs are set
+    before JAX starts, so a caller in a running process may have fewer) or, sized, another number. `needs` says what
+    asks for them."""
     from neox_jax import targets
 
-    devices = targets.devices(target)
+    devices = targets.devices(target, slices)
     if len(devices) < count or (target.device_count and len(devices) != count):
-        raise cfg.ConfigError(f"{needs} {count} devices but --target {target.spec} has {len(devices)}")
+        where = f"{slices} slices of " if slices > 1 else ""
+        raise cfg.ConfigError(f"{needs} {count} devices but {where}--target {target.spec} has {len(devices)}")
     return devices[:count]
 
 

@@ -207,3 +207,35 @@ def test_overflow_skips_step_and_drives_loss_scale():
     peak, floor = 1e-3, 1e-4
     assert lrs[2] == pytest.approx(floor + (peak - floor) / 2 * (np.cos(np.pi * 1 / 9) + 1), rel=1e-5)
     assert step._cache_size() == 1
+
+
+@pytest.mark.slow
+def test_two_slices_match_single_device_and_checkpoints_move_between_slice_counts(reference, tmp_path):
+    """data 4 (2 per slice, simulated) x tensor 2: the 1-device steps; its checkpoint resumes on one slice."""
+    from neox_jax import checkpoint
+
+    initial, ref_params, ref_losses = reference
+    config = tiny_config(4, 1, 2, 1)
+    config.mesh.slices = 2
+    run = build(config)
+    assert sharding.mesh_device_slices(run.mesh, jax.devices(), 2) == [0] * 4 + [1] * 4  # data splits the slices
+    step = train.make_train_step(run)
+    state = jax.device_put(initial, train.state_shardings(run))
+    tokens = batches(STEPS)
+    state, metrics = step(state, sharding.global_batch({"tokens": tokens[0]}, run.mesh))
+    losses = [float(metrics["loss"])]
+    saver = checkpoint.Checkpointer(str(tmp_path))
+    saver.save(1, {"train": state}, {}, {})
+    saver.close()
+
+    config.mesh.slices = 1  # the same layout on one slice: only the device order differs
+    one = build(config)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                            train.state_shardings(one))
+    restored, _, _ = checkpoint.Checkpointer(str(tmp_path)).restore({"train": abstract})
+    state = restored["train"]
+    step = train.make_train_step(one)
+    for batch in tokens[1:]:
+        state, metrics = step(state, sharding.global_batch({"tokens": batch}, one.mesh))
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)

@@ -25,15 +25,15 @@ def tiny_model(**fields):
     return m
 
 
-def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0, *, stage=1, **sections):
-    """The tiny run on a (stage, data, fsdp, tensor) mesh; `sections` update config sections, e.g.
+def tiny_config(data=1, fsdp=1, tensor=1, zero_stage=0, *, stage=1, context=1, **sections):
+    """The tiny run on a (stage, data, fsdp, context, tensor) mesh; `sections` update config sections, e.g.
     `model=dict(dtype="bfloat16"), precision=dict(mode="master_weights")`."""
     c = default_config()
     c.model.update(MODEL)
     c.optimizer.update(OPTIMIZER)
     c.train.update(TRAIN)
     c.data.bundled_sample = True
-    c.mesh.update(dict(stage=stage, data=data, fsdp=fsdp, tensor=tensor))
+    c.mesh.update(dict(stage=stage, data=data, fsdp=fsdp, context=context, tensor=tensor))
     c.zero_stage = zero_stage
     for name, fields in sections.items():
         c[name].update(fields)
