@@ -314,6 +314,7 @@ def collective_report(executable, run, devices, platform: str) -> dict:
     slices = run.config.mesh.slices
     found = collectives.collectives(executable.as_text(), sharding.mesh_device_slices(run.mesh, devices, slices))
     out = collectives.summary(found)
+    out["each"] = [dataclasses.asdict(c) for c in sorted(found, key=lambda c: -c.step_bytes)]
     out["slices"] = slices
     out["dcn_analytic"] = memory.dcn_bytes(run, platform) if slices > 1 else 0
     cost = executable.cost_analysis()
@@ -457,6 +458,9 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+TOP_COLLECTIVES = 10
+
+
 def format_collectives(c: dict) -> list[str]:
     """The collectives section: bytes per device per step inside a slice (ICI) and across slices (DCN), by op."""
     lines = [f"collectives per device per step: ICI {c['ici'] / 1e9:.3f} GB, DCN {c['dcn'] / 1e9:.3f} GB"
@@ -465,6 +469,15 @@ def format_collectives(c: dict) -> list[str]:
     rows = [(op, v["calls"], v["bytes"]) for op, v in c["by_op"].items()]
     lines.append(table.render([table.Column("op", 0, align="<", width=26), table.Column("calls", 1, width=8),
                                table.Column("GB", 2, lambda b: f"{b / 1e9:.3f}", width=10)], rows))
+    largest = c["each"][:TOP_COLLECTIVES]
+    if largest:
+        lines.append(f"the {len(largest)} largest of {len(c['each'])} (--format json lists every one):")
+        rows = [(e["name"], e["op"], "dcn" if e["dcn"] else "ici", e["group"] or "-", e["count"],
+                 e["bytes"] * e["count"]) for e in largest]
+        lines.append(table.render([table.Column("collective", 0, align="<", width=30),
+                                   table.Column("op", 1, align="<", width=20), table.Column("link", 2, width=6),
+                                   table.Column("group", 3, width=7), table.Column("calls", 4, width=7),
+                                   table.Column("MB", 5, lambda b: f"{b / 1e6:,.3f}", width=12)], rows))
     cost = c["cost"]
     lines.append(f"compiler cost analysis per device: {cost['flops'] / 1e12:.3f} TFLOP, "
                  f"{cost['bytes_accessed'] / 1e9:.3f} GB accessed; model FLOPs (6N + 12LHS per token): "

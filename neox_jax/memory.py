@@ -34,6 +34,8 @@ depths; tests/test_memory.py holds the model to recorded compiles of pythia-160m
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import flax.linen as nn
@@ -116,8 +118,8 @@ TPU_LANES = 128  # a TPU tile's minor dim
 def dcn_bytes(run: RunSetup, platform: str = "tpu") -> int:
     """Bytes per device per step that cross slices (DCN) when only the data-parallel gradient reduction does.
 
-    Each parameter's gradient (the params' dtype; split as the params are: tensor, and fsdp at ZeRO-3) is summed
-    over the batch axes, hierarchically: reduce-scattered inside the slice over the r devices of its group there,
+    Each parameter's gradient (the params' dtype; split as the params are: tensor, and fsdp (x context) at ZeRO-3)
+    is summed over the batch axes and the context axis, hierarchically: reduce-scattered inside the slice over the r devices of its group there,
     each 1/r piece all-reduced across slices, all-gathered inside the slice. So bytes / r cross DCN per reduction:
     once per step, or at ZeRO-3 once per micro-batch (each layer's gradient is reduce-scattered in its backward).
     XLA:CPU, simulating slices, reduces flat: its report shows more. On TPU the transfers carry the arrays in its
@@ -128,13 +130,15 @@ def dcn_bytes(run: RunSetup, platform: str = "tpu") -> int:
     boxed = jax.tree.leaves(run.param_shapes, is_leaf=is_boxed)
     specs = jax.tree.leaves(run.placement.params, is_leaf=lambda x: isinstance(x, P))
     itemsize = np.dtype(cfg.state_param_dtype(c)).itemsize
-    batch_inside = mesh.shape["data"] * mesh.shape["fsdp"] // c.mesh.slices
+    # the axes a gradient is summed over: the batch's, and the context axis's tokens
+    reducing = {a: n for a, n in mesh.shape.items() if a in ("data", "fsdp", "context")}
+    reduced_inside = math.prod(reducing.values()) // c.mesh.slices
     total = 0
     head_dim = cfg.head_dim(run.model_config)
     lanes = -(-head_dim // TPU_LANES) * TPU_LANES / head_dim if platform == "tpu" else 1.0
     for b, spec in zip(boxed, specs):
-        split_by_fsdp = any("fsdp" in (e if isinstance(e, tuple) else (e,)) for e in spec)
-        inside = batch_inside // (mesh.shape["fsdp"] if split_by_fsdp else 1)
+        named = {a for e in spec for a in (e if isinstance(e, tuple) else (e,))}
+        inside = reduced_inside // math.prod(n for a, n in reducing.items() if a in named)
         padded = lanes if "kv" in b.names else 1.0
         total += int(np.prod(NamedSharding(mesh, spec).shard_shape(tuple(b.value.shape)))) * itemsize * padded / max(1, inside)
     return int(total * (c.train.micro_batches if c.zero_stage == 3 else 1))

@@ -44,17 +44,23 @@ _use_abstract_mesh = getattr(jax.sharding, "use_abstract_mesh", None) or getattr
 def logical_rules(zero_stage: int, pipelined: bool = False, context: bool = False) -> tuple:
     """Logical axis -> mesh axis. Order matters: an activation's batch claims fsdp before embed can.
     Pipelined, each stage holds a contiguous block of layers: the stacked `layers` dim splits over `stage`.
-    With a context axis, every activation's sequence (`length`) splits over it."""
+    With a context axis, every activation's sequence (`length`) splits over it, and ZeRO-3's params too."""
     return (
         ("batch", BATCH_AXES),
         ("vocab", "tensor"),
         ("heads", "tensor"),
         ("mlp", "tensor"),
-        ("embed", "fsdp" if zero_stage == 3 else None),
+        ("embed", _zero3_axes(context) if zero_stage == 3 else None),
         ("kv", None),
         ("layers", STAGE_AXIS if pipelined else None),
         ("length", CONTEXT_AXIS if context else None),
     )
+
+
+def _zero3_axes(context: bool):
+    """ZeRO-3 splits the params over fsdp and, when there is one, the context axis too: its devices hold the same
+    rows' tokens, so their params (and gradients, summed over it like the batch) need not be copies."""
+    return ("fsdp", CONTEXT_AXIS) if context else "fsdp"
 
 
 # ---- mesh ---------------------------------------------------------------------------------------------

@@ -11,10 +11,11 @@ The train step is compiled ahead of time from shapes only, for `--target` (defau
 per mesh position; `tpu:VERSION:TOPOLOGY` and `gpu:KIND:COUNT` compile with the TPU or CUDA compiler on a host
 without either, see neox_jax/targets.py). The report gives every parameter's logical axes, spec and per-device
 bytes, the state per device, XLA's memory analysis, the compiled temp split into named parts (what is live at the
-step's memory peak, from XLA's own buffer assignment) and the analytic model's figures. `--compare` (repeatable)
-adds layouts: mesh axes, zero_stage and precision (fp32_params / master_weights). `--plot FILE.png` draws the
-per-device breakdown of every layout as stacked bars with the device's memory as a line. The logic lives in
-neox_jax/layout.py.
+step's memory peak, from XLA's own buffer assignment), the analytic model's figures, and the step's collectives
+(inside a slice or across slices, `--slices N`) with the compiler's cost analysis. `--compare` (repeatable) adds
+layouts: mesh axes, zero_stage, precision (fp32_params / master_weights) and attention (model.attention_impl).
+`--plot FILE.png` draws the per-device breakdown of every layout as stacked bars with the device's memory as a
+line. The logic lives in neox_jax/layout.py.
 """
 
 import math
@@ -24,21 +25,22 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import errors  # noqa: E402  (these two import no JAX: flags are set below first)
-from neox_jax.config import MESH_AXES, PRECISION_MODES  # noqa: E402
+from neox_jax.config import ATTENTION_IMPLS, MESH_AXES, PRECISION_MODES  # noqa: E402
 
 
 def parse_layout(spec: str) -> dict:
-    """"stage=4,data=12,tensor=2[,zero_stage=1][,precision=master_weights]" -> a dict of those fields."""
+    """"stage=4,data=12,tensor=2[,zero_stage=1][,precision=master_weights][,attention=splash]" -> a dict of those
+    fields."""
     out = {}
     for part in filter(None, spec.split(",")):
         key, _, value = part.partition("=")
-        if key == "precision" and value in PRECISION_MODES:
+        if (key, value) in [("precision", p) for p in PRECISION_MODES] + [("attention", a) for a in ATTENTION_IMPLS]:
             out[key] = value
             continue
         if key not in (*MESH_AXES, "zero_stage") or not value.isdigit() or int(value) < (key != "zero_stage"):
             errors.fatal(f"inspect_sharding: bad layout {spec!r}: expected comma-separated {'/'.join(MESH_AXES)}"
-                         f"/zero_stage=N with positive sizes and precision={'|'.join(PRECISION_MODES)}, "
-                         "e.g. data=12,tensor=2")
+                         f"/zero_stage=N with positive sizes, precision={'|'.join(PRECISION_MODES)} and "
+                         f"attention={'|'.join(ATTENTION_IMPLS)}, e.g. data=12,tensor=2")
         out[key] = int(value)
     return out
 
@@ -93,7 +95,8 @@ def parse(argv):
     p.add_argument("--batch_size", type=int, help="train.batch_size (global)")
     p.add_argument("--micro_batches", type=int, help="train.micro_batches")
     p.add_argument("--compare", action="append", default=[], help="another layout to compare (repeatable), e.g. "
-                   "data=48,tensor=2,zero_stage=1 or precision=fp32_params; unnamed fields carry over from --mesh")
+                   "data=48,tensor=2,zero_stage=1, precision=fp32_params or attention=xla; unnamed fields carry over from "
+                   "--mesh")
     p.add_argument("--target", default="cpu", help="compile for: cpu | tpu:VERSION:TOPOLOGY | gpu:KIND:COUNT")
     p.add_argument("--slices", type=int, help="TPU slices the mesh spans (config mesh.slices; mesh.slice_axis, data "
                    "by default, crosses them over DCN); --target names one slice's topology")
@@ -121,12 +124,14 @@ def layout_config(base, layout: dict):
         c.zero_stage = layout["zero_stage"]
     if "precision" in layout:
         c.precision.mode = layout["precision"]
+    if "attention" in layout:
+        c.model.attention_impl = layout["attention"]
     return c
 
 
 def compared(first: dict, spec: str) -> dict:
-    """A --compare layout: its mesh axes, if it names any, replace --mesh's whole; zero_stage and precision carry
-    over from --mesh unless it names them."""
+    """A --compare layout: its mesh axes, if it names any, replace --mesh's whole; zero_stage, precision and
+    attention carry over from --mesh unless it names them."""
     other = parse_layout(spec)
     base = {k: v for k, v in first.items() if k not in MESH_AXES} if any(a in other for a in MESH_AXES) else first
     return {**base, **other}

@@ -45,14 +45,17 @@ def assert_same_run(got, want):
         assert rel_err(value, reference[path]) < 1e-5, path
 
 
-@pytest.mark.parametrize("layout", [dict(context=8), dict(data=2, context=2, tensor=2)],
-                         ids=["context8", "data2_context2_tensor2"])
+@pytest.mark.parametrize("layout", [dict(context=8), dict(fsdp=2, context=2, tensor=2, zero_stage=3)],
+                         ids=["context8", "fsdp2_context2_tensor2_zero3"])
 def test_context_parallel_matches_one_device(layout, one_device, monkeypatch):
     calls = []
     original = context.causal_attention
     monkeypatch.setattr(context, "causal_attention", lambda *a: calls.append(1) or original(*a))
     assert_same_run(run_steps(layout, 8), one_device)
     assert calls  # the split attention was traced, not XLA's whole-sequence one
+    if layout.get("zero_stage") == 3:  # the params split over fsdp x context, not copied over context
+        spec = build(tiny_config(**layout), jax.devices()[:8]).placement.params["embed_in"]
+        assert spec == jax.sharding.PartitionSpec("tensor", ("fsdp", "context")), spec
 
 
 @pytest.mark.slow

@@ -98,3 +98,9 @@ def test_compiled_step_reduces_gradients_across_slices_only_when_data_spans_them
     assert two["dcn_analytic"] > 0 and two["dcn"] >= two["dcn_analytic"]
     assert "all-reduce dcn" in two["by_op"] and "all-reduce ici" in two["by_op"]  # data across, tensor inside
     assert two["ici"] + two["dcn"] == pytest.approx(reports[1]["ici"], rel=0.05)
+    # every collective listed, the largest first, summing to the totals; the text report shows the largest
+    each = two["each"]
+    assert sum(e["bytes"] * e["count"] for e in each if e["dcn"]) == two["dcn"]
+    assert [e["bytes"] * e["count"] for e in each] == sorted((e["bytes"] * e["count"] for e in each), reverse=True)
+    text = "\n".join(layout.format_collectives(two))
+    assert f"largest of {len(each)}" in text and each[0]["name"] in text
