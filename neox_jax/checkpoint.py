@@ -212,31 +212,34 @@ def newest_known_good(directory: str, steps: list[int], pending: tuple[int, int]
 @dataclasses.dataclass
 class _Rotation:
     """Which steps `keep_checkpoints` rotation keeps (an orbax preservation policy): the last `keep` (0: all), the
-    multiples of `keep_every`, and always the newest known-good one (`newest_known_good`), so that a streak of
-    non-finite steps can never rotate away the last checkpoint to roll back to."""
+    multiples of `keep_every`, the steps of a schedule (`keep_steps`, train.checkpoint_steps), and always the
+    newest known-good one (`newest_known_good`), so that a streak of non-finite steps can never rotate away the last
+    checkpoint to roll back to."""
 
     directory: str
     keep: int
     keep_every: int
+    keep_steps: frozenset = frozenset()
 
     def should_preserve(self, checkpoints, *, context) -> list[bool]:
         steps = [c.step for c in checkpoints]
         good = newest_known_good(self.directory, steps)
         rank = {s: i for i, s in enumerate(sorted(steps, reverse=True))}
         return [not self.keep or rank[s] < self.keep or bool(self.keep_every and s % self.keep_every == 0)
-                or s == good for s in steps]
+                or s in self.keep_steps or s == good for s in steps]
 
 
 class Checkpointer:
     """keep: the last K checkpoints are kept; keep_every: every checkpoint whose step is a multiple of M is kept
-    as well (0 = none); the newest known-good one is never rotated away (`_Rotation`). Every save carries an integrity
-    record (the checksum of each array and JSON item, `integrity.py`), checked whenever a step is read."""
+    as well (0 = none); keep_steps: these steps are kept too (a checkpoint schedule); the newest known-good one is
+    never rotated away (`_Rotation`). Every save carries an integrity record (the checksum of each array and JSON
+    item, `integrity.py`), checked whenever a step is read."""
 
     def __init__(self, workdir: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-                 create: bool = True):
+                 create: bool = True, keep_steps=()):
         self.directory = checkpoint_dir(workdir)
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=_Rotation(self.directory, keep, keep_every),
+            preservation_policy=_Rotation(self.directory, keep, keep_every, frozenset(keep_steps)),
             enable_async_checkpointing=async_save,
             create=create,
         )

@@ -165,8 +165,8 @@ def default_workdir(config_spec: str) -> str:
 
 
 def summary(last: dict, workdir: str) -> str:
-    """The run's last line: step, losses (with the unigram baseline beside the validation loss), throughput, energy,
-    goodput."""
+    """The run's last line: step, losses (with the unigram baseline beside the validation loss), the latest
+    train.eval_tasks scores, throughput, energy, goodput."""
     parts = [f"done: step {last.get('step')}"]
     if last.get("loss") is not None:
         parts.append(f"loss {last['loss']:.4f}")
@@ -174,6 +174,8 @@ def summary(last: dict, workdir: str) -> str:
         parts.append(f"val_loss {last['val_loss']:.4f}")
     if last.get("unigram_val_loss") is not None:
         parts.append(f"unigram baseline {last['unigram_val_loss']:.4f}")
+    if last.get("task_scores"):
+        parts.append(f"tasks at step {last['task_scores_step']}: {last['task_scores']}")
     if last.get("tokens_per_s") is not None:
         parts.append(f"tokens_per_s {last['tokens_per_s']:,.0f}")
     if last.get("energy_kwh_total") is not None:

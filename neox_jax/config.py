@@ -122,6 +122,15 @@ def default_config() -> ml_collections.ConfigDict:
             checkpoint_every=200,
             keep_checkpoints=3,
             keep_every=0,  # 0: none kept permanently
+            # steps saved and kept for good beside the rolling ones (config.checkpoint_schedule): "" none; "pythia"
+            # (0, 1, 2, 4, ..., 512, then every 1,000); "log2" (0 and the powers of 2); "log:N" (N log-spaced
+            # steps up to train.steps, and 0); or a list "0,100,2000". Step 0 is the initial weights.
+            checkpoint_steps="",
+            # lm-eval tasks scored on the training devices every eval_tasks_every steps (0: never), e.g.
+            # "lambada_openai,piqa"; eval_tasks_limit: documents per task (0: all; < 1: a fraction)
+            eval_tasks="",
+            eval_tasks_every=0,
+            eval_tasks_limit=0.0,
             max_nonfinite_in_a_row=5,
             # before the first step the compiled step's per-device peak is compared with the device's memory: over
             # it the run stops naming settings that fit, near it a warning (neox_jax/fit.py); false: no check
@@ -349,6 +358,7 @@ COUNT_FIELDS = (
     ("train.eval_batches", 1, "the validation loss is their mean"),
     ("train.keep_checkpoints", 0, "0: keep every checkpoint"),
     ("train.keep_every", 0, "0: none kept permanently"),
+    ("train.eval_tasks_every", 0, "0: no evaluation of train.eval_tasks"),
     ("train.max_nonfinite_in_a_row", 1, "the run stops after this many non-finite steps in a row"),
     ("precision.loss_scale_window", 1, "the count of finite steps is taken modulo it"),
     ("precision.hysteresis", 1, "overflows tolerated before the loss scale is cut"),
@@ -416,6 +426,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  f"got {c.model.param_dtype!r}")
     validate_data(c)
     profile_window(t.profile_steps)
+    checkpoint_schedule(t.checkpoint_steps, t.steps)
+    _require(not t.eval_tasks or t.eval_tasks_every > 0, "train.eval_tasks_every",
+             f"train.eval_tasks={t.eval_tasks!r} are scored every train.eval_tasks_every steps: set it above 0")
+    _require(t.eval_tasks_limit >= 0, "train.eval_tasks_limit",
+             f"documents per task: 0 (all), a count, or a fraction below 1; got {t.eval_tasks_limit}")
     return c
 
 
@@ -457,6 +472,37 @@ def mixing_weights(spec: str, count: int) -> list[float]:
     if any(not w > 0 for w in weights):
         raise ConfigError(f"data.train_weights: every weight must be positive, got {spec!r}")
     return weights
+
+
+PYTHIA_EVERY = 1000  # Pythia's checkpoints after step 512: every 1,000 steps
+
+
+def checkpoint_schedule(spec: str, steps: int) -> tuple[int, ...]:
+    """train.checkpoint_steps -> the steps whose checkpoints are kept for good, in order. A named rule stops at
+    `steps` (train.steps); a listed step beyond it is a ConfigError. "pythia" over Pythia's 143,000 steps gives
+    its 154 checkpoints."""
+    field = "train.checkpoint_steps"
+    if not spec:
+        return ()
+    powers = {0} | {2**k for k in range(max(steps, 1).bit_length())}
+    if spec == "pythia":
+        chosen = {s for s in powers if s <= 512} | set(range(PYTHIA_EVERY, steps + 1, PYTHIA_EVERY))
+    elif spec == "log2":
+        chosen = powers
+    elif spec.startswith("log:"):
+        count = spec[4:]
+        _require(count.isdigit() and int(count) >= 2, field, f"{spec!r}: log:N needs a whole N >= 2 (e.g. log:20)")
+        n = int(count)
+        chosen = {0} | {round(steps ** (i / (n - 1))) for i in range(n)}  # evenly spaced in log(step)
+    else:
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        _require(all(p.isdigit() for p in parts), field, f"{spec!r} is not pythia, log2, log:N or a list of "
+                 "steps like '0,100,2000'")
+        chosen = {int(p) for p in parts}
+        beyond = sorted(s for s in chosen if s > steps)
+        if beyond:
+            _require(False, field, f"step {beyond[0]} is beyond train.steps={steps}: drop it or raise train.steps")
+    return tuple(sorted(s for s in chosen if s <= steps))
 
 
 def profile_window(spec: str) -> tuple[int, int] | None:

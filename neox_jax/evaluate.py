@@ -34,6 +34,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 from lm_eval.tasks import TaskManager
 from tqdm import tqdm
 
+from neox_jax import config as C
 from neox_jax import generate as gen_lib
 from neox_jax import scoring, sharding, weights
 from neox_jax.data import EVAL_DATA_ENV as DATA_ENV
@@ -67,19 +68,21 @@ class NeoXLM(TemplateLM):
     `max_length` (default: max_position_embeddings), `dtype` (float32 | bfloat16 | float16),
     `tokenizer` (path; default the HF dir's tokenizer.json, else the 20B tokenizer), `max_gen_toks`,
     `tensor_parallel` (mesh: all devices, weights split tensor_parallel ways, batch rows over the rest).
-    From Python, `model_config=`, `params=` and a `neox_jax.data.tokenizer` object may be passed instead."""
+    From Python, `model_config=`, `params=` and a `neox_jax.data.tokenizer` object may be passed instead, and
+    `stacked=True` scores with the params' stacked layers as they are (no per-layer copy)."""
 
     def __init__(self, hf: str | None = None, checkpoint: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, dtype: str | None = None, tokenizer: Any = None,
                  max_gen_toks: int = 256, tensor_parallel: int = 1, row_length: int = scoring.ROW_LENGTH,
-                 model_config: Any = None, params: Any = None, mesh: Any = None, **unused):
+                 model_config: Any = None, params: Any = None, mesh: Any = None, stacked: bool = False, **unused):
         super().__init__()
         if model_config is None:
             model_config, params = weights.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = tok_lib.load_tokenizer(tokenizer, hf_dir=hf)
         self.mesh = sharding.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
-        self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh)
+        self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh,
+                                            stacked=stacked)
         self.m, self.params, self.tokenizer = model_config, self._generator.params, tokenizer
         if str(batch_size).startswith("auto"):
             batch_size = 8
@@ -91,6 +94,15 @@ class NeoXLM(TemplateLM):
                                      row_length=int(row_length), split=sharding.batch_multiple(self.mesh),
                                      put=lambda tree: sharding.put_batch(tree, self.mesh),
                                      context=lambda: gen_lib.tracing_context(model_config, self.mesh))
+
+    def set_params(self, params) -> None:
+        """Score with other weights of the same shapes (another checkpoint of the run): nothing is compiled again."""
+        self._generator.set_params(params)
+        self.params = self.scorer.params = self._generator.params
+
+    def release(self) -> None:
+        """Drop the weights (until `set_params`), keeping what is compiled."""
+        self.params = self.scorer.params = self._generator.params = None
 
     # ---- the harness's interface --------------------------------------------------------------------------
     @property
@@ -196,14 +208,8 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
              seed: int = 1234, log_samples: bool = False) -> dict:
     """Run the harness on `tasks` with model `lm`; returns lm-eval's results dict. A task that is not one of
     LOCAL_TASKS comes from lm-eval's own registry (its data from the Hugging Face hub)."""
-    hub = check_offline(tasks)
-    manager = task_manager(data_dir, include_builtin or bool(hub))
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        near = {m for t in unknown for m in difflib.get_close_matches(t, LOCAL_TASKS, n=1)}
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(sorted(near))}?)"
-                         if near else "") + f"; available: {', '.join(LOCAL_TASKS)} (task files in {TASK_DIR}) and "
-                         "lm-eval's own tasks")
+    manager = check_tasks(tasks, data_dir, include_builtin)
+    hub = [t for t in tasks if t not in LOCAL_TASKS]
     try:
         return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                        task_manager=manager, bootstrap_iters=bootstrap_iters, random_seed=seed,
@@ -215,6 +221,19 @@ def evaluate(lm, tasks: Sequence[str], *, num_fewshot: int | None = None, limit:
         raise ValueError(f"lm-eval task(s) {', '.join(hub)} download their data from the Hugging Face hub, which "
                          f"is not reachable ({str(e).splitlines()[0]}); run where it is (with HF_HUB_OFFLINE and "
                          f"HF_DATASETS_OFFLINE unset), or use the offline tasks {', '.join(LOCAL_TASKS)}") from None
+
+
+def check_tasks(tasks: Sequence[str], data_dir: str | None = None, include_builtin: bool = False):
+    """The TaskManager that knows `tasks`; a ValueError naming the unknown ones (and near names) otherwise."""
+    hub = check_offline(tasks)
+    manager = task_manager(data_dir, include_builtin or bool(hub))
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        near = {m for t in unknown for m in difflib.get_close_matches(t, LOCAL_TASKS, n=1)}
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}" + (f" (did you mean {', '.join(sorted(near))}?)"
+                         if near else "") + f"; available: {', '.join(LOCAL_TASKS)} (task files in {TASK_DIR}) and "
+                         "lm-eval's own tasks")
+    return manager
 
 
 def check_offline(tasks: Sequence[str]) -> list[str]:
@@ -233,3 +252,46 @@ def check_offline(tasks: Sequence[str]) -> list[str]:
 
 def results_table(results: dict) -> str:
     return lm_utils.make_table(results)
+
+
+def scores(results: dict) -> dict[str, float]:
+    """lm-eval's results as flat metrics {"piqa/acc": ..., "piqa/acc_stderr": ...} (numeric ones only)."""
+    out = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," in key and isinstance(value, (int, float)) and not isinstance(value, bool):  # "metric,filter"
+                out[f"{task}/{key.partition(',')[0]}"] = float(value)
+    return out
+
+
+class LoopEvaluator:
+    """train.eval_tasks scored inside the training loop on the run's own devices: `scripts/train.py` builds one
+    and hands it to `trainer.train(task_eval=...)`. Called with (model config, params, mesh): the first call builds
+    the lm-eval model on that mesh (an inference mesh of the same devices when it pipelines or splits sequences),
+    later ones swap the new params in, so the scoring compiles once for the run. Returns `scores(...)`."""
+
+    def __init__(self, config):
+        t = config.train
+        self.tasks = [x for x in t.eval_tasks.split(",") if x]
+        self.limit = None if not t.eval_tasks_limit else (
+            int(t.eval_tasks_limit) if t.eval_tasks_limit >= 1 else float(t.eval_tasks_limit))
+        try:
+            check_tasks(self.tasks)
+        except ValueError as e:
+            raise C.ConfigError(f"config field train.eval_tasks: {e}") from None
+        self.tokenizer = tok_lib.load_tokenizer(config.data.tokenizer or None)
+        self.lm = None
+
+    def __call__(self, m, params, mesh) -> dict[str, float]:
+        if self.lm is None:
+            if any(a in mesh.axis_names for a in (sharding.STAGE_AXIS, sharding.CONTEXT_AXIS)):
+                mesh = sharding.mesh_of({"data": -1, "fsdp": 1, "tensor": int(mesh.shape.get("tensor", 1))},
+                                        list(mesh.devices.flat))
+            self.lm = NeoXLM(model_config=m, params=params, mesh=mesh, tokenizer=self.tokenizer,
+                             stacked=True)
+        else:
+            self.lm.set_params(params)
+        try:
+            return scores(evaluate(self.lm, self.tasks, limit=self.limit, bootstrap_iters=100))
+        finally:
+            self.lm.release()  # training goes on with (and donates) the params: hold no copy between evaluations

@@ -175,9 +175,7 @@ class Generator:
         README, Benchmarks). Drop other references to `params` to free the stacked copy; `stacked=True` uses
         `params` as they are."""
         self.m, self.mesh, self.stacked = m, mesh, stacked
-        self.params = params if mesh is None else sharding.place_params(params, model_lib.param_shapes(m), mesh)
-        if not stacked:
-            self.params = model_lib.unstack_layers(self.params)
+        self.set_params(params)
         self.vocab_limit = vocab_limit or m.vocab_size
         self._prefill = jax.jit(functools.partial(prefill, m), donate_argnums=(3,))
         self._step = jax.jit(functools.partial(decode_step, m), donate_argnums=(3,))
@@ -187,6 +185,14 @@ class Generator:
                              static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
         self._chunk = jax.jit(functools.partial(decode_chunk, m), donate_argnums=(3,),
                               static_argnames=("steps", "vocab_limit", "top_k", "top_p", "greedy"))
+
+    def set_params(self, params) -> None:
+        """Hold `params` (placed on the mesh, one buffer per layer unless stacked); other weights of the same shapes
+        (another checkpoint of a run) reuse every compiled function."""
+        self.params = params if self.mesh is None else sharding.place_params(params, model_lib.param_shapes(self.m),
+                                                                             self.mesh)
+        if not self.stacked:
+            self.params = model_lib.unstack_layers(self.params)
 
     def init_cache(self, batch: int, max_len: int) -> dict:
         return model_lib.init_cache(self.m, batch, max_len, stacked=self.stacked)

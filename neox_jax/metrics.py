@@ -248,7 +248,9 @@ def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:
     train = [r for r in rows if r.get("split") == "train" and "loss" in r]
     val = [r for r in rows if r.get("split") == "val" and "loss" in r]
     energy = [r for r in train if "energy_kwh_total" in r]
-    fig, (ax1, ax2, *ax3) = plt.subplots(1, 3 if energy else 2, figsize=(16 if energy else 11, 4))
+    tasks = [r for r in rows if r.get("split") == "tasks"]  # train.eval_tasks' scores
+    panels = 2 + bool(energy) + bool(tasks)
+    fig, (ax1, ax2, *more) = plt.subplots(1, panels, figsize=(5 * panels + 1, 4))
     ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
     if val:
         ax1.plot([r["step"] for r in val], [r["loss"] for r in val], "o-", label="validation")
@@ -258,7 +260,14 @@ def plot_run(workdir: str, out_name: str = "loss.png") -> str | None:
     ax2.plot([r["step"] for r in tput], [r["tokens_per_s"] for r in tput])
     ax2.set(xlabel="step", ylabel="tokens/s", title="throughput")
     if energy:
-        _plot_energy(ax3[0], energy)
+        _plot_energy(more.pop(0), energy)
+    if tasks:
+        ax = more.pop(0)
+        for name in sorted({k for r in tasks for k in r if "/" in k and not k.endswith("_stderr")}):
+            points = [(r["step"], r[name]) for r in tasks if name in r]
+            ax.plot(*zip(*points), "o-", label=name)
+        ax.set(xlabel="step", ylabel="score", title="evaluation tasks")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     out = os.path.join(workdir, out_name)
     fig.savefig(out, dpi=100)

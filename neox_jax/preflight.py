@@ -13,6 +13,7 @@ files, which a run rewrites.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -177,23 +178,28 @@ def checkpoint_bytes(run_setup: setup.RunSetup) -> int:
 
 def checkpoints_to_come(t, saved: list[int]) -> int:
     """How many checkpoints the disk must find room for, beyond the `saved` steps already in the workdir, for the
-    run of train config `t` at its peak: the last save, while the ones rotation keeps are still there (the newest
-    train.keep_checkpoints, 0: all, and every multiple of train.keep_every; checkpoint._Rotation). A save comes every
-    train.checkpoint_every steps and at train.steps."""
+    run of train config `t` at its peak: a save, while the ones rotation keeps are still there (the newest
+    train.keep_checkpoints, 0: all, every multiple of train.keep_every and the train.checkpoint_steps;
+    checkpoint._Rotation). A save comes every train.checkpoint_every steps, at each scheduled step (step 0 first,
+    when the schedule holds it and nothing is saved) and at train.steps."""
     every, keep, forever_every = t.checkpoint_every, t.keep_checkpoints, t.keep_every
     start = max(saved, default=0)
     if t.steps <= start:
         return 0
-    top = (t.steps - 1) // every * every  # the newest save before the last one, if it comes after `start`
-    coming = max(0, top // every - start // every)  # saves after `start`, before the last
+    schedule = set(cfg.checkpoint_schedule(getattr(t, "checkpoint_steps", ""), t.steps))
+    saves = set(range(start // every * every + every, t.steps, every)) | {t.steps}
+    saves |= {s for s in schedule if start < s or (s == 0 and not saved)}
     if not keep:
-        return coming + 1
-    forever = (lambda s: s % forever_every == 0) if forever_every else (lambda s: False)
-    newest = ([top - i * every for i in range(min(keep, coming))] + sorted(saved, reverse=True))[:keep]
-    forever_before = sum(map(forever, saved)) + (
-        top // math.lcm(every, forever_every) - start // math.lcm(every, forever_every) if forever_every and coming else 0)
-    held = len(newest) + forever_before - sum(map(forever, newest))  # what rotation keeps before the last save
-    return max(0, held + 1 - len(saved))
+        return len(saves)
+    permanent = {s for s in saved if s in schedule or (forever_every and s % forever_every == 0)}
+    recent = collections.deque(sorted(saved)[-keep:], maxlen=keep)  # saves arrive in order: the newest K
+    peak = len(permanent | set(recent))
+    for s in sorted(saves):
+        peak = max(peak, len(permanent | set(recent) | {s}))
+        recent.append(s)
+        if s in schedule or (forever_every and s % forever_every == 0):
+            permanent.add(s)
+    return max(0, peak - len(saved))
 
 
 def saved_steps(workdir: str) -> list[int]:

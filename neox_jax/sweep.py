@@ -24,6 +24,7 @@ from neox_jax import cli
 from neox_jax import config as cfg
 from neox_jax import errors
 from neox_jax import metrics as metrics_lib
+from neox_jax import scaling
 from neox_jax import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +107,18 @@ def single(config: str, overrides: dict) -> Sweep:
     default workdir (pythia_1b): it trains in `<runs_dir>/<that name>`."""
     _check_run(resolve_config(config, "--config"), overrides, f"--config {config}")
     return Sweep(config, [{}], dict(overrides), os.path.basename(cli.default_workdir(config)))
+
+
+def isoflop(config: str, budgets: list[float], family: str, per_budget: int, fixed: dict) -> Sweep:
+    """An isoflop sweep of `config` (neox_jax/scaling.py): per budget, `per_budget` sizes of `family`, each for the
+    steps that spend the budget. Named isoflop: its runs train in <runs_dir>/isoflop/<overrides>."""
+    path = resolve_config(config, "--config")
+    base = cfg.from_spec(path, fixed)
+    plan = scaling.isoflop_plan(base, budgets, scaling.family(family), per_budget)
+    runs = [r.overrides() for r in plan]
+    for overrides in runs:
+        _check_run(path, {**fixed, **overrides}, f"--isoflop run {overrides}")
+    return Sweep(config, runs, dict(fixed), "isoflop")
 
 
 def _check_run(config: str, overrides: dict, where: str) -> None:

@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -93,7 +93,7 @@ def compile_and_check(run: setup.RunSetup, say):
 
 
 def train(config, workdir: str, *, stop_after: int | None = None, stop: workdir_lib.StopFlag | None = None,
-          started: float | None = None) -> dict:
+          started: float | None = None, task_eval: Callable | None = None) -> dict:
     """Train `config` in `workdir`, resuming from its latest checkpoint. Returns the last logged metrics (plus
     "step" and, with a validation set, "unigram_val_loss") and the goodput record of the workdir.
 
@@ -101,10 +101,16 @@ def train(config, workdir: str, *, stop_after: int | None = None, stop: workdir_
     (checkpoint saved, return): for time-sliced sessions that continue later in the same workdir. `stop`: a flag
     the caller installed before start-up (scripts/train.py), so that a signal during start-up is not lost.
     `started`: when this attempt began, in epoch seconds (scripts/train.py passes its process's start), for the
-    goodput record; default now.
+    goodput record; default now. `task_eval`: what scores train.eval_tasks, `neox_jax.evaluate.LoopEvaluator(config)`
+    (lm-eval is optional, so scripts/train.py builds it); called with (model config, params, mesh) every
+    train.eval_tasks_every steps.
     """
     clock = goodput.Clock(started)  # every second of this attempt, charged to one category
     cfg.validate(config)
+    if config.train.eval_tasks and task_eval is None:
+        raise cfg.ConfigError("config field train.eval_tasks: the tasks are scored by lm-eval, which scripts/train.py "
+                              "loads for them; from Python pass trainer.train(..., "
+                              "task_eval=neox_jax.evaluate.LoopEvaluator(config))")
     run = setup.build(config, sharding.make_mesh(config))  # the model, optimizer and placement, derived once
     is_main = jax.process_index() == 0
     check_tokenizer(run.config, run.model_config)
@@ -113,6 +119,7 @@ def train(config, workdir: str, *, stop_after: int | None = None, stop: workdir_
     train_spec(run.config)  # no data named: one line before anything is written
     with contextlib.ExitStack() as cleanup:  # closed in reverse: signals, checkpoint saves, data, writers, lock
         loop = _open_workdir(run, workdir, clock, cleanup, say, stop or workdir_lib.StopFlag())
+        loop.task_eval = task_eval
         loop.state, loop.rng = _restore_or_init(run, loop, say)
         if is_main:
             workdir_lib.write_config(workdir, run.config)
@@ -141,6 +148,7 @@ class _Loop:
     log: StepLog
     state: Any = None
     rng: Any = None
+    task_eval: Callable | None = None  # scores train.eval_tasks
 
 
 def _open_workdir(run: setup.RunSetup, workdir: str, clock: goodput.Clock, cleanup: contextlib.ExitStack,
@@ -161,7 +169,8 @@ def _open_workdir(run: setup.RunSetup, workdir: str, clock: goodput.Clock, clean
     train_it = make_train_iterator(config)
     cleanup.callback(train_it.close)
     val_batches = make_val_batches(config) if t.eval_every else None
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=t.keep_checkpoints, keep_every=t.keep_every,
+                                         keep_steps=cfg.checkpoint_schedule(t.checkpoint_steps, t.steps))
     cleanup.callback(checkpointer.close)
     cleanup.callback(stop.install())
     log = StepLog(run, writers, energy, say, clock)
@@ -204,6 +213,9 @@ def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) ->
         say(f"nothing to do: {loop.workdir} is already at step {step} (train.steps={t.steps}); "
             "raise --config.train.steps to train further")
     trace = _Trace(cfg.profile_window(t.profile_steps), f"{loop.workdir}/profile", say)
+    scheduled = set(cfg.checkpoint_schedule(t.checkpoint_steps, t.steps))
+    if step == 0 and 0 in scheduled and loop.checkpointer.latest_step() is None:  # the initial weights
+        _save(run, loop, 0, skipped_steps=0)
     while step < t.steps:
         trace.before(step)
         with loop.log.clock.charged("data"):
@@ -216,13 +228,14 @@ def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) ->
             with loop.log.paused("eval"):
                 val_loss = validation_loss(loop.eval_fn, loop.state.params, loop.val_batches, run.mesh)
             loop.log.validation(step, val_loss)
+        if loop.task_eval is not None and step % t.eval_tasks_every == 0:
+            with loop.log.paused("eval"):
+                found = loop.task_eval(run.model_config, loop.state.params, run.mesh)
+            loop.log.task_scores(step, found)
         preempted = workdir_lib.any_process(loop.stop.signal is not None) or (
             stop_after is not None and step - start_step >= stop_after)
-        if step % t.checkpoint_every == 0 or step == t.steps or preempted:
-            with loop.log.paused("checkpoint"):
-                loop.checkpointer.save(step, {"train": loop.state, "rng": loop.rng}, loop.train_it.get_state(),
-                                       json.loads(run.config.to_json()), force=True,
-                                       skipped_steps=int(jax.device_get(step_metrics["skipped_steps"])))
+        if step % t.checkpoint_every == 0 or step in scheduled or step == t.steps or preempted:
+            _save(run, loop, step, int(jax.device_get(step_metrics["skipped_steps"])))
         if preempted:
             why = f"signal {signal.Signals(loop.stop.signal).name}" if loop.stop.signal else f"stop_after={stop_after}"
             say(f"stopping at step {step} ({why}); checkpoint saved in {loop.checkpointer.directory}")
@@ -230,6 +243,22 @@ def _run_steps(run: setup.RunSetup, loop: _Loop, stop_after: int | None, say) ->
     loop.log.flush()
     trace.close()
     return step
+
+
+TASKS_SPLIT = "tasks"  # metrics.jsonl's split of train.eval_tasks' scores
+
+
+def format_scores(found: dict[str, float]) -> str:
+    """{"piqa/acc": .., "piqa/acc_stderr": ..} -> "piqa acc 0.5234 +- 0.0201, ..." (stderrs beside their metric)."""
+    return ", ".join(f"{k.replace('/', ' ')} {v:.4f}" + (f" +- {found[k + '_stderr']:.4f}"
+                                                         if isinstance(found.get(k + "_stderr"), float) else "")
+                     for k, v in found.items() if not k.endswith("_stderr"))
+
+
+def _save(run: setup.RunSetup, loop: _Loop, step: int, skipped_steps: int) -> None:
+    with loop.log.paused("checkpoint"):
+        loop.checkpointer.save(step, {"train": loop.state, "rng": loop.rng}, loop.train_it.get_state(),
+                               json.loads(run.config.to_json()), force=True, skipped_steps=skipped_steps)
 
 
 def _finish(loop: _Loop, step: int, say) -> None:
@@ -304,13 +333,20 @@ class StepLog:
     def paused(self, category: str):
         """The body's time (an evaluation, a checkpoint save) kept out of the window's throughput and charged to
         goodput `category`: the step it follows is finished first, so none of the step's own time is taken out."""
-        jax.block_until_ready(self._pending[1])
+        if self._pending is not None:  # none before the first step (the initial weights' save)
+            jax.block_until_ready(self._pending[1])
         start = time.perf_counter()
         try:
             with self.clock.charged(category):
                 yield
         finally:
             self._paused += time.perf_counter() - start
+
+    def task_scores(self, step: int, found: dict[str, float]) -> None:
+        """train.eval_tasks' scores: metrics.jsonl (split "tasks"), TensorBoard, the console, the run's last line."""
+        self.writers.write(step, found, prefix=TASKS_SPLIT)
+        self.last.update(task_scores=format_scores(found), task_scores_step=step)  # for the run's last line
+        self.say(f"step {step:>6}/{self.t.steps} | {format_scores(found)}")
 
     def validation(self, step: int, val_loss: float) -> None:
         ppl = math.exp(min(val_loss, 50))

@@ -65,15 +65,20 @@ def load(path: str, what: str = FIELD):
         raise C.ConfigError(f"{what}: {e}") from e
 
 
-def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None) -> tuple[Any, Any]:
+def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: str | None = None,
+               step: int | None = None) -> tuple[Any, Any]:
     """(model config, params) from an HF GPTNeoX directory (`hf`) or a neox_jax params dir / training workdir
-    (`checkpoint`), cast to `dtype` when given: what generation and evaluation start from."""
+    (`checkpoint`; a workdir's `step`, default its latest), cast to `dtype` when given: what generation and
+    evaluation start from."""
     if (hf is None) == (checkpoint is None):
         raise errors.InputError(
             "give exactly one of hf=<HF GPTNeoX dir> or checkpoint=<params dir or training workdir>")
     if dtype is not None and dtype not in C.DTYPES:
         raise errors.InputError(f"dtype={dtype!r}: expected {', '.join(C.DTYPES)}")
-    config, params = load(hf or checkpoint, "hf" if hf else "checkpoint")
+    if step is not None:
+        config, params = load_workdir_params(checkpoint, step)
+    else:
+        config, params = load(hf or checkpoint, "hf" if hf else "checkpoint")
     m = config.model
     if dtype:
         m = ml_collections.ConfigDict(m.to_dict())

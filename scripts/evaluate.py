@@ -2,6 +2,12 @@
 
     python scripts/evaluate.py --hf DIR --tasks lambada_openai,piqa,arc_easy,arc_challenge,winogrande,hellaswag
     python scripts/evaluate.py --checkpoint PARAMS_DIR --tasks piqa --num_fewshot 5 --limit 100 --output results.json
+    python scripts/evaluate.py --workdir RUN --steps all --tasks lambada_openai,piqa     # every kept checkpoint
+
+--workdir evaluates a series (neox_jax/series.py): a training run's kept checkpoints, or a folder of HF checkpoints
+named step1000/, step2000/, ... (Pythia's revisions); --steps picks them (all, A:B, or 1000,2000). Each step's
+results go to --output_dir (default RUN/eval) as step_<N>.json as soon as they are done, so the same command again
+skips finished steps; then the step x task x metric table and a PNG per metric against step.
 
 The offline tasks: configs/eval_tasks/*.yaml, their data from --data_dir (default $NEOX_JAX_EVAL_DATA, else the
 copies bundled in neox_jax/assets/eval/). Any other task name is one of lm-eval's own (data from the HF hub).
@@ -10,6 +16,7 @@ evaluation runs).
 """
 
 import json
+import os
 import sys
 
 from neox_jax import cli, errors
@@ -22,6 +29,10 @@ def parse(argv):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
     source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")
+    source.add_argument("--workdir", help="a series: a training workdir's kept checkpoints, or a folder of HF "
+                        "checkpoints step<N>/")
+    p.add_argument("--steps", default="all", help="with --workdir: all, A:B, or a list 1000,2000")
+    p.add_argument("--output_dir", help="with --workdir: where step_<N>.json and the plots go (default WORKDIR/eval)")
     p.add_argument("--tasks", default=",".join(E.LOCAL_TASKS), help="comma-separated task names")
     p.add_argument("--num_fewshot", type=cli.non_negative_int, default=None,
                    help="solved examples shown before each question (default: the task's own)")
@@ -50,6 +61,10 @@ def main(argv=None):
         raise errors.InputError(f"--limit={args.limit}: expected a number of documents >= 1 or a fraction in (0, 1)")
     cli.check_writable(args.output, "--output", args.overwrite)  # before the evaluation whose results it holds
     tasks = [t for t in args.tasks.split(",") if t]
+    if not args.workdir and (args.steps != "all" or args.output_dir):
+        raise errors.InputError("--steps and --output_dir choose and hold a series: they go with --workdir")
+    if args.workdir:
+        return _series(args, tasks, limit)
     try:
         E.check_offline(tasks)  # before the model loads
         lm = E.NeoXLM(hf=args.hf, checkpoint=args.checkpoint, batch_size=args.batch_size, max_length=args.max_length,
@@ -66,6 +81,32 @@ def main(argv=None):
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2, default=str)
         print(f"wrote {args.output}")
+
+
+def _series(args, tasks, limit) -> None:
+    from neox_jax import series
+
+    found = series.checkpoints(args.workdir)
+    steps = series.select(list(found), args.steps, args.workdir)
+    if not steps:
+        raise errors.InputError(f"--steps {args.steps}: no checkpoint of {args.workdir} in that range; it holds "
+                                f"{sorted(found)}")
+    out_dir = args.output_dir or os.path.join(args.workdir, "eval")
+    try:
+        E.check_offline(tasks)
+        results = series.evaluate(
+            args.workdir, steps, tasks, out_dir,
+            lm_args=dict(batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
+                         tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel),
+            num_fewshot=args.num_fewshot, limit=limit, data_dir=args.data_dir, include_builtin=args.include_builtin_tasks,
+            seed=args.seed, bootstrap_iters=args.bootstrap_iters)
+    except ValueError as e:
+        if isinstance(e, errors.UserError):
+            raise
+        raise errors.InputError(str(e)) from e
+    print(series.format_table(results))
+    for path in series.plot(results, out_dir):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,20 @@
     python scripts/sweep.py --config configs/pythia.py:1b --emit skypilot --accelerators H100:8 --nodes 8 \
         --workdir_root gs://B/runs --config.data.train_paths=...          # one config's run: a sweep of one
     python scripts/sweep.py --summarize runs/sweeps/tiny                 # table + summary.csv + summary.png
+    python scripts/sweep.py --isoflop 3e13,1e14,3e14 --config configs/tiny.py --family depth:1-6 --emit local
+    python scripts/sweep.py --fit runs/sweeps/isoflop --at 1e15          # scaling-law fits + scaling.png
+
+--isoflop BUDGETS: for each FLOP budget, --per_budget sizes of --family (pythia, or depth:A-B[,aspect:W]
+[,head_dim:K]) trained on the tokens that spend it, as a sweep named isoflop (neox_jax/scaling.py). --fit DIR:
+Chinchilla's approaches 2 and 3 on the finished runs under DIR with bootstrap intervals, the compute-optimal N and
+D at --at FLOPs, and the isoflop curves and frontier in DIR/scaling.png (DIR/scaling.json holds the numbers).
 
 Each run trains in <runs_dir>/<sweep name>/<its overrides>, e.g. runs/sweeps/lr/lr=0.0003,batch_size=512 (TPU and
 SkyPilot: below --workdir_root); --config.FIELD=VALUE overrides a field in every run. Running the sweep again
 resumes unfinished runs. Exit status: 0 ok, 1 a run failed, 2 bad sweep file or flag.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -21,7 +29,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from neox_jax import cli, errors, files  # noqa: E402
-from neox_jax import launch  # noqa: E402
+from neox_jax import launch, scaling  # noqa: E402
 from neox_jax import sweep as S  # noqa: E402
 
 # Flags that only mean something to one way of emitting (a default left alone passes anywhere).
@@ -35,6 +43,13 @@ def parse(argv):
     what = p.add_mutually_exclusive_group()
     what.add_argument("--sweep", help="sweep file defining get_sweep()")
     what.add_argument("--summarize", metavar="DIR", help="gather the final metrics of every run under DIR")
+    what.add_argument("--isoflop", metavar="BUDGETS", help="comma-separated FLOP budgets: an isoflop sweep of "
+                      "--config over --family")
+    what.add_argument("--fit", metavar="DIR", help="fit scaling laws to the finished runs under DIR")
+    p.add_argument("--family", default="depth:1-8", help="--isoflop: pythia, or depth:A-B[,aspect:W][,head_dim:K]")
+    p.add_argument("--per_budget", type=cli.positive_int, default=4, help="--isoflop: sizes per budget (>= 3)")
+    p.add_argument("--at", type=float, help="--fit: the budget (FLOPs) to give the compute-optimal N and D at")
+    p.add_argument("--resamples", type=cli.non_negative_int, default=100, help="--fit: bootstrap resamples")
     p.add_argument("--config", help="instead of --sweep: one run of this config (" + cli.CONFIG_HELP + ")")
     p.add_argument("--emit", choices=("list", "local", "slurm", "tpu", "skypilot"), default="list")
     p.add_argument("--runs_dir", default=os.path.join("runs", "sweeps"),
@@ -62,10 +77,16 @@ def parse(argv):
                                           "such as tpu-v5p-16")
     p.add_argument("--spot", action=cli.Switch, help="SkyPilot: spot instances (preempted jobs are relaunched)")
     args = cli.parse_args_with_config(p, argv)
-    if bool(args.sweep) + bool(args.summarize) + bool(args.config) != 1:
-        raise errors.InputError("give one of --sweep FILE, --config SPEC (one run) or --summarize DIR")
-    if args.overrides and args.summarize:
-        raise errors.InputError("--config.FIELD overrides go with --sweep or --config, not --summarize")
+    if args.isoflop and not args.config:
+        raise errors.InputError("--isoflop needs --config SPEC: the base config every size is trained from")
+    if bool(args.sweep) + bool(args.summarize) + bool(args.fit) + bool(args.config or args.isoflop) != 1:
+        raise errors.InputError("give one of --sweep FILE, --config SPEC (one run), --isoflop BUDGETS --config SPEC, "
+                                "--summarize DIR or --fit DIR")
+    if args.overrides and (args.summarize or args.fit):
+        raise errors.InputError("--config.FIELD overrides go with --sweep, --config or --isoflop, not --summarize "
+                                "or --fit")
+    if args.per_budget < 3:
+        raise errors.InputError(f"--per_budget {args.per_budget}: a budget's parabola needs 3 sizes or more")
     defaults = {k: p.get_default(k) for k in ONLY_FOR}
     wrong = [k for k, emits in ONLY_FOR.items() if getattr(args, k) != defaults[k] and args.emit not in emits.split()]
     if wrong:
@@ -92,7 +113,12 @@ def main(argv=None) -> int:
         csv_path, png_path = S.write_summary(args.summarize, columns, rows)
         print(f"{len(rows)} runs; table: {csv_path}; plot: {png_path}")
         return 0
-    sweep = S.load_sweep(args.sweep, args.overrides) if args.sweep else S.single(args.config, args.overrides)
+    if args.fit:
+        return fit(args)
+    if args.isoflop:
+        sweep = S.isoflop(args.config, _budgets(args.isoflop), args.family, args.per_budget, args.overrides)
+    else:
+        sweep = S.load_sweep(args.sweep, args.overrides) if args.sweep else S.single(args.config, args.overrides)
     if args.emit in ("tpu", "skypilot"):
         return emit_remote(args, sweep)
     runs = S.plan(sweep, args.runs_dir)
@@ -113,6 +139,26 @@ def main(argv=None) -> int:
     print(f"{len(runs) - len(failed)}/{len(runs)} runs finished; summarize: "
           f"{S.python()} scripts/sweep.py --summarize {os.path.join(args.runs_dir, sweep.name)}")
     return 1 if failed else 0
+
+
+def _budgets(spec: str) -> list[float]:
+    try:
+        budgets = sorted(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        budgets = []
+    if not budgets or min(budgets) <= 0:
+        raise errors.InputError(f"--isoflop {spec!r}: expected positive FLOP budgets such as 3e13,1e14,3e14")
+    return budgets
+
+
+def fit(args) -> int:
+    result = scaling.fit(scaling.read_runs(args.fit), args.resamples)
+    print(scaling.format_fit(result, args.at))
+    path = os.path.join(args.fit, "scaling.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path} and {scaling.plot(result, os.path.join(args.fit, 'scaling.png'))}")
+    return 0
 
 
 def emit_remote(args, sweep) -> int:

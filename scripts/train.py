@@ -79,7 +79,13 @@ def main(argv=None):
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
     logging.info("workdir %s", workdir)
     try:
-        last = trainer.train(config, workdir, stop=stop, started=goodput.process_start())  # start-up counts from there
+        task_eval = None
+        if config.train.eval_tasks:  # lm-eval is optional: loaded only for a run that scores tasks
+            from neox_jax import evaluate
+
+            task_eval = evaluate.LoopEvaluator(config)
+        last = trainer.train(config, workdir, stop=stop, started=goodput.process_start(),  # start-up counts from there
+                             task_eval=task_eval)
     except Exception as e:  # noqa: BLE001 - a lost peer must not wait in the runtime's shutdown barrier
         if distributed.is_peer_failure(e):
             distributed.abort_peer_failure(e, workdir)

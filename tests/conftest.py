@@ -45,8 +45,8 @@ def script_env(devices: int | None = None, **extra) -> dict:
 # with `--dist loadfile --no-loadscope-reorder` (the Makefile), pytest-xdist hands out files in this order, so no
 # long file starts last while the other worker idles; by default it orders files by their number of tests.
 LONG_FILES = ("test_slurm.py", "test_readme.py", "test_trainer.py", "test_distributed.py", "test_benchmark.py",
-              "test_train_step.py", "test_evaluate.py", "test_memory.py", "test_generate.py", "test_precision.py",
-              "test_preflight.py")
+              "test_train_step.py", "test_evaluate.py", "test_series.py", "test_memory.py", "test_generate.py",
+              "test_precision.py", "test_preflight.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -65,10 +65,14 @@ def _fatal(lines: list[str]) -> list[str]:
 
 def _rotation_peak(t, saved: list[int]) -> int:
     """The reference: the run's saves played through the trainer's own rotation policy, counting folders."""
-    policy = ckpt_lib._Rotation("/nonexistent", t.keep_checkpoints, t.keep_every)
+    schedule = cfg.checkpoint_schedule(getattr(t, "checkpoint_steps", ""), t.steps)
+    policy = ckpt_lib._Rotation("/nonexistent", t.keep_checkpoints, t.keep_every, frozenset(schedule))
     held, peak = list(saved), len(saved)
-    for step in range(max(saved, default=0) + 1, t.steps + 1):
-        if step % t.checkpoint_every == 0 or step == t.steps:
+    first = max(saved, default=0) + 1
+    if not saved and 0 in schedule:  # the initial weights
+        first, held, peak = 1, [0], 1
+    for step in range(first, t.steps + 1):
+        if step % t.checkpoint_every == 0 or step in schedule or step == t.steps:
             held.append(step)
             peak = max(peak, len(held))
             keep = policy.should_preserve([types.SimpleNamespace(step=s) for s in held], context=None)
@@ -77,8 +81,12 @@ def _rotation_peak(t, saved: list[int]) -> int:
 
 
 def test_checkpoints_to_come_follows_the_rotation():
-    for steps, every, keep, keep_every in itertools.product(range(1, 21), (1, 2, 3, 5), (0, 1, 3), (0, 2, 4, 6)):
-        t = types.SimpleNamespace(steps=steps, checkpoint_every=every, keep_checkpoints=keep, keep_every=keep_every)
+    for steps, every, keep, keep_every, schedule in itertools.product(
+            range(1, 21), (1, 2, 3, 5), (0, 1, 3), (0, 2, 4, 6), ("", "log2", "0,3,7")):
+        if schedule == "0,3,7" and steps < 7:
+            continue
+        t = types.SimpleNamespace(steps=steps, checkpoint_every=every, keep_checkpoints=keep, keep_every=keep_every,
+                                  checkpoint_steps=schedule)
         resumed = [s for s in range(every, steps // 2 + 1, every)][-keep:] if keep else []  # what a resume holds
         for saved in ([], resumed):
             assert preflight.checkpoints_to_come(t, saved) == _rotation_peak(t, saved), (t, saved)

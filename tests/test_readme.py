@@ -72,6 +72,8 @@ RULES = [
      "needs 2 hosts; tests/test_distributed.py runs the same flags as 2 processes over loopback"),
     (r"scripts/gpu_bench\.sh", SKIP, "needs an NVIDIA GPU"),
     (r"print\(jax\.devices\(\)\)", SKIP, "shows the GPUs a CUDA venv sees: needs an NVIDIA GPU"),
+    (r"scripts/scaling_study\.sh", SKIP, "12 training runs (~15 minutes on 2 cores), then the fits: "
+     "tests/test_scaling.py fits synthetic losses of a known law and plans an isoflop sweep"),
     (r"scripts/cpu_figures\.sh", SKIP,
      "re-measures every CPU figure of the README (hours); its commands are the benchmark commands here"),
     (r"benchmark\.py (train|energy) --preset gpu-", SKIP, "needs an NVIDIA GPU (a gpu-* preset)"),

@@ -119,6 +119,24 @@ def test_reference_run_writes_metrics_plot_checkpoints(reference):
 
 
 @pytest.mark.slow
+def test_a_checkpoint_schedule_keeps_its_steps_and_the_initial_weights(reference, tmp_path):
+    """train.checkpoint_steps=log2 over 8 steps, a rolling save every 3 kept 1 deep: the scheduled 0, 1, 2, 4, 8
+    stay beside the newest, step 0 holds the initial weights, and training is the reference run's."""
+    fields = {"train.checkpoint_steps": "log2", "train.checkpoint_every": 3, "train.keep_checkpoints": 1,
+              "train.keep_every": 0}
+    trainer.train(_config(**fields), str(tmp_path))
+    assert ckpt.Checkpointer(str(tmp_path), create=False).all_steps() == [0, 1, 2, 4, 8]
+    losses = {s: v[0] for s, v in _train_losses(tmp_path).items()}
+    assert losses == reference[1]
+    config = _config(**fields)
+    run = setup.build(config, sharding.make_mesh(config))
+    init = train_lib.init_train_state(run, jax.random.PRNGKey(config.train.seed))
+    _, step0 = weights.load_workdir_params(str(tmp_path), 0)
+    for got, want in zip(jax.tree.leaves(step0), jax.tree.leaves(jax.device_get(init.params))):
+        np.testing.assert_array_equal(got, np.asarray(want, got.dtype))
+
+
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_exact(reference, tmp_path, capsys):
     _, ref, _ = reference
     # checkpoint every step so one exists early; kill as soon as one is complete (a save may be cut short)
