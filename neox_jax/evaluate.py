@@ -268,7 +268,8 @@ class LoopEvaluator:
     """train.eval_tasks scored inside the training loop on the run's own devices: `scripts/train.py` builds one
     and hands it to `trainer.train(task_eval=...)`. Called with (model config, params, mesh): the first call builds
     the lm-eval model on that mesh (an inference mesh of the same devices when it pipelines or splits sequences),
-    later ones swap the new params in, so the scoring compiles once for the run. Returns `scores(...)`."""
+    later ones swap the new params in, so the scoring compiles once for the run; the per-layer copy of the weights
+    the scoring reads is dropped after each evaluation. Returns `scores(...)`."""
 
     def __init__(self, config):
         t = config.train
@@ -287,8 +288,7 @@ class LoopEvaluator:
             if any(a in mesh.axis_names for a in (sharding.STAGE_AXIS, sharding.CONTEXT_AXIS)):
                 mesh = sharding.mesh_of({"data": -1, "fsdp": 1, "tensor": int(mesh.shape.get("tensor", 1))},
                                         list(mesh.devices.flat))
-            self.lm = NeoXLM(model_config=m, params=params, mesh=mesh, tokenizer=self.tokenizer,
-                             stacked=True)
+            self.lm = NeoXLM(model_config=m, params=params, mesh=mesh, tokenizer=self.tokenizer)
         else:
             self.lm.set_params(params)
         try:

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 
@@ -165,7 +166,9 @@ def budgets(points: list[Point]) -> list[list[Point]]:
 
 
 def _vertex(x: np.ndarray, y: np.ndarray) -> float | None:
-    a, b, _ = np.polyfit(x, y, 2)
+    with warnings.catch_warnings():  # a bootstrap resample may repeat a size: the fit is still defined
+        warnings.simplefilter("ignore", getattr(np, "exceptions", np).RankWarning)
+        a, b, _ = np.polyfit(x, y, 2)
     return -b / (2 * a) if a > 0 else None
 
 
@@ -183,8 +186,11 @@ def approach2(points: list[Point]) -> dict:
         n = _vertex(np.log([p.params for p in g]), loss)
         d = _vertex(np.log([p.tokens for p in g]), loss)
         if n is None or d is None:
+            best = min(g, key=lambda p: p.loss).params
+            side = ("smaller" if best == min(p.params for p in g) else "larger" if best == max(p.params for p in g)
+                    else "more")
             raise ScalingError(f"--fit: at {c:.3g} FLOPs the loss has no minimum across the sizes run (its parabola "
-                               "opens downwards): add sizes on the side where the loss still falls")
+                               f"opens downwards): add {side} sizes, where the loss still falls")
         rows.append({"flops": c, "params": math.exp(n), "tokens": math.exp(d), "runs": len(g)})
     log_c = np.log([r["flops"] for r in rows])
     a, log_kn = np.polyfit(log_c, np.log([r["params"] for r in rows]), 1)

@@ -134,6 +134,21 @@ def evaluation(args):
     _write(rows, args.json)
 
 
+def eval_loop(args):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    from neox_jax import table
+    from neox_jax.bench import eval as bench
+
+    steps = tuple(int(x) for x in args.steps.split(","))
+    if len(steps) != 2:
+        raise errors.InputError(f"eval-loop: --steps expects two kept steps A,B, got {args.steps!r}")
+    rows = bench.loop_vs_after(args.workdir, steps, args.tasks.split(","), args.limit, args.passes)
+    print(table.render([table.Column("pass", "pass"), table.Column("how", "how", align="<", width=30),
+                        table.Column("seconds", "seconds", ".2f")], rows))
+    _write(rows, args.json)
+
+
 def checkpoint(args):
     from neox_jax import targets
 
@@ -229,6 +244,15 @@ def eval_flags(v):
     v.add_argument("--json")
 
 
+def eval_loop_flags(v):
+    v.add_argument("--workdir", required=True, help="a training run with two kept checkpoints")
+    v.add_argument("--steps", required=True, help="A,B: step A compiles, step B is timed")
+    v.add_argument("--tasks", default="piqa,arc_easy")
+    v.add_argument("--limit", type=int, default=200, help="documents per task")
+    v.add_argument("--passes", type=int, default=2, help="ABBA passes")
+    v.add_argument("--json")
+
+
 # subcommand: (what it runs, its help, what adds its flags)
 COMMANDS = {
     "train": (train, "train-step tokens/s, MFU and memory (optionally vs HF torch)", train_flags),
@@ -239,6 +263,8 @@ COMMANDS = {
     "checkpoint": (checkpoint, "a train state's save time and the share its integrity checksums take",
                    checkpoint_flags),
     "eval": (evaluation, "lm-eval requests/s: the neox_jax backend vs lm-eval's hf backend, same model", eval_flags),
+    "eval-loop": (eval_loop, "train.eval_tasks inside the loop vs evaluating the checkpoint afterwards",
+                  eval_loop_flags),
 }
 TAKE_OVERRIDES = ("train", "energy", "checkpoint")  # the subcommands whose config --config.FIELD=VALUE changes
 

@@ -92,6 +92,12 @@ def test_a_run_with_pythias_schedule_evaluates_its_kept_steps_in_one_command(tmp
     for step in (0, 1, 2, 4, 8, 10):  # Pythia's 0, 1, 2, 4, 8 and the run's last
         assert (workdir / "eval" / f"step_{step}.json").exists(), step
     assert "arc_easy" in out and (workdir / "eval" / "piqa_acc.png").exists()
+    # what the README's in-loop cost figure comes from: both ways timed on this run
+    script("benchmark").main(["eval-loop", "--workdir", str(workdir), "--steps", "8,10", "--limit", str(LIMIT),
+                              "--passes", "1", "--json", str(tmp_path / "loop.json")])
+    rows = json.loads((tmp_path / "loop.json").read_text())
+    assert {r["how"] for r in rows} == {"inside the loop", "afterwards (load + evaluate)"}
+    assert all(r["seconds"] > 0 for r in rows)
 
 
 @pytest.mark.slow

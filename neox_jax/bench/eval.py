@@ -1,4 +1,6 @@
-"""Evaluation throughput: the `neox_jax` lm-eval backend against lm-eval's own `hf` backend, side by side.
+"""Evaluation throughput: the `neox_jax` lm-eval backend against lm-eval's own `hf` backend, side by side; and
+what train.eval_tasks costs inside the loop against the same evaluation of the checkpoint afterwards
+(`loop_vs_after`).
 
 One random model of a given config is written as an HF directory (safetensors + the 20B tokenizer) and both
 backends load it: lm-eval's `HFLM` (torch, fp32 on CPU) and `evaluate.NeoXLM`. Each task runs through the
@@ -21,7 +23,7 @@ import jax
 from neox_jax import convert
 from neox_jax import evaluate as E
 from neox_jax import model as model_lib
-from neox_jax import scoring, table
+from neox_jax import scoring, series, sharding, table, weights
 from neox_jax.bench import timing
 from neox_jax.config import from_spec
 from neox_jax.data import default_paths
@@ -167,3 +169,32 @@ def format_rows(rows: list[dict]) -> str:
     shapes = sorted({tuple(s) for r in rows for s in r["body_shapes"]})
     lines.append(f"neox_jax body shapes compiled (rows, row length): {shapes}; load average {os.getloadavg()}")
     return "\n".join(lines)
+
+
+def loop_vs_after(workdir: str, steps: tuple[int, int], tasks: list[str], limit: int, passes: int = 2) -> list[dict]:
+    """What train.eval_tasks costs inside the loop against evaluating the checkpoint afterwards: the seconds of one
+    warm `evaluate.LoopEvaluator` call on step B's weights (already on the device, as in the loop), and of the
+    series' second step (`series.evaluate` over steps A, B: loading B from the workdir, then evaluating it), in ABBA
+    order over `passes`. The first step of each compiles; neither time includes a compile."""
+    m, first = weights.load_model(checkpoint=workdir, step=steps[0])
+    _, second = weights.load_model(checkpoint=workdir, step=steps[1])
+    run_config = weights.load_workdir_params(workdir, steps[1])[0]
+    run_config.train.eval_tasks, run_config.train.eval_tasks_limit = ",".join(tasks), float(limit)
+    mesh = sharding.inference_mesh()
+    rows = []
+    for i in range(passes):
+        for kind in (("loop", "after") if i % 2 == 0 else ("after", "loop")):
+            if kind == "loop":
+                evaluator = E.LoopEvaluator(run_config)
+                evaluator(m, jax.device_put(first), mesh)  # compiles
+                start = time.perf_counter()
+                evaluator(m, jax.device_put(second), mesh)
+                rows.append({"pass": i + 1, "how": "inside the loop", "seconds": time.perf_counter() - start})
+            else:
+                marks = []
+                with tempfile.TemporaryDirectory() as out:
+                    series.evaluate(workdir, list(steps), tasks, out, say=lambda _: marks.append(time.perf_counter()),
+                                    limit=limit, bootstrap_iters=100)
+                    rows.append({"pass": i + 1, "how": "afterwards (load + evaluate)",
+                                 "seconds": time.perf_counter() - marks[1]})
+    return rows
