@@ -28,7 +28,8 @@ def parse_args(argv=None):
     p = cli.Parser(description=__doc__)
     p.add_argument("inputs", nargs="*", help="input files, globs or directories (same as --input)")
     p.add_argument("--input", default="", help="comma-separated files, globs or directories of .jsonl, .jsonl.zst, "
-                   ".jsonl.gz, .txt files")
+                   ".jsonl.gz, .parquet, .txt files")
+    p.add_argument("--text-key", default="text", help="the JSON field or Parquet column holding the text")
     p.add_argument("--output-prefix", default="",
                    help="writes PREFIX.bin and PREFIX.idx (default: the first input's name without extensions)")
     p.add_argument("--tokenizer", default="", help="HF tokenizers .json or sentencepiece .model (default: bundled 20B)")
@@ -70,7 +71,7 @@ def main(argv=None):
                              split_by_component=args.split_by_component, dedup=args.dedup,
                              progress=not args.no_progress, keep_whitespace_docs=args.keep_whitespace_docs,
                              add_special_tokens=args.add_special_tokens, neox_names=args.neox_names,
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, text_key=args.text_key)
     except DataError as e:
         raise errors.InputError(f"{e} (--skip-bad skips and counts bad lines)") from e
     except KeyboardInterrupt:  # preprocess has removed its temporary files; outputs are renamed in only at the end

@@ -342,3 +342,78 @@ def test_add_special_tokens_adds_the_tokenizers_bos(tmp_path):
         pp.preprocess(path, str(tmp_path / f"out{flag}"), str(tmp_path / "bos.json"), workers=1,
                       add_special_tokens=flag, progress=False)
         assert [list(x) for x in read_megatron(str(tmp_path / f"out{flag}"))[1]] == first
+
+
+# ---- Parquet inputs (issue 29, part 1) -------------------------------------------------------------------------
+
+def _parquet(path, docs, row_group_size=None, text_key="text"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({text_key: [d["text"] for d in docs],
+                      "meta": [{"pile_set_name": d["meta"]["pile_set_name"]} for d in docs]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+def _outputs(prefix):
+    return open(prefix + ".bin", "rb").read(), open(prefix + ".idx", "rb").read()
+
+
+def test_parquet_shards_give_the_bytes_jsonl_and_zst_give(tmp_path):
+    """The bundled validation set's Pile documents as .jsonl, .jsonl.zst, one Parquet file of several row groups (read
+    a batch at a time), a directory of 3 Parquet shards and a dataset saved by `datasets`: byte-identical .bin/.idx,
+    components from the meta column."""
+    docs = pile_docs(ASSETS["val"])
+    lines = [json.dumps(d) for d in docs]
+    sources = {
+        "jsonl": write_jsonl(str(tmp_path / "d.jsonl"), lines),
+        "zst": write_jsonl(str(tmp_path / "d.jsonl.zst"), lines),
+        "parquet": _parquet(tmp_path / "d.parquet", docs, row_group_size=5),
+    }
+    (tmp_path / "shards").mkdir()
+    for i, part in enumerate((docs[:8], docs[8:15], docs[15:])):
+        _parquet(tmp_path / "shards" / f"part-{i:05d}.parquet", part)
+    sources["shards"] = str(tmp_path / "shards")
+    datasets = pytest.importorskip("datasets")
+    saved = datasets.Dataset.from_dict({"text": [d["text"] for d in docs], "meta": [d["meta"] for d in docs]})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    sources["saved dataset"] = str(tmp_path / "saved")
+    written = {}
+    for name, src in sources.items():
+        summary = pp.preprocess(src, str(tmp_path / name / "out"), workers=2, progress=False)
+        written[name] = _outputs(str(tmp_path / name / "out"))
+        assert summary.docs == len(docs) > 20, name
+    assert all(v == written["jsonl"] for v in written.values())
+    for name in ("parquet", "saved dataset"):
+        assert [d.component for d in iter_documents(sources[name])] == [d["meta"]["pile_set_name"] for d in docs]
+
+
+def test_parquet_text_key_and_bad_files_are_one_line_each(tmp_path):
+    docs = [{"text": "hello world", "meta": {"pile_set_name": "x"}}, {"text": "second doc", "meta": {"pile_set_name": "x"}}]
+    other = _parquet(tmp_path / "content.parquet", docs, text_key="content")
+    assert [d.text for d in iter_documents(other, text_key="content")] == ["hello world", "second doc"]
+    with pytest.raises(DataError, match=r"content.parquet:0: no column 'text' \(its columns: content, meta\); "
+                                        r"choose one with --text-key"):
+        list(iter_documents(other))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    with pytest.raises(DataError, match=r"ints.parquet:0: column 'text' holds int64, expected strings"):
+        list(iter_documents(str(tmp_path / "ints.parquet")))
+    whole = open(_parquet(tmp_path / "whole.parquet", docs * 50), "rb").read()
+    (tmp_path / "cut.parquet").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"cut.parquet:0: not a readable Parquet file"):
+        pp.preprocess(str(tmp_path / "cut.parquet"), str(tmp_path / "out" / "cut"), workers=1, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "cut.bin")  # nothing half-written
+    datasets = pytest.importorskip("datasets")
+    both = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["a b"]}),
+                                test=datasets.Dataset.from_dict({"text": ["c d"]}))
+    both.save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(DataError, match=r"dict:0: holds the splits train, test: give .*dict/<split>"):
+        list(iter_documents(str(tmp_path / "dict")))
+    from neox_jax import errors
+
+    with pytest.raises(errors.InputError, match=r"input hf:no-such/dataset: could not open it from the Hugging Face"):
+        list(iter_documents("hf:no-such/dataset"))

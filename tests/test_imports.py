@@ -20,6 +20,8 @@ LAZY = {  # third-party packages a function may import, and why
     "wandb": "optional: only with train.wandb_project",
     "tensorboardX": "seconds to import (protobuf); only the process that writes the logs opens a writer",
     "matplotlib": "heavy; only when a plot is drawn",
+    "pyarrow": "only Parquet inputs read it (neox_jax/data/documents.py, a module every data worker imports)",
+    "datasets": "optional (the test extra, through lm-eval): saved and hub datasets as preprocessing input only",
     "scipy": "its optimizer loads in a third of a second; only the scaling-law fits (neox_jax/scaling.py) use it",
 }
 

@@ -152,19 +152,20 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
                split_by_component: bool = False, dedup: bool = False, progress: bool = True,
                keep_whitespace_docs: bool = False, add_special_tokens: bool = False,
-               neox_names: bool = False, overwrite: bool = True) -> Summary:
+               neox_names: bool = False, overwrite: bool = True, text_key: str = "text") -> Summary:
     """Tokenize Pile-format inputs into `output_prefix.{bin,idx}` (or one `output_prefix_<component>` pair
     per pile_set_name). Nothing is written under the final names unless every input was read.
 
     neox_names: GPT-NeoX's output names, `output_prefix[_<component>]_text_document.{bin,idx}`.
     overwrite: False refuses an output that exists (preprocess_data.py without --overwrite) before it is written.
     add_special_tokens: let an HF tokenizer's post-processor add its special tokens (e.g. a BOS before every
-    document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same."""
+    document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same.
+    text_key: the JSON field or Parquet column holding each document's text."""
     _remove_leftovers(output_prefix)
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
-    docs = iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs)
+    docs = iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs, text_key)
     docs = _drop_duplicates(docs, summary) if dedup else docs
     start = time.perf_counter()
     # The stack closes every writer with the exception, if any (KeyboardInterrupt included), so a failed
