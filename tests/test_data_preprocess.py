@@ -417,3 +417,48 @@ def test_parquet_text_key_and_bad_files_are_one_line_each(tmp_path):
 
     with pytest.raises(errors.InputError, match=r"input hf:no-such/dataset: could not open it from the Hugging Face"):
         list(iter_documents("hf:no-such/dataset"))
+
+
+def test_every_pair_gets_a_manifest_that_proves_its_bytes(tmp_path, capsys):
+    """preprocess writes PREFIX.manifest.json; verify_data.py finds the files as recorded and as published, then a
+    flipped byte in the .bin and a wrong published hash, one line each; training's fingerprint records the
+    manifest's hash without making it part of what a resume compares."""
+    from neox_jax.data import manifest
+
+    src = write_jsonl(str(tmp_path / "in.jsonl"), [doc("alpha beta gamma"), doc("delta epsilon")])
+    prefix = str(tmp_path / "out" / "data")
+    pp.preprocess(src, prefix, workers=1, progress=False)
+    record = json.loads(open(prefix + ".manifest.json").read())
+    assert (record["documents"], record["dtype"]) == (2, "uint16")
+    assert record["bin"]["bytes"] == os.path.getsize(prefix + ".bin") and len(record["idx"]["sha256"]) == 64
+    assert record["inputs"][0]["name"] == src and record["inputs"][0]["sha256"] == manifest.file_sha256(src)
+    assert record["tokenizer"]["sha256"] == manifest.file_sha256(ASSETS["tokenizer"])
+    verify = script_main("verify_data")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text("".join(f"{manifest.file_sha256(prefix + s)}  data{s}\n" for s in (".bin", ".idx")))
+    assert verify([prefix, "--hashes", str(sums)]) == 0
+    assert "match their manifest and the published hashes" in capsys.readouterr().out
+    fingerprint = indexed.fingerprint(prefix)
+    assert fingerprint["manifest_sha256"] == manifest.file_sha256(prefix + ".manifest.json")
+    raw = bytearray(open(prefix + ".bin", "rb").read())
+    raw[0] ^= 1
+    open(prefix + ".bin", "wb").write(bytes(raw))
+    assert verify([prefix, "--hashes", str(sums)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{prefix}.bin: sha256 differs (manifest {record['bin']['sha256']}, file ")
+    assert out[1].startswith(f"{prefix}.bin: sha256 ") and out[1].endswith("is not the published "
+                                                                           f"{record['bin']['sha256']}")
+    assert [k for k in indexed.CONTENT_KEYS if fingerprint[k] != indexed.fingerprint(prefix)[k]] == ["bin_ends_sha256"]
+    sums.write_text("not a hash line\n")
+    with pytest.raises(SystemExit) as stop:
+        verify([prefix, "--hashes", str(sums)])
+    assert stop.value.code == 2 and "SHA256SUMS:1: expected 'SHA256  FILENAME'" in capsys.readouterr().err
+
+
+def script_main(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

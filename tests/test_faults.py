@@ -691,7 +691,7 @@ def test_ctrl_c_and_kill_9_during_preprocessing_leave_no_temporary_files(tmp_pat
         _script("preprocess_data").main([_jsonl(tmp_path / "small.jsonl", ["A"]), "--output-prefix", prefix,
                                          "--no-progress"])
     assert f"removed 2 temporary file(s) that a killed run left in {tmp_path / 'out'}: {', '.join(left)}" in caplog.text
-    assert sorted(os.listdir(tmp_path / "out")) == ["p.bin", "p.idx"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["p.bin", "p.idx", "p.manifest.json"]
 
 
 def test_count_fields_a_config_that_is_no_config_and_a_section_given_a_value(tmp_path, capsys):

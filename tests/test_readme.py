@@ -103,7 +103,8 @@ RULES = [
     (r"^(make train\b|\.venv/bin/python -c |cp )", RUN, ""),
     (r"^\.venv/bin/python scripts/benchmark\.py profile\b", RUN, ""),
     (r"^(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/(train|convert_hf|export_params|inspect_sharding|"
-     r"train_tokenizer|preprocess_data|dedup_report|batch_viewer|sweep|evaluate|generate|plan_run)\.py\b", RUN, ""),
+     r"train_tokenizer|preprocess_data|dedup_report|batch_viewer|sweep|evaluate|generate|plan_run|"
+     r"verify_data)\.py\b", RUN, ""),
 ]
 
 # The one command family too slow to run as written, run cheaper. A run of configs/tiny.py (`make train`, or

@@ -241,8 +241,9 @@ class TrainIterator:
                 raise ResumeError(f"data iterator state was saved with {field} giving {key}={state.get(key)!r}, "
                                  f"this run has {mine[key]!r}; the data order cannot be resumed exactly{hint}")
         for prefix, old, new in zip(self.prefixes, state.get("fingerprints") or [], mine["fingerprints"]):
-            if old != new and not allow_changed_data:
-                what = ", ".join(k for k in new if old.get(k) != new[k])
+            changed = [k for k in indexed.CONTENT_KEYS if old.get(k) != new.get(k)]
+            if changed and not allow_changed_data:
+                what = ", ".join(changed)
                 raise ResumeError(f"data.train_paths: {prefix} changed since the checkpoint was saved ({what} "
                                   "differ); resuming would go on with other tokens. Put the files back, or pass "
                                   "--config.data.allow_changed_data=true to resume on the new ones")

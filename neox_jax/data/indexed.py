@@ -163,7 +163,8 @@ _SAMPLE = 1 << 20  # bytes of the .bin hashed at each end
 def fingerprint(prefix: str) -> dict:
     """What identifies a .bin/.idx pair's content, cheap at the Pile's scale: both sizes, the SHA-256 of the .idx
     (every document's length: a pair preprocessed again from other text differs there) and of the .bin's first and
-    last MiB. Hashing the Pile's ~4 GB .idx takes seconds; its ~600 GB .bin is not read."""
+    last MiB. Hashing the Pile's ~4 GB .idx takes seconds; its ~600 GB .bin is not read. Plus the SHA-256 of the
+    pair's manifest when there is one (data/manifest.py): a checkpoint records it; a resume compares CONTENT_KEYS."""
     prefix = strip_suffix(os.fspath(prefix))
     idx_hash, bin_hash = hashlib.sha256(), hashlib.sha256()
     with open(prefix + ".idx", "rb") as f:
@@ -174,8 +175,16 @@ def fingerprint(prefix: str) -> dict:
         bin_hash.update(f.read(_SAMPLE))
         f.seek(max(bin_bytes - _SAMPLE, 0))
         bin_hash.update(f.read(_SAMPLE))
-    return {"idx_bytes": os.path.getsize(prefix + ".idx"), "idx_sha256": idx_hash.hexdigest(), "bin_bytes": bin_bytes,
-            "bin_ends_sha256": bin_hash.hexdigest()}
+    found = {"idx_bytes": os.path.getsize(prefix + ".idx"), "idx_sha256": idx_hash.hexdigest(), "bin_bytes": bin_bytes,
+             "bin_ends_sha256": bin_hash.hexdigest()}
+    if os.path.isfile(prefix + MANIFEST):  # recorded, not compared (CONTENT_KEYS): it names the run that made them
+        with open(prefix + MANIFEST, "rb") as f:
+            found["manifest_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+CONTENT_KEYS = ("idx_bytes", "idx_sha256", "bin_bytes", "bin_ends_sha256")  # what says the tokens changed
+MANIFEST = ".manifest.json"  # data/manifest.py's file beside a pair
 
 
 class IndexedWriter:

@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from neox_jax import errors, files
-from neox_jax.data import indexed
+from neox_jax.data import indexed, manifest
 from neox_jax.data.dedup import text_key
 from neox_jax.data.documents import BAD_KINDS, Document, expand_inputs, iter_documents
 from neox_jax.data.tokenizer import load_tokenizer
@@ -182,6 +182,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
         if not outputs.writers:  # an empty dataset trains nothing: refuse before any file appears
             raise _no_documents(inputs, output_prefix, summary)
     summary.seconds = time.perf_counter() - start
+    for prefix in summary.outputs.values():  # what the pair holds and what made it (data/manifest.py)
+        manifest.write(prefix, tokenizer.path, expand_inputs(inputs))
     return summary
 
 
