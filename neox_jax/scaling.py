@@ -88,6 +88,13 @@ class PlannedRun:
         return {**self.shape.overrides(), "train.steps": self.steps, "train.eval_every": self.steps}
 
 
+def _shaped(model, shape: Shape):
+    """A copy of the model config with `shape`'s depth, width and heads."""
+    m = model.copy_and_resolve_references()
+    m.num_layers, m.hidden_size, m.num_heads = shape.layers, shape.hidden, shape.heads
+    return m
+
+
 def isoflop_plan(base, budgets: list[float], shapes: list[Shape], per_budget: int = 4) -> list[PlannedRun]:
     """For each budget, the `per_budget` shapes whose tokens per parameter lie nearest (in log) to Chinchilla's 20,
     among those that get at least MIN_STEPS steps; each trained for the steps that spend the budget."""
@@ -97,17 +104,12 @@ def isoflop_plan(base, budgets: list[float], shapes: list[Shape], per_budget: in
     for budget in budgets:
         fits = []
         for shape in shapes:
-            m = base.model.copy_and_resolve_references()
-            m.num_layers, m.hidden_size, m.num_heads = shape.layers, shape.hidden, shape.heads
-            steps = round(budget / (metrics.flops_per_token(m, t.seq_len) * tokens_per_step))
+            steps = round(budget / (metrics.flops_per_token(_shaped(base.model, shape), t.seq_len) * tokens_per_step))
             if steps >= MIN_STEPS:
                 params = non_embedding_params(shape.layers, shape.hidden)
                 fits.append(PlannedRun(budget, shape, steps, params, steps * tokens_per_step))
         if len(fits) < 3:
-            m = base.model.copy_and_resolve_references()
-            s = shapes[0]
-            m.num_layers, m.hidden_size, m.num_heads = s.layers, s.hidden, s.heads
-            least = metrics.flops_per_token(m, t.seq_len) * tokens_per_step * MIN_STEPS
+            least = metrics.flops_per_token(_shaped(base.model, shapes[0]), t.seq_len) * tokens_per_step * MIN_STEPS
             raise ScalingError(f"--isoflop budget {budget:.3g} FLOPs: only {len(fits)} size(s) of the family get "
                                f"{MIN_STEPS} steps of {tokens_per_step:,} tokens (a parabola needs 3); the smallest "
                                f"model needs {least:.3g} FLOPs for that: raise the budget, or add smaller sizes to "

@@ -117,9 +117,14 @@ def energy(args):
     _write(result, args.json)
 
 
-def evaluation(args):
+def _offline() -> None:
+    """The evaluation benchmarks read only local files: the HF libraries never reach for the hub."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(name, "1")
+
+
+def evaluation(args):
+    _offline()
     from neox_jax.bench import eval as bench
 
     tasks = {}
@@ -135,8 +140,7 @@ def evaluation(args):
 
 
 def eval_loop(args):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(name, "1")
+    _offline()
     from neox_jax import table
     from neox_jax.bench import eval as bench
 

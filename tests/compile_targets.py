@@ -34,7 +34,7 @@ CASES = {
 
 
 def compile_case(spec: str, slices: int, layout: dict, model_fields: dict) -> dict:
-    from neox_jax import collectives, memory, model, setup, sharding, train
+    from neox_jax import collectives, fit, memory, model, setup, sharding, train
     from neox_jax import config as cfg
     from tiny_configs import tiny_config
 
@@ -55,8 +55,7 @@ def compile_case(spec: str, slices: int, layout: dict, model_fields: dict) -> di
         seconds=round(seconds, 1), devices=len(devices),
         attention=model.attention_impl_for(c.model, target.platform, seq_len=T),
         kernels=sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo))),
-        peak=stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-        + stats.temp_size_in_bytes,
+        peak=fit.compiled_peak(stats),
         dcn_analytic=memory.dcn_bytes(run, target.platform) if slices > 1 else 0,
         dcn_gradients=memory.dcn_bytes(run, "cpu") if slices > 1 else 0, **found)
 

@@ -16,6 +16,7 @@ from conftest import FIXTURES
 from neox_jax.data import default_paths, indexed, preprocess as pp
 from neox_jax.data.documents import DataError, iter_documents
 from neox_jax.data.tokenizer import TokenizerError, check_vocab, load_tokenizer, train_sentencepiece
+from tiny_configs import script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = default_paths()
@@ -433,7 +434,7 @@ def test_every_pair_gets_a_manifest_that_proves_its_bytes(tmp_path, capsys):
     assert record["bin"]["bytes"] == os.path.getsize(prefix + ".bin") and len(record["idx"]["sha256"]) == 64
     assert record["inputs"][0]["name"] == src and record["inputs"][0]["sha256"] == manifest.file_sha256(src)
     assert record["tokenizer"]["sha256"] == manifest.file_sha256(ASSETS["tokenizer"])
-    verify = script_main("verify_data")
+    verify = script("verify_data").main
     sums = tmp_path / "SHA256SUMS"
     sums.write_text("".join(f"{manifest.file_sha256(prefix + s)}  data{s}\n" for s in (".bin", ".idx")))
     assert verify([prefix, "--hashes", str(sums)]) == 0
@@ -453,12 +454,3 @@ def test_every_pair_gets_a_manifest_that_proves_its_bytes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         verify([prefix, "--hashes", str(sums)])
     assert stop.value.code == 2 and "SHA256SUMS:1: expected 'SHA256  FILENAME'" in capsys.readouterr().err
-
-
-def script_main(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main

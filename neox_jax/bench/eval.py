@@ -176,9 +176,9 @@ def loop_vs_after(workdir: str, steps: tuple[int, int], tasks: list[str], limit:
     warm `evaluate.LoopEvaluator` call on step B's weights (already on the device, as in the loop), and of the
     series' second step (`series.evaluate` over steps A, B: loading B from the workdir, then evaluating it), in ABBA
     order over `passes`. The first step of each compiles; neither time includes a compile."""
-    m, first = weights.load_model(checkpoint=workdir, step=steps[0])
-    _, second = weights.load_model(checkpoint=workdir, step=steps[1])
-    run_config = weights.load_workdir_params(workdir, steps[1])[0]
+    _, first = weights.load_workdir_params(workdir, steps[0])
+    run_config, second = weights.load_workdir_params(workdir, steps[1])
+    m = run_config.model
     run_config.train.eval_tasks, run_config.train.eval_tasks_limit = ",".join(tasks), float(limit)
     mesh = sharding.inference_mesh()
     rows = []
