@@ -98,7 +98,8 @@ def data(args):
     results = bench.run(seq_len=args.seq_len, batch_size=args.batch_size, batches=args.batches,
                         num_tokens=args.num_tokens, workers=args.workers, preprocess_input=args.input or None,
                         skip_preprocess=args.skip_preprocess, index_docs=args.index_docs,
-                        index_samples=args.index_samples, skip_index=args.skip_index)
+                        index_samples=args.index_samples, skip_index=args.skip_index,
+                        skip_loader=args.skip_loader, formats=not args.skip_formats, merge_mb=args.merge_mb)
     print(bench.format_results(results))
     _write(results, args.json)
 
@@ -223,6 +224,9 @@ def data_flags(d):
     d.add_argument("--index-docs", type=int, default=200_000_000, help="documents of the gpt_neox index build")
     d.add_argument("--index-samples", type=int, default=150_000_000, help="samples of the gpt_neox index build")
     d.add_argument("--skip-index", action="store_true", help="skip the gpt_neox index build (it needs ~5 GB)")
+    d.add_argument("--skip-loader", action="store_true", help="skip the loader's tokens/s")
+    d.add_argument("--skip-formats", action="store_true", help="skip jsonl vs Parquet on one worker")
+    d.add_argument("--merge-mb", type=int, default=2048, help="size of the merge benchmark's pairs (0: skip it)")
     d.add_argument("--json")
 
 

@@ -194,8 +194,13 @@ def test_bench_reports_throughput(tmp_path):
     from neox_jax.data import bench
 
     r = bench.run(seq_len=64, batch_size=4, batches=20, num_tokens=100_000, workers=1,
-                  preprocess_input=default_paths()["val"], index_docs=5000, index_samples=20_000)
+                  preprocess_input=default_paths()["val"], index_docs=5000, index_samples=20_000, merge_mb=4,
+                  format_copies=1, format_rounds=1)
     assert r["loader_tokens_per_s"] > 0 and r["preprocess_mb_per_s"] > 0
+    assert r["jsonl_mb_per_cpu_s"] > 0 and r["parquet_mb_per_cpu_s"] > 0 and r["parquet_read_mb_per_cpu_s"] > 0
+    assert r["merge_mb"] == pytest.approx(4 * 2**20 / 1e6, rel=0.01) and 0 < r["merge_peak_rss_mb"] < 500
+    assert r["project_node_h"] == pytest.approx(r["project_array_h"] * 16)
     assert r["index_build_s"] > 0 and r["index_load_s"] > 0 and r["index_epochs"] == 1
     assert r["index_samples"] >= 20_000
-    assert r["preprocess_mb"] == pytest.approx(0.39, abs=0.02)
+    assert r["preprocess_mb"] == pytest.approx(0.39, abs=0.02) and r["format_mb"] == r["preprocess_mb"]
+    assert "merge of 8 pairs, 4 MB" in bench.format_results(r)

@@ -211,25 +211,6 @@ def test_failing_input_after_some_documents_leaves_no_output(tmp_path, workers):
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_keyboard_interrupt_leaves_no_output(tmp_path, monkeypatch):
-    src = write_jsonl(str(tmp_path / "a.jsonl"), [doc(f"document {i}") for i in range(2000)])
-    calls = []
-    real = pp._encode
-
-    def interrupted(*args):
-        calls.append(1)
-        if len(calls) == 3:  # after two chunks were written
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(pp, "_encode", interrupted)
-    monkeypatch.setattr(pp, "_CHUNK_DOCS", 100)
-    (tmp_path / "out").mkdir()
-    with pytest.raises(KeyboardInterrupt):
-        pp.preprocess(src, str(tmp_path / "out" / "data"), workers=1, progress=False)
-    assert os.listdir(tmp_path / "out") == []
-
-
 def test_split_by_component_and_dedup(tmp_path):
     path = write_jsonl(str(tmp_path / "in.jsonl"), [
         doc("alpha beta", "Github"), doc("gamma", "Wikipedia (en)"), doc("Alpha   BETA", "Github"),

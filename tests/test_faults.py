@@ -625,7 +625,7 @@ def test_convert_hf_takes_a_training_workdir(tmp_path, capsys):
 
 def test_benchmark_data_prints_the_table(capsys):
     _script("benchmark").main(["data", "--skip-preprocess", "--skip-index", "--num-tokens", "50000", "--batches",
-                               "3", "--seq-len", "16", "--batch-size", "2"])
+                               "3", "--seq-len", "16", "--batch-size", "2", "--merge-mb", "0"])
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["measure", "goal", "measured"] and "loader tokens/s, one core" in out
     with pytest.raises(json.JSONDecodeError):
@@ -654,43 +654,47 @@ def test_colliding_component_names_are_refused_before_anything_is_written(tmp_pa
     assert len(indexed.IndexedDataset(str(tmp_path / "c")).sizes) == 4
 
 
-def _preprocessing_until_temps(text, prefix):
-    """preprocess_data.py as a process in a session of its own (a Ctrl-C reaches its whole group), returned once its
-    temporary files exist (it is writing them)."""
+def _preprocessing_until_progress(text, prefix):
+    """preprocess_data.py as a process in a session of its own (a Ctrl-C reaches its whole group), returned once it
+    has recorded progress (it is writing)."""
     # under a shell's `cmd &` this process ignores SIGINT, and a child would inherit that: give it Python's handler
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen([sys.executable, ROOT / "scripts/preprocess_data.py", text, "--output-prefix", prefix,
-                                 "--workers", "1", "--no-progress"], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+                                 "--workers", "1", "--no-progress", "--progress-every", "0"], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     finally:
         signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 60
-    while not list(pathlib.Path(prefix).parent.glob("*.tmp")) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(prefix + ".progress.json") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     return proc
 
 
 @pytest.mark.slow
-def test_ctrl_c_and_kill_9_during_preprocessing_leave_no_temporary_files(tmp_path, caplog):
+def test_ctrl_c_and_kill_9_during_preprocessing_keep_progress_and_nothing_final(tmp_path, caplog):
     big = _jsonl(tmp_path / "big.jsonl", ["A", "B"] * 6000, words=300)  # ~20 MB: seconds of tokenizing
     prefix = str(tmp_path / "out" / "p")
-    proc = _preprocessing_until_temps(big, prefix)
+    partial = ["p.bin.partial", "p.progress.json", "p.sizes.partial"]
+    proc = _preprocessing_until_progress(big, prefix)
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole process group
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip() == (
-        f"FATAL: interrupted (Ctrl-C) before {prefix} was complete: nothing under that prefix was written or replaced, "
-        "and no temporary file is left; run the same command again to start over"), err
-    assert os.listdir(tmp_path / "out") == []
-    proc = _preprocessing_until_temps(big, prefix)
+        f"FATAL: interrupted before {prefix} was complete: nothing under that prefix was written or replaced; its "
+        "progress is kept: the same command with --resume continues it"), err
+    assert sorted(os.listdir(tmp_path / "out")) == partial
+    _script("preprocess_data").main([big, "--output-prefix", prefix, "--no-progress", "--resume"])
+    assert sorted(os.listdir(tmp_path / "out")) == ["p.bin", "p.idx", "p.manifest.json"]
+    assert len(indexed.IndexedDataset(prefix)) == 12000
+    shutil.rmtree(tmp_path / "out")
+    proc = _preprocessing_until_progress(big, prefix)
     proc.kill()  # kill -9: no exit path runs
     proc.wait()
-    left = sorted(os.listdir(tmp_path / "out"))
-    assert len(left) == 2 and all(n.endswith(".tmp") for n in left), left
-    with caplog.at_level(logging.WARNING, logger="neox_jax"):
+    assert sorted(os.listdir(tmp_path / "out")) == partial
+    with caplog.at_level(logging.WARNING, logger="neox_jax"):  # without --resume: starts over, saying so
         _script("preprocess_data").main([_jsonl(tmp_path / "small.jsonl", ["A"]), "--output-prefix", prefix,
                                          "--no-progress"])
-    assert f"removed 2 temporary file(s) that a killed run left in {tmp_path / 'out'}: {', '.join(left)}" in caplog.text
+    assert f"discarded the progress of an unfinished run of {prefix} (" in caplog.text
     assert sorted(os.listdir(tmp_path / "out")) == ["p.bin", "p.idx", "p.manifest.json"]
 
 

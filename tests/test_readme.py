@@ -58,6 +58,9 @@ RULES = [
     (r"^(python3 -m venv|(\S*/)?pip install|make (setup|venv-\w+))\b", SKIP,
      "sets up a venv from PyPI (network; the CUDA / TPU ones for hardware not here); the venv these tests run in "
      "was set up the same way, and CI's .ci/run runs `make test` from a clean clone"),
+    (r"preprocess_data\.py .*--slurm\b", SKIP, "submits a SLURM job array and a merge job to a cluster's shared "
+     "/shared paths; tests/test_slurm.py::test_preprocessing_parts_run_as_a_slurm_array_then_merge_into_the_single_"
+     "run_bytes submits the same to a one-node SLURM"),
     (r"^gcloud\b", SKIP, "needs a TPU pod slice (gcloud, TPU VMs)"),
     (r"\bsbatch\b|local_cluster\.sh|^(squeue|scancel|scontrol)\b|^export SLURM_CONF=", SKIP,
      "drives a SLURM cluster (root, slurm-wlm): tests/test_slurm.py does these steps against local_cluster.sh's "
@@ -104,7 +107,7 @@ RULES = [
     (r"^\.venv/bin/python scripts/benchmark\.py profile\b", RUN, ""),
     (r"^(XLA_FLAGS=\S+ )?\.venv/bin/python scripts/(train|convert_hf|export_params|inspect_sharding|"
      r"train_tokenizer|preprocess_data|dedup_report|batch_viewer|sweep|evaluate|generate|plan_run|"
-     r"verify_data)\.py\b", RUN, ""),
+     r"verify_data|merge_data)\.py\b", RUN, ""),
 ]
 
 # The one command family too slow to run as written, run cheaper. A run of configs/tiny.py (`make train`, or

@@ -13,7 +13,9 @@ The checks of train.sbatch's requeue logic with stand-in SLURM commands run ever
 
 from __future__ import annotations
 
+import filecmp
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,10 +27,12 @@ import time
 
 import numpy as np
 import pytest
+import zstandard
 
 from conftest import ROOT, script_env
 from neox_jax import config as cfg
 from neox_jax import metrics, trainer
+from neox_jax.data import default_paths, preprocess
 
 SBATCH = str(ROOT / "scripts" / "slurm" / "train.sbatch")
 CLUSTER = str(ROOT / "scripts" / "slurm" / "local_cluster.sh")
@@ -189,6 +193,7 @@ def jobs(cluster, tmp_path_factory):
     submitted["two"] = _sbatch(_job_env(cluster, 4), *ON_CPU, "--ntasks-per-node=2", f"--output={tmp}/two.out",
                                SBATCH, *_args(tmp / "two", **{"train.steps": 12}))
     submitted["sweep"] = _submit_sweep(cluster, tmp)
+    submitted["data"] = _submit_preprocess(cluster, tmp)
     minder = _Minder(cluster, submitted["preempt"], tmp / "preempt")
     minder.start()
     trainer.train(cfg.from_spec(TINY, RUN), str(tmp / "reference"))  # the jobs mostly sleep meanwhile
@@ -215,6 +220,37 @@ def _submit_sweep(cluster: dict, tmp) -> str:
     assert out.returncode == 0, out.stderr
     return _sbatch(_job_env(cluster, None), *ON_CPU, "--ntasks-per-node=1",
                    str(tmp / "runs" / "three" / "sweep.sbatch"))
+
+
+def _submit_preprocess(cluster: dict, tmp) -> str:
+    """preprocess_data.py --parts 3 --slurm: one command writes and submits the array and the merge; returns the
+    merge's job id."""
+    shards = tmp / "shards"
+    shards.mkdir()
+    lines = zstandard.ZstdDecompressor().decompressobj().decompress(
+        open(default_paths()["val"], "rb").read()).splitlines()
+    for i in range(4):
+        (shards / f"{i}.jsonl").write_bytes(b"\n".join(lines[i::4]) + b"\n")
+    out = subprocess.run([sys.executable, "scripts/preprocess_data.py", str(shards), "--output-prefix",
+                          str(tmp / "data" / "val"), "--parts", "3", "--workers", "1", "--slurm",
+                          "--slurm-args=--oversubscribe --gpus-per-node=0"],
+                         capture_output=True, text=True, cwd=ROOT, env=_job_env(cluster, None), timeout=120)
+    assert out.returncode == 0, out.stderr
+    return re.search(r"and the merge as job (\d+) ", out.stdout)[1]
+
+
+@pytest.mark.slow
+def test_preprocessing_parts_run_as_a_slurm_array_then_merge_into_the_single_run_bytes(cluster, jobs):
+    tmp, submitted, _, _ = jobs
+    [merge] = _wait(cluster, submitted["data"])
+    assert merge["JobState"] == "COMPLETED", _log(tmp / "data" / "val.merge.log")
+    assert "merged 3 parts: " in _log(tmp / "data" / "val.merge.log")
+    preprocess.preprocess(str(tmp / "shards"), str(tmp / "one"), progress=False)
+    for suffix in (".bin", ".idx"):
+        assert filecmp.cmp(f"{tmp}/one{suffix}", f"{tmp}/data/val{suffix}", shallow=False)
+    assert sorted(os.listdir(tmp / "data")) == ["val.bin", "val.idx", "val.manifest.json", "val.merge.log",
+                                                "val.merge.sbatch", "val.part-0.log", "val.part-1.log",
+                                                "val.part-2.log", "val.parts.sbatch"]
 
 
 @pytest.mark.slow

@@ -46,7 +46,13 @@ class Document(NamedTuple):
     text: str
     component: str  # meta.pile_set_name, "unknown" when absent
     path: str
-    line: int
+    line: int  # the line (a row, for Parquet and datasets) of its file, from 1
+    source: int = 0  # which input it came from: the index in expand_inputs' list
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where the next document is read from after this one: `iter_documents(start=...)`."""
+        return self.source, self.line
 
 
 def is_text_input(path: str) -> bool:
@@ -219,15 +225,17 @@ def _parquet_rows(path: str, text_key: str) -> Iterator[tuple[int, object, str |
     kind = schema.field(text_key).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(path, 0, "missing_text", f"column {text_key!r} holds {kind}, expected strings")
-    meta = "meta" if "meta" in schema.names and pa.types.is_struct(schema.field("meta").type) else None
+    meta = schema.field("meta").type if "meta" in schema.names else None
+    named = meta is not None and pa.types.is_struct(meta) and meta.get_field_index("pile_set_name") >= 0
     row = 0
     try:
-        for batch in f.iter_batches(batch_size=PARQUET_BATCH, columns=[text_key] + ([meta] if meta else [])):
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH, columns=[text_key] + (["meta"] if named else [])):
             texts = batch.column(0).to_pylist()
-            metas = batch.column(1).to_pylist() if meta else [None] * len(texts)
-            for text, m in zip(texts, metas):
+            # the one field, not whole structs as dicts (a third of the reading time)
+            names = batch.column(1).field("pile_set_name").to_pylist() if named else [None] * len(texts)
+            for text, name in zip(texts, names):
                 row += 1
-                yield row, text, (m or {}).get("pile_set_name")
+                yield row, text, name
     except (pa.ArrowException, OSError) as e:
         raise DataError(path, row + 1, "truncated", f"unreadable Parquet data ({str(e).splitlines()[0]})") from None
 
@@ -284,11 +292,13 @@ def _dataset_rows(source: str, text_key: str) -> Iterator[tuple[int, object, str
 
 def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
                    bad_counts: collections.Counter | None = None,
-                   keep_whitespace_docs: bool = False, text_key: str = "text") -> Iterator[Document]:
+                   keep_whitespace_docs: bool = False, text_key: str = "text",
+                   start: tuple[int, int] = (0, 0)) -> Iterator[Document]:
     """Every good document of the inputs in order. With skip_bad, bad ones are counted in bad_counts by
     kind (a damaged stream ends that file) instead of raising DataError. keep_whitespace_docs: whitespace-only
     texts are documents and empty ones are dropped and counted, as in GPT-NeoX (see the module docstring).
-    text_key: the JSON field or Parquet column holding the text."""
+    text_key: the JSON field or Parquet column holding the text. start: (input, line) of the last document already
+    taken (a `Document.position`): reading continues after it, and what lies before is neither parsed nor counted."""
     bad_counts = collections.Counter() if bad_counts is None else bad_counts
 
     def skipped(e: DataError) -> bool:
@@ -297,20 +307,26 @@ def iter_documents(inputs: str | Sequence[str], skip_bad: bool = False,
         bad_counts[e.kind] += 1
         return True
 
-    for path in expand_inputs(inputs):
+    for source, path in enumerate(expand_inputs(inputs)):
+        if source < start[0]:
+            continue
+        after = start[1] if source == start[0] else 0  # lines (rows) of this file already taken
         try:
             if path.endswith(".txt"):
-                yield _text_file_document(path, keep_whitespace_docs)
+                if not after:
+                    yield _text_file_document(path, keep_whitespace_docs)._replace(source=source)
                 continue
             if path.endswith(".parquet") or is_saved_dataset(path) or path.startswith(HUB_PREFIX):
                 rows = (_parquet_rows if path.endswith(".parquet") else _dataset_rows)(path, text_key)
-                yield from _table_documents(path, rows, text_key, keep_whitespace_docs, skipped)
+                rows = (r for r in rows if r[0] > after)
+                for d in _table_documents(path, rows, text_key, keep_whitespace_docs, skipped):
+                    yield d._replace(source=source)
                 continue
             for line_no, raw in _raw_lines(path):
-                if not raw.strip():
+                if line_no <= after or not raw.strip():
                     continue
                 try:
-                    yield _parse_line(path, line_no, raw, keep_whitespace_docs, text_key)
+                    yield _parse_line(path, line_no, raw, keep_whitespace_docs, text_key)._replace(source=source)
                 except DataError as e:
                     if not skipped(e):
                         raise

@@ -34,6 +34,9 @@ VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 8: np.uint16}
 CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
+PARTIAL_BIN, PARTIAL_SIZES = ".bin.partial", ".sizes.partial"  # a resumable writer's unfinished files
+COPY_BLOCK = 1 << 24  # bytes of a .bin read or hashed at a time
+SIZES_BLOCK = 1 << 22  # index entries handled at a time (16-32 MiB)
 
 
 class IndexedFormatError(errors.InputError):
@@ -87,6 +90,26 @@ def resolve_prefix(path: str) -> str | None:
     return None
 
 
+def read_header(idx_path: str) -> tuple[np.dtype, int, int]:
+    """(token dtype, sequences N, doc_idx entries D) of an .idx, checked: the magic, version, dtype code and that
+    the file is long enough for what its header says."""
+    with open(idx_path, "rb") as f:
+        head = f.read(_HEADER.size)
+    if len(head) < _HEADER.size or head[:9] != MAGIC:
+        raise IndexedFormatError(f"{idx_path}: not an MMIDIDX index (expected header {MAGIC!r}, got {head[:9]!r})")
+    _, version, code, n, d = _HEADER.unpack(head)
+    if version != VERSION:
+        raise IndexedFormatError(f"{idx_path}: index version {version}, expected {VERSION}")
+    if code not in DTYPE_CODES:
+        raise IndexedFormatError(f"{idx_path}: dtype code {code} is not an integer token type "
+                                 f"(expected one of {sorted(DTYPE_CODES)})")
+    want = _HEADER.size + 4 * n + 8 * n + 8 * d
+    if os.path.getsize(idx_path) < want:
+        raise IndexedFormatError(f"{idx_path}: truncated ({os.path.getsize(idx_path)} bytes, "
+                                 f"header says {n} sequences and {d} doc_idx entries = {want} bytes)")
+    return np.dtype(DTYPE_CODES[code]), n, d
+
+
 class IndexedDataset:
     """Read-only view of a .bin/.idx pair through numpy memory maps.
 
@@ -104,21 +127,7 @@ class IndexedDataset:
             if not os.path.isfile(p):
                 raise IndexedFormatError(
                     f"{p}: not found (expected a GPT-NeoX .bin/.idx pair with prefix {self.prefix})")
-        with open(idx_path, "rb") as f:
-            head = f.read(_HEADER.size)
-        if len(head) < _HEADER.size or head[:9] != MAGIC:
-            raise IndexedFormatError(f"{idx_path}: not an MMIDIDX index (expected header {MAGIC!r}, got {head[:9]!r})")
-        _, version, code, n, d = _HEADER.unpack(head)
-        if version != VERSION:
-            raise IndexedFormatError(f"{idx_path}: index version {version}, expected {VERSION}")
-        if code not in DTYPE_CODES:
-            raise IndexedFormatError(f"{idx_path}: dtype code {code} is not an integer token type "
-                                     f"(expected one of {sorted(DTYPE_CODES)})")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        want = _HEADER.size + 4 * n + 8 * n + 8 * d
-        if os.path.getsize(idx_path) < want:
-            raise IndexedFormatError(f"{idx_path}: truncated ({os.path.getsize(idx_path)} bytes, "
-                                     f"header says {n} sequences and {d} doc_idx entries = {want} bytes)")
+        self.dtype, n, d = read_header(idx_path)
         index = np.memmap(idx_path, dtype=np.uint8, mode="r")
         self.sizes = np.frombuffer(index, np.int32, n, _HEADER.size)
         self.pointers = np.frombuffer(index, np.int64, n, _HEADER.size + 4 * n)
@@ -188,70 +197,172 @@ MANIFEST = ".manifest.json"  # data/manifest.py's file beside a pair
 
 
 class IndexedWriter:
-    """Context manager writing one .bin/.idx pair atomically.
+    """Context manager writing one .bin/.idx pair atomically, in memory that stays flat whatever its size.
 
         with IndexedWriter(prefix, np.uint16) as w:
             w.add(ids)          # one document
-    On an exception nothing is left behind; on success both files appear under their final names.
+    On an exception nothing is left behind; on success both files appear under their final names. Tokens go to
+    the .bin and each document's length to a sidecar file as they come; the .idx is written from the sidecar at the
+    end, and both files' SHA-256 are computed on the way (`sha256`), so nothing is read back.
+
+    partial=True: the unfinished files have fixed names (`PREFIX.bin.partial`, `PREFIX.sizes.partial`) that outlive
+    a killed process: `checkpoint()` makes what was added so far durable and returns the state that
+    `IndexedWriter(..., resume=state)` continues from (data/preprocess.py's --resume); `keep=True` before an
+    exception leaves them in place.
     """
 
-    def __init__(self, prefix: str, dtype):
+    def __init__(self, prefix: str, dtype, partial: bool = False, resume: dict | None = None):
         self.prefix = strip_suffix(os.fspath(prefix))
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise ValueError(f"token dtype {self.dtype} has no MMIDIDX code (use uint16 or int32)")
-        self.sizes: list[int] = []
-        self.num_tokens = 0
+        self.partial, self.resume, self.keep = partial or resume is not None, resume, False
+        self.num_docs = self.num_tokens = 0
+        self.sha256: dict[str, str] = {}
 
     def __enter__(self):
         folder = os.path.dirname(os.path.abspath(self.prefix))
         os.makedirs(folder, exist_ok=True)
-        base = os.path.basename(self.prefix)
-        fd, self._tmp_bin = files.temp_beside(os.path.join(folder, base + ".bin"))
-        self._bin = os.fdopen(fd, "wb")
-        fd, self._tmp_idx = files.temp_beside(os.path.join(folder, base + ".idx"))
-        os.close(fd)
+        if self.partial:
+            self._tmp_bin, self._tmp_sizes = self.prefix + PARTIAL_BIN, self.prefix + PARTIAL_SIZES
+            if self.resume is None:
+                open(self._tmp_bin, "wb").close()
+                open(self._tmp_sizes, "wb").close()
+        else:
+            for suffix in (".bin", ".sizes"):
+                fd, path = files.temp_beside(self.prefix + suffix)
+                os.close(fd)
+                setattr(self, "_tmp_" + suffix[1:], path)
+        self._bin_hash = hashlib.sha256()
+        try:
+            if self.resume is not None:
+                self._truncate_to(int(self.resume["documents"]), int(self.resume["tokens"]))
+            self._bin, self._sizes = open(self._tmp_bin, "ab"), open(self._tmp_sizes, "ab")
+        except BaseException:
+            self._remove_temps()
+            raise
         return self
+
+    def _truncate_to(self, docs: int, tokens: int) -> None:
+        """Cut the partial files back to a checkpoint's state (what a killed run wrote after it is dropped) and hash
+        the tokens kept."""
+        want = {self._tmp_bin: tokens * self.dtype.itemsize, self._tmp_sizes: docs * 4}
+        for path, size in want.items():
+            have = os.path.getsize(path) if os.path.isfile(path) else -1
+            if have < size:
+                raise IndexedFormatError(f"{path}: {max(have, 0)} bytes, but the recorded progress needs {size}: "
+                                         "the partial files are not those of that progress; start over without "
+                                         "--resume")
+            os.truncate(path, size)
+        with open(self._tmp_bin, "rb") as f:
+            for block in iter(lambda: f.read(COPY_BLOCK), b""):
+                self._bin_hash.update(block)
+        self.num_docs, self.num_tokens = docs, tokens
+
+    def _write_tokens(self, data: bytes) -> None:
+        self._bin.write(data)
+        self._bin_hash.update(data)
+
+    def _write_sizes(self, sizes: np.ndarray) -> None:
+        if sizes.size and sizes.max() > np.iinfo(np.int32).max:
+            raise ValueError(f"{self.prefix}: a document has {sizes.max()} tokens, more than an int32 size holds")
+        self._sizes.write(sizes.astype(np.int32).tobytes())
+        self.num_docs += sizes.size
+        self.num_tokens += int(sizes.sum(dtype=np.int64))
 
     def add(self, ids) -> None:
         arr = np.asarray(ids)
         if arr.size and (arr.min() < np.iinfo(self.dtype).min or arr.max() > np.iinfo(self.dtype).max):
             raise ValueError(f"{self.prefix}: token id {int(arr.max())} does not fit {self.dtype}")
-        self._bin.write(arr.astype(self.dtype, copy=False).tobytes())
-        self.sizes.append(arr.size)
-        self.num_tokens += arr.size
+        self._write_tokens(arr.astype(self.dtype, copy=False).tobytes())
+        self._write_sizes(np.array([arr.size], np.int64))
 
     def add_many(self, flat_ids: np.ndarray, lengths) -> None:
         """Several documents at once: their ids concatenated, and the length of each."""
-        self._bin.write(np.asarray(flat_ids).astype(self.dtype, copy=False).tobytes())
-        self.sizes.extend(int(x) for x in lengths)
-        self.num_tokens += int(np.sum(lengths))
+        self._write_tokens(np.asarray(flat_ids).astype(self.dtype, copy=False).tobytes())
+        self._write_sizes(np.asarray(lengths, np.int64))
+
+    def append_pair(self, prefix: str) -> None:
+        """Append a whole .bin/.idx pair of this dtype (a merge: GPT-NeoX's merge_file_), streamed a block at a
+        time: its documents follow those added so far."""
+        prefix = strip_suffix(os.fspath(prefix))
+        dtype, n, _ = read_header(prefix + ".idx")
+        if dtype != self.dtype:
+            raise IndexedFormatError(f"{prefix}.idx: tokens of {dtype.name}, but {self.prefix} is {self.dtype.name} "
+                                     "(pairs tokenized with vocabularies of other sizes cannot be merged)")
+        tokens_before = self.num_tokens
+        with open(prefix + ".idx", "rb") as f:
+            f.seek(_HEADER.size)
+            for start in range(0, n, SIZES_BLOCK):
+                self._write_sizes(np.fromfile(f, np.int32, min(SIZES_BLOCK, n - start)).astype(np.int64))
+        copied = 0
+        with open(prefix + ".bin", "rb") as f:
+            for block in iter(lambda: f.read(COPY_BLOCK), b""):
+                self._write_tokens(block)
+                copied += len(block)
+        if copied != (self.num_tokens - tokens_before) * self.dtype.itemsize:
+            raise IndexedFormatError(f"{prefix}.bin: {copied} bytes, but {prefix}.idx describes "
+                                     f"{(self.num_tokens - tokens_before) * self.dtype.itemsize}; the two files are "
+                                     "not one pair")
+
+    def checkpoint(self) -> dict:
+        """Make everything added so far durable; returns the state `resume=` continues from."""
+        for f in (self._bin, self._sizes):
+            f.flush()
+            os.fsync(f.fileno())
+        return {"documents": self.num_docs, "tokens": self.num_tokens}
 
     def __exit__(self, exc_type, exc, tb):
         try:
             self._bin.close()
+            self._sizes.close()
             if exc_type is None:
-                self._write_index()
-                files.publish(self._tmp_bin, self.prefix + ".bin")
-                files.publish(self._tmp_idx, self.prefix + ".idx")
+                fd, tmp_idx = files.temp_beside(self.prefix + ".idx")
+                os.close(fd)
+                try:
+                    self._write_index(tmp_idx)
+                    self.sha256["bin"] = self._bin_hash.hexdigest()
+                    files.publish(self._tmp_bin, self.prefix + ".bin")
+                    files.publish(tmp_idx, self.prefix + ".idx")
+                finally:
+                    if os.path.exists(tmp_idx):
+                        os.remove(tmp_idx)
         finally:
-            for p in (self._tmp_bin, self._tmp_idx):
-                if os.path.exists(p):
-                    os.remove(p)
+            if exc_type is None or not self.keep:
+                self._remove_temps()
         return False
 
-    def _write_index(self):
-        n = len(self.sizes)
-        sizes = np.asarray(self.sizes, dtype=np.int64)
-        if n and sizes.max() > np.iinfo(np.int32).max:
-            raise ValueError(f"{self.prefix}: a document has {sizes.max()} tokens, more than an int32 size holds")
-        pointers = np.zeros(n, np.int64)
-        np.cumsum(sizes[:-1], out=pointers[1:])
-        with open(self._tmp_idx, "wb") as f:
-            f.write(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], n, n + 1))
-            f.write(sizes.astype(np.int32).tobytes())
-            f.write((pointers * self.dtype.itemsize).tobytes())
-            f.write(np.arange(n + 1, dtype=np.int64).tobytes())
+    def _remove_temps(self) -> None:
+        for p in (self._tmp_bin, self._tmp_sizes):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def _write_index(self, path: str) -> None:
+        """The .idx from the sizes sidecar, a block at a time, hashed as it is written."""
+        n, itemsize, h = self.num_docs, self.dtype.itemsize, hashlib.sha256()
+
+        def blocks(values):  # every section in blocks of SIZES_BLOCK entries
+            for start in range(0, n, SIZES_BLOCK):
+                yield values(start, min(SIZES_BLOCK, n - start))
+
+        with open(self._tmp_sizes, "rb") as sizes, open(path, "wb") as out:
+            def put(data: bytes):
+                out.write(data)
+                h.update(data)
+
+            put(_HEADER.pack(MAGIC, VERSION, CODE_OF_DTYPE[self.dtype], n, n + 1))
+            for block in blocks(lambda start, count: np.fromfile(sizes, np.int32, count)):
+                put(block.tobytes())
+            sizes.seek(0)
+            offset = 0
+            for block in blocks(lambda start, count: np.fromfile(sizes, np.int32, count)):
+                ends = np.cumsum(block, dtype=np.int64)
+                put(((ends - block + offset) * itemsize).tobytes())
+                offset += int(ends[-1])
+            for block in blocks(lambda start, count: np.arange(start, start + count, dtype=np.int64)):
+                put(block.tobytes())
+            put(np.array([n], np.int64).tobytes())
+        self.sha256["idx"] = h.hexdigest()
 
 
 # ---- token ids against the vocabulary --------------------------------------------------------------------

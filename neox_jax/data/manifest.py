@@ -37,12 +37,15 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def describe(prefix: str) -> dict:
-    """What the pair holds: each file's bytes and SHA-256, the documents, tokens and token dtype (from the .idx)."""
+def describe(prefix: str, sha256: dict[str, str] | None = None) -> dict:
+    """What the pair holds: each file's bytes and SHA-256, the documents, tokens and token dtype (from the .idx).
+    sha256: the files' hashes where the writer computed them as it wrote (`IndexedWriter.sha256`); the others
+    are read."""
     prefix = indexed.strip_suffix(os.fspath(prefix))
     data = indexed.IndexedDataset(prefix)
-    out = {suffix[1:]: {"bytes": os.path.getsize(prefix + suffix), "sha256": file_sha256(prefix + suffix)}
-           for suffix in (".bin", ".idx")}
+    known = sha256 or {}
+    out = {kind: {"bytes": os.path.getsize(f"{prefix}.{kind}"),
+                  "sha256": known.get(kind) or file_sha256(f"{prefix}.{kind}")} for kind in ("bin", "idx")}
     return {**out, "documents": int(len(data.sizes)), "tokens": int(np.sum(data.sizes, dtype=np.int64)),
             "dtype": str(data.dtype)}
 
@@ -54,16 +57,33 @@ def _input(name: str) -> dict:
     return {"name": name, "bytes": size, "sha256": file_sha256(name) if size <= CHEAP_INPUT_BYTES else None}
 
 
-def write(prefix: str, tokenizer_path: str, inputs: Sequence[str], command: Sequence[str] | None = None) -> str:
-    """Write PREFIX.manifest.json for a pair just written; returns its path."""
-    record = {"version": VERSION, **describe(prefix),
-              "tokenizer": {"path": tokenizer_path, "sha256": file_sha256(tokenizer_path)},
-              "inputs": [_input(os.fspath(i)) for i in inputs],
-              "command": list(sys.argv if command is None else command)}
+def describe_inputs(inputs: Sequence[str]) -> list[dict]:
+    return [_input(os.fspath(i)) for i in inputs]
+
+
+def write(prefix: str, tokenizer_path: str | dict | None, inputs: Sequence[str] | Sequence[dict],
+          command: Sequence[str] | None = None, sha256: dict[str, str] | None = None, **extra) -> str:
+    """Write PREFIX.manifest.json for a pair just written; returns its path. inputs: names, or `describe_inputs`'
+    records of them; tokenizer_path: a path, or the record of one (a merge copies its parts'); sha256: the pair's
+    hashes as its writer computed them; extra: more fields to record."""
+    tokenizer = (tokenizer_path if not isinstance(tokenizer_path, str) else
+                 {"path": tokenizer_path, "sha256": file_sha256(tokenizer_path)})
+    record = {"version": VERSION, **describe(prefix, sha256), "tokenizer": tokenizer,
+              "inputs": [i if isinstance(i, dict) else _input(os.fspath(i)) for i in inputs],
+              "command": list(sys.argv if command is None else command), **extra}
     target = path_of(prefix)
     with files.atomic_path(target) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n")
     return target
+
+
+def read(prefix: str) -> dict:
+    path = path_of(prefix)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise errors.InputError(f"{path}: not a manifest ({e})") from None
 
 
 def manifest_sha256(prefix: str) -> str | None:
@@ -94,10 +114,7 @@ def verify(prefix: str, published: dict[str, str] | None = None) -> list[str]:
     if not os.path.isfile(path):
         raise errors.InputError(f"{path}: no manifest (preprocess_data.py writes one beside every .bin/.idx); "
                                 "with --hashes FILE only the published hashes are checked")
-    try:
-        recorded = json.loads(open(path, encoding="utf-8").read())
-    except json.JSONDecodeError as e:
-        raise errors.InputError(f"{path}: not a manifest ({e})") from None
+    recorded = read(prefix)
     now = describe(prefix)
     problems = []
     for kind in ("bin", "idx"):

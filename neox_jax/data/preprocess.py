@@ -3,9 +3,9 @@
 The main thread reads and checks documents (`neox_jax.data.documents`: the input formats, bad input and empty
 documents), encoder threads (worker processes past _MAX_THREADS workers) tokenize batches of them with the
 tokenizer's batched encoder, and the results are written in input order, an end-of-document id after each
-document. Outputs are written atomically: under temporary names, renamed into place only when every input was read,
-and removed on any exception (Ctrl-C included); the temporary files of a run that was killed outright are removed
-by the next run of the same output prefix. Input that holds no document at all is refused before any file appears
+document. Outputs are written atomically: under `.partial` names, renamed into place only when every input was
+read. Bad input removes them; a stop (Ctrl-C, SIGTERM, `kill -9`) keeps them with the run's progress, which
+`resume=True` continues to the same bytes (`neox_jax.data.resumable`); a run without it starts over. Input that holds no document at all is refused before any file appears
 (an empty dataset trains nothing), as are components whose output names would collide. With
 `keep_whitespace_docs=True` whitespace-only texts are documents, as in GPT-NeoX's preprocess_data.py, so both tools
 write the same files.
@@ -32,8 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from neox_jax import errors, files
-from neox_jax.data import indexed, manifest
-from neox_jax.data.dedup import text_key
+from neox_jax.data import indexed, manifest, resumable
+from neox_jax.data.dedup import text_key as text_key_of
 from neox_jax.data.documents import BAD_KINDS, Document, expand_inputs, iter_documents
 from neox_jax.data.tokenizer import load_tokenizer
 
@@ -107,16 +107,19 @@ class _WorkerContext(multiprocessing.context.SpawnContext):
     Process = _WorkerProcess
 
 
-def _chunks(docs: Iterable[Document]) -> Iterator[list[Document]]:
-    chunk, size = [], 0
+def _chunks(docs: Iterable[Document], counts) -> Iterator[tuple[list[Document], tuple]]:
+    """(documents, what `counts()` was when the last of them was read): the bad-input and duplicate counts up to the
+    chunk's end, which is what a resume from there must start with (the reader runs ahead of the writer)."""
+    chunk, size, last = [], 0, counts()
     for d in docs:
         chunk.append(d)
         size += len(d.text)
+        last = counts()
         if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_DOCS:
-            yield chunk
+            yield chunk, last
             chunk, size = [], 0
     if chunk:
-        yield chunk
+        yield chunk, last
 
 
 def component_slug(name: str) -> str:
@@ -133,6 +136,18 @@ class Summary:
     duplicates_dropped: int = 0
     bad: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     per_component: dict = dataclasses.field(default_factory=dict)  # name -> [docs, tokens]
+
+    def snapshot(self, counts: tuple) -> dict:
+        """The summary as a progress record holds it, with the bad-input and duplicate `counts` of `_chunks`."""
+        return {"docs": self.docs, "tokens": self.tokens, "text_bytes": self.text_bytes, "seconds": self.seconds,
+                "duplicates_dropped": counts[-1], "bad": dict(zip(BAD_KINDS, counts[:-1])),
+                "per_component": {k: list(v) for k, v in self.per_component.items()}}
+
+    def restore(self, saved: dict) -> None:
+        self.docs, self.tokens, self.text_bytes = saved["docs"], saved["tokens"], saved["text_bytes"]
+        self.seconds, self.duplicates_dropped = saved["seconds"], saved["duplicates_dropped"]
+        self.bad.update({k: v for k, v in saved["bad"].items() if v})
+        self.per_component = {k: list(v) for k, v in saved["per_component"].items()}
 
     def format(self) -> str:
         mb_s = self.text_bytes / 1e6 / max(self.seconds, 1e-9)
@@ -152,7 +167,8 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
                workers: int = 1, append_eod: bool = True, skip_bad: bool = False,
                split_by_component: bool = False, dedup: bool = False, progress: bool = True,
                keep_whitespace_docs: bool = False, add_special_tokens: bool = False,
-               neox_names: bool = False, overwrite: bool = True, text_key: str = "text") -> Summary:
+               neox_names: bool = False, overwrite: bool = True, text_key: str = "text",
+               resume: bool = False, progress_every: float = 60.0, extra_manifest: dict | None = None) -> Summary:
     """Tokenize Pile-format inputs into `output_prefix.{bin,idx}` (or one `output_prefix_<component>` pair
     per pile_set_name). Nothing is written under the final names unless every input was read.
 
@@ -160,31 +176,68 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     overwrite: False refuses an output that exists (preprocess_data.py without --overwrite) before it is written.
     add_special_tokens: let an HF tokenizer's post-processor add its special tokens (e.g. a BOS before every
     document), as GPT-NeoX's HFTokenizer does; the 20B tokenizer adds none, so its output is the same.
-    text_key: the JSON field or Parquet column holding each document's text."""
+    text_key: the JSON field or Parquet column holding each document's text.
+    resume: continue the unfinished run of this output prefix from its recorded progress (`data/progress.py`);
+    the result is the same bytes as a run never stopped. Without it such progress is discarded. progress_every:
+    seconds between progress records (0: after every chunk of documents). extra_manifest: more manifest fields."""
     _remove_leftovers(output_prefix)
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
-    dtype = indexed.token_dtype(tokenizer.vocab_size)
     summary = Summary(outputs={})
-    docs = iter_documents(inputs, skip_bad, summary.bad, keep_whitespace_docs, text_key)
-    docs = _drop_duplicates(docs, summary) if dedup else docs
-    start = time.perf_counter()
-    # The stack closes every writer with the exception, if any (KeyboardInterrupt included), so a failed
-    # run discards all partial outputs.
+    outputs = _Outputs(output_prefix, indexed.token_dtype(tokenizer.vocab_size), split_by_component, neox_names,
+                       summary, overwrite)  # an existing output is refused before the inputs are looked at
+    names = expand_inputs(inputs)
+    run = resumable.describe_run(names, tokenizer.path, append_eod=append_eod, skip_bad=skip_bad, dedup=dedup,
+                                 split_by_component=split_by_component, keep_whitespace_docs=keep_whitespace_docs,
+                                 add_special_tokens=add_special_tokens, neox_names=neox_names, text_key=text_key)
+    record = resumable.load(output_prefix, run) if resume else resumable.discard(output_prefix)
+    position = (0, 0)
+    if record is not None:
+        position = tuple(record["position"])
+        summary.restore(record["summary"])
+    read = functools.partial(iter_documents, names, skip_bad, summary.bad, keep_whitespace_docs, text_key)
+    docs = read(start=position)
+    if dedup:
+        docs = _drop_duplicates(docs, summary, _seen_before(names, position, keep_whitespace_docs, text_key,
+                                                            skip_bad) if record else None)
+    start, before = time.perf_counter(), summary.seconds
+    recorder = resumable.Recorder(output_prefix, run, progress_every, record)
+    # The stack closes every writer with the exception, if any: a failed run discards all partial outputs, an
+    # interrupted one (Ctrl-C, SIGTERM) keeps them with its progress for --resume.
     with contextlib.ExitStack() as stack:
-        outputs = _Outputs(stack, output_prefix, dtype, split_by_component, neox_names, summary, overwrite)
+        outputs.start(stack, (record or {}).get("outputs", {}))
         bar = stack.enter_context(tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=0.5,
-                                       disable=not progress or None))
+                                       initial=summary.text_bytes, disable=not progress or None))
         pool, encode = _tokenizer_pool(workers, tokenizer, append_eod)
         stack.push(lambda exc_type, *_: pool.shutdown(wait=exc_type is None, cancel_futures=True))
-        for chunk, flat, lengths in _encoded_in_order(_chunks(docs), pool, encode, workers):
-            bar.update(outputs.write(chunk, flat, lengths))
-            bar.set_postfix_str(f"{summary.docs / (time.perf_counter() - start):.0f} docs/s", refresh=False)
+        counts = lambda: (*(summary.bad[k] for k in BAD_KINDS), summary.duplicates_dropped)  # noqa: E731
+        try:
+            for chunk, at_end, flat, lengths in _encoded_in_order(_chunks(docs, counts), pool, encode, workers):
+                bar.update(outputs.write(chunk, flat, lengths))
+                summary.seconds = before + time.perf_counter() - start
+                recorder.wrote(chunk[-1].position, summary.snapshot(at_end), outputs)
+                bar.set_postfix_str(f"{summary.docs / max(summary.seconds, 1e-9):.0f} docs/s", refresh=False)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what was written is kept for --resume
+            if recorder.save(outputs):
+                outputs.keep()
+            raise
+        except BaseException:
+            recorder.remove()
+            raise
         if not outputs.writers:  # an empty dataset trains nothing: refuse before any file appears
+            recorder.remove()
             raise _no_documents(inputs, output_prefix, summary)
-    summary.seconds = time.perf_counter() - start
-    for prefix in summary.outputs.values():  # what the pair holds and what made it (data/manifest.py)
-        manifest.write(prefix, tokenizer.path, expand_inputs(inputs))
+    summary.seconds = before + time.perf_counter() - start
+    for key, prefix in summary.outputs.items():  # what the pair holds and what made it (data/manifest.py)
+        manifest.write(prefix, tokenizer.path, run["inputs"], sha256=outputs.writers[key].sha256, **(extra_manifest or {}))
+    recorder.remove()
     return summary
+
+
+def _seen_before(names: Sequence[str], position: tuple[int, int], keep_whitespace_docs: bool, text_key: str,
+                 skip_bad: bool) -> set[bytes]:
+    """--dedup on resume: the keys of every document up to `position`, read again (not tokenized)."""
+    docs = iter_documents(names, skip_bad, collections.Counter(), keep_whitespace_docs, text_key)
+    return {text_key_of(d.text) for d in itertools.takewhile(lambda d: d.position <= position, docs)}
 
 
 def _remove_leftovers(output_prefix: str) -> None:
@@ -198,11 +251,13 @@ def _remove_leftovers(output_prefix: str) -> None:
                         ", ".join(removed))
 
 
-def _drop_duplicates(docs: Iterable[Document], summary: Summary) -> Iterator[Document]:
-    """`docs` less the exact (normalized-text) repeats of an earlier one, counted in the summary."""
-    seen: set[bytes] = set()
+def _drop_duplicates(docs: Iterable[Document], summary: Summary, seen: set[bytes] | None = None
+                     ) -> Iterator[Document]:
+    """`docs` less the exact (normalized-text) repeats of an earlier one (or of one in `seen`), counted in the
+    summary."""
+    seen = set() if seen is None else seen
     for d in docs:
-        key = text_key(d.text)
+        key = text_key_of(d.text)
         if key in seen:
             summary.duplicates_dropped += 1
             continue
@@ -210,31 +265,57 @@ def _drop_duplicates(docs: Iterable[Document], summary: Summary) -> Iterator[Doc
         yield d
 
 
-def _encoded_in_order(chunks: Iterable[list[Document]], pool, encode, workers: int):
-    """(chunk, flat ids, lengths) of each chunk in input order, with up to 2 x `workers` chunks in the pool."""
+def _encoded_in_order(chunks: Iterable[tuple[list[Document], tuple]], pool, encode, workers: int):
+    """(chunk, its counts, flat ids, lengths) of each chunk in input order, with up to 2 x `workers` chunks in the
+    pool."""
     in_flight = collections.deque()
-    for chunk in chunks:
-        in_flight.append((chunk, pool.submit(encode, [d.text for d in chunk])))
+    for chunk, counts in chunks:
+        in_flight.append((chunk, counts, pool.submit(encode, [d.text for d in chunk])))
         while len(in_flight) > 2 * workers:
-            c, fut = in_flight.popleft()
-            yield c, *fut.result()
+            c, n, fut = in_flight.popleft()
+            yield c, n, *fut.result()
     while in_flight:
-        c, fut = in_flight.popleft()
-        yield c, *fut.result()
+        c, n, fut = in_flight.popleft()
+        yield c, n, *fut.result()
 
 
 class _Outputs:
     """The token files of one preprocess run (one, or one per component), each opened on `stack` when its first
     document arrives, and the summary's counts of what went into them."""
 
-    def __init__(self, stack: contextlib.ExitStack, output_prefix: str, dtype, split_by_component: bool,
-                 neox_names: bool, summary: Summary, overwrite: bool):
-        self.stack, self.output_prefix, self.dtype, self.summary = stack, output_prefix, dtype, summary
+    def __init__(self, output_prefix: str, dtype, split_by_component: bool, neox_names: bool, summary: Summary,
+                 overwrite: bool):
+        self.output_prefix, self.dtype, self.summary = output_prefix, dtype, summary
         self.split_by_component, self.neox_names, self.overwrite = split_by_component, neox_names, overwrite
         self.writers: dict[str, indexed.IndexedWriter] = {}
         self.owners: dict[str, str] = {}  # output prefix -> the component written there
         if not split_by_component:
             self.claim("all")  # the one output's name is known: refused before a document is read
+
+    def start(self, stack: contextlib.ExitStack, resume: dict[str, dict]) -> None:
+        """Writers open on `stack`; those of the run resumed first, cut back to its recorded progress."""
+        self.stack = stack
+        for key, state in resume.items():
+            self.open(key, state)
+
+    def open(self, key: str, resume: dict | None = None) -> indexed.IndexedWriter:
+        writer = self.stack.enter_context(indexed.IndexedWriter(self.claim(key), self.dtype, partial=True,
+                                                                resume=resume))
+        self.writers[key] = writer
+        self.summary.outputs[key] = writer.prefix
+        return writer
+
+    def state(self) -> dict[str, dict]:
+        """Each output's documents and tokens so far (what `resume=` cuts its files back to)."""
+        return {key: {"documents": w.num_docs, "tokens": w.num_tokens} for key, w in self.writers.items()}
+
+    def flush(self) -> None:
+        for w in self.writers.values():
+            w.checkpoint()
+
+    def keep(self) -> None:
+        for w in self.writers.values():
+            w.keep = True
 
     def claim(self, key: str) -> str:
         """The output prefix of `key` (a component, or "all"), refused when another component's name gives the same
@@ -253,10 +334,7 @@ class _Outputs:
 
     def writer_for(self, component: str) -> indexed.IndexedWriter:
         key = component if self.split_by_component else "all"
-        if key not in self.writers:
-            self.writers[key] = self.stack.enter_context(indexed.IndexedWriter(self.claim(key), self.dtype))
-            self.summary.outputs[key] = self.writers[key].prefix
-        return self.writers[key]
+        return self.writers[key] if key in self.writers else self.open(key)
 
     def write(self, chunk: list[Document], flat: np.ndarray, lengths: np.ndarray) -> int:
         """Append the chunk's documents; returns the bytes of text they were."""
