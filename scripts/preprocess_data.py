@@ -30,6 +30,7 @@ from neox_jax import cli, errors, sweep  # noqa: E402
 from neox_jax.data import parts  # noqa: E402
 from neox_jax.data.documents import HUB_PREFIX, DataError, expand_inputs  # noqa: E402
 from neox_jax.data.indexed import NEOX_SUFFIX  # noqa: E402
+from neox_jax.data.resumable import SUFFIX as PROGRESS  # noqa: E402
 from neox_jax.data.preprocess import preprocess  # noqa: E402
 
 
@@ -106,8 +107,10 @@ def _preprocess(args, inputs, output_prefix, **extra):
     except DataError as e:
         raise errors.InputError(f"{e} (--skip-bad skips and counts bad lines)") from e
     except KeyboardInterrupt:  # the progress is kept (preprocess); outputs are renamed in only at the end
+        kept = ("its progress is kept: the same command with --resume continues it"
+                if os.path.exists(output_prefix + PROGRESS) else "no document was written yet")
         errors.fatal(f"interrupted before {output_prefix} was complete: nothing under that prefix was written or "
-                     "replaced; its progress is kept: the same command with --resume continues it", 130)
+                     f"replaced; {kept}", 130)
 
 
 def _task_command(args, *more) -> list[str]:

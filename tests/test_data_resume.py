@@ -275,3 +275,28 @@ def test_local_parts_and_the_slurm_scripts(tmp_path, shards, capsys):
     with pytest.raises(SystemExit):
         main([*common, "--output-prefix", str(tmp_path / "d"), "--parts", "2", "--dedup"])
     assert "--parts: --dedup and --split-by-component need every document in one run" in capsys.readouterr().err
+
+
+def test_stopped_while_renaming_or_before_removing_the_record_resumes_too(tmp_path, shards, monkeypatch):
+    """The last moments of a run: killed between renaming the .bin and the .idx into place, or after both were
+    renamed but before the progress record was removed (simulated: the files as such a kill leaves them)."""
+    folder, names = shards
+    monkeypatch.setattr(pp, "_CHUNK_DOCS", 2)
+    common = dict(inputs=names, progress=False, skip_bad=True)
+    pp.preprocess(output_prefix=str(tmp_path / "ref"), **common)
+    prefix = str(tmp_path / "p")
+    _interrupted(monkeypatch, 3, output_prefix=prefix, progress_every=0, **common)
+    os.replace(prefix + ".bin.partial", prefix + ".bin")  # the .bin renamed, the .idx not yet written
+    script("preprocess_data").main([",".join(names), "--output-prefix", prefix, "--skip-bad", "--no-progress",
+                                    "--resume"])  # without --overwrite: that .bin is not an output yet
+    assert _same_pair(str(tmp_path / "ref"), prefix)
+    record = json.load(open(tmp_path / "ref.manifest.json"))  # a finished run whose record was left behind
+    shutil.copy(tmp_path / "ref.bin", tmp_path / "q.bin")
+    shutil.copy(tmp_path / "ref.idx", tmp_path / "q.idx")
+    (tmp_path / "q.progress.json").write_text(json.dumps({
+        "version": resumable.VERSION, "position": [0, 1], "summary": {}, "run": {
+            "inputs": record["inputs"], "tokenizer_path": record["tokenizer"]["path"]},
+        "outputs": {"all": {"prefix": str(tmp_path / "q"), "documents": 1, "tokens": 1}}}))
+    summary = pp.preprocess(output_prefix=str(tmp_path / "q"), resume=True, **common)
+    assert summary.docs == len(indexed.IndexedDataset(str(tmp_path / "ref")))
+    assert not os.path.exists(tmp_path / "q.progress.json") and manifest.verify(str(tmp_path / "q")) == []

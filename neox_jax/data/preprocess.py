@@ -181,6 +181,9 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     the result is the same bytes as a run never stopped. Without it such progress is discarded. progress_every:
     seconds between progress records (0: after every chunk of documents). extra_manifest: more manifest fields."""
     _remove_leftovers(output_prefix)
+    done = resumable.finished(output_prefix) if resume else None
+    if done is not None:
+        return _already_complete(output_prefix, done)
     tokenizer = load_tokenizer(tokenizer_path, add_special_tokens=add_special_tokens)
     summary = Summary(outputs={})
     outputs = _Outputs(output_prefix, indexed.token_dtype(tokenizer.vocab_size), split_by_component, neox_names,
@@ -230,6 +233,22 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     for key, prefix in summary.outputs.items():  # what the pair holds and what made it (data/manifest.py)
         manifest.write(prefix, tokenizer.path, run["inputs"], sha256=outputs.writers[key].sha256, **(extra_manifest or {}))
     recorder.remove()
+    return summary
+
+
+def _already_complete(output_prefix: str, record: dict) -> Summary:
+    """--resume of a run stopped after its outputs were renamed into place: what is missing (a manifest, the
+    record's removal) is done, and the outputs are summarized from their index."""
+    summary = Summary(outputs={})
+    for key, out in record["outputs"].items():
+        if not os.path.isfile(manifest.path_of(out["prefix"])):
+            manifest.write(out["prefix"], record["run"]["tokenizer_path"], record["run"]["inputs"])
+        data = indexed.IndexedDataset(out["prefix"])
+        summary.outputs[key] = out["prefix"]
+        summary.docs += len(data)
+        summary.tokens += data.num_tokens
+    os.remove(resumable.path_of(output_prefix))
+    log.warning("--resume: %s was already complete (its run stopped after writing it); nothing to do", output_prefix)
     return summary
 
 

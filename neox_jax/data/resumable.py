@@ -93,6 +93,24 @@ def load(output_prefix: str, run: dict) -> dict | None:
     return record
 
 
+def finished(output_prefix: str) -> dict | None:
+    """The progress record of a run that was stopped after its outputs were complete (between renaming them into
+    place and removing the record); None otherwise. An output stopped between renaming its .bin and its .idx into
+    place (not a pair yet) gets its .bin back as the unfinished file, so that the resume writes it again."""
+    path = path_of(output_prefix)
+    if not os.path.isfile(path):
+        return None
+    record = _read(path)
+    prefixes = [o["prefix"] for o in record["outputs"].values()]
+    for p in prefixes:
+        if not os.path.exists(p + indexed.PARTIAL_BIN) and os.path.exists(p + ".bin") and not os.path.exists(
+                p + ".idx"):
+            os.replace(p + ".bin", p + indexed.PARTIAL_BIN)
+    if not prefixes or not all(indexed.exists(p) and not os.path.exists(p + indexed.PARTIAL_BIN) for p in prefixes):
+        return None
+    return record
+
+
 def _difference(then: dict, now: dict) -> str | None:
     """How the recorded run differs from this one, in words; None when it is the same."""
     names = [i["name"] for i in then["inputs"]], [i["name"] for i in now["inputs"]]
