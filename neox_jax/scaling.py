@@ -251,12 +251,12 @@ def optimal_at(fit3: dict, flops: float) -> tuple[float, float]:
     return n, flops / (6 * n)
 
 
-def bootstrap(points: list[Point], resamples: int = 200, seed: int = 0) -> dict:
+def bootstrap(points: list[Point], resamples: int = 200, seed: int = 0, full: dict | None = None) -> dict:
     """5th and 95th percentiles of approach 2's a, b and approach 3's E, alpha, beta over resampled runs
-    (approach 3 started from the full fit's optimum; resamples whose approach 2 has too few runs per budget are
-    dropped)."""
+    (approach 3 started from the full fit's optimum, `full` when the caller has it; resamples whose approach 2 has
+    too few runs per budget are dropped)."""
     rng = np.random.default_rng(seed)
-    full = approach3(points)
+    full = full or approach3(points)
     samples: dict[str, list[float]] = {k: [] for k in ("a", "b", "E", "alpha", "beta")}
     for _ in range(resamples):
         pick = [points[i] for i in rng.integers(0, len(points), len(points))]
@@ -274,8 +274,9 @@ def bootstrap(points: list[Point], resamples: int = 200, seed: int = 0) -> dict:
 
 
 def fit(points: list[Point], resamples: int = 200) -> dict:
-    return {"points": [dataclasses.asdict(p) for p in points], "approach2": approach2(points),
-            "approach3": approach3(points), "intervals": bootstrap(points, resamples) if resamples else {}}
+    three = approach3(points)  # the grid of starts is most of the time: run once, shared with the bootstrap
+    return {"points": [dataclasses.asdict(p) for p in points], "approach2": approach2(points), "approach3": three,
+            "intervals": bootstrap(points, resamples, full=three) if resamples else {}}
 
 
 def format_fit(result: dict, at: float | None = None) -> str:
