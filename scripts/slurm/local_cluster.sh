@@ -25,7 +25,7 @@ die() { echo "local_cluster.sh: $*" >&2; exit 2; }
 
 write_conf() {
   local cpus mem
-  cpus=$(nproc)
+  cpus=$(getconf _NPROCESSORS_ONLN)  # not nproc: it reports OMP_NUM_THREADS when that is set (the tests set 1)
   mem=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
   mkdir -p "$state/ctld" "$state/spool" "$state/log"
   cat >"$conf" <<EOF
@@ -76,7 +76,7 @@ start() {
   slurmd
   for _ in $(seq 60); do
     case $(node_state) in
-      idle*|mixed*|allocated*) echo "SLURM cluster up: node $node ($(nproc) CPUs), partition local; export SLURM_CONF=$conf"
+      idle*|mixed*|allocated*) echo "SLURM cluster up: node $node ($(getconf _NPROCESSORS_ONLN) CPUs), partition local; export SLURM_CONF=$conf"
                                return 0 ;;
     esac
     sleep 0.5
