@@ -18,7 +18,7 @@ import pytest
 from conftest import FIXTURES, ROOT, script_env
 from neox_jax import errors
 from neox_jax.data import default_paths, indexed, manifest, parts, preprocess as pp, resumable
-from neox_jax.data.documents import expand_inputs, iter_documents
+from neox_jax.data.documents import iter_documents
 from test_data_preprocess import doc, pile_docs, write_jsonl
 from tiny_configs import script
 

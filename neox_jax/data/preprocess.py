@@ -197,8 +197,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     if record is not None:
         position = tuple(record["position"])
         summary.restore(record["summary"])
-    read = functools.partial(iter_documents, names, skip_bad, summary.bad, keep_whitespace_docs, text_key)
-    docs = read(start=position)
+    docs = iter_documents(names, skip_bad, summary.bad, keep_whitespace_docs, text_key, start=position)
     if dedup:
         docs = _drop_duplicates(docs, summary, _seen_before(names, position, keep_whitespace_docs, text_key,
                                                             skip_bad) if record else None)
@@ -228,7 +227,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
             raise
         if not outputs.writers:  # an empty dataset trains nothing: refuse before any file appears
             recorder.remove()
-            raise _no_documents(inputs, output_prefix, summary)
+            raise _no_documents(names, output_prefix, summary)
     summary.seconds = before + time.perf_counter() - start
     for key, prefix in summary.outputs.items():  # what the pair holds and what made it (data/manifest.py)
         manifest.write(prefix, tokenizer.path, run["inputs"], sha256=outputs.writers[key].sha256, **(extra_manifest or {}))
@@ -370,10 +369,9 @@ class _Outputs:
         return nbytes
 
 
-def _no_documents(inputs: str | Sequence[str], output_prefix: str, summary: Summary) -> errors.InputError:
+def _no_documents(files: Sequence[str], output_prefix: str, summary: Summary) -> errors.InputError:
     skipped = (f"; {sum(summary.bad.values())} bad line(s) skipped" if summary.bad else "") + (
         f"; {summary.duplicates_dropped} duplicate(s) dropped" if summary.duplicates_dropped else "")
-    files = expand_inputs(inputs)
     where = files[0] if len(files) == 1 else f"{len(files)} input files ({files[0]}, ...)"
     return errors.InputError(f"no documents in {where}{skipped}; nothing written to {output_prefix}")
 
