@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 from typing import Mapping, Sequence
@@ -121,6 +122,21 @@ def _event_writer_failed(args) -> bool:
     return False
 
 
+def _tensorboard_writer(logdir: str):
+    """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is installed
+    (1.3 CPU-seconds a run, for tensors this writer never receives; it writes floats). A torch imported before, or
+    after, is untouched."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter  # optional at import time: benchmarks don't need it
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter(logdir)
+
+
 class Writers:
     """Console + metrics.jsonl + TensorBoard (+ Weights & Biases when `wandb_project` is set) for one run;
     a no-op on processes other than 0."""
@@ -140,9 +156,7 @@ class Writers:
             log.warning(repaired)
         self._jsonl = open(path, "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter  # optional at import time: benchmarks don't need it
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
             errors.filter_hook(threading, "excepthook", _event_writer_failed)
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
