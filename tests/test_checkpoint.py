@@ -75,6 +75,24 @@ def test_restore_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(w, np.asarray(state["train"]["params"]["w"]))
 
 
+def test_one_process_saves_replicated_arrays_whole(tmp_path, caplog):
+    """orbax's replica-parallel saving cuts a replicated array into one slice per device so that hosts share its
+    writing, each slice a compile of its own; in one process every replica is here, so nothing is sliced."""
+    replicated = NamedSharding(jax.sharding.Mesh(np.array(jax.devices()), ("data",)), P())
+    state = _state(3, replicated)
+    c = ckpt.Checkpointer(str(tmp_path))
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        c.save(3, state, {}, {})
+        c.wait()
+    c.close()
+    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.getMessage()]
+    assert not [m for m in compiled if "jit(slice)" in m], compiled
+    c = ckpt.Checkpointer(str(tmp_path))
+    restored, _, _ = c.restore(_abstract(state))
+    c.close()
+    np.testing.assert_array_equal(restored["train"]["params"]["w"], state["train"]["params"]["w"])
+
+
 def test_shape_mismatch_names_the_first_parameter(tmp_path):
     _save_steps(tmp_path, [1])
     other = _state(0)

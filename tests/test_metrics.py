@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import struct
+import subprocess
 import sys
 import types
 
@@ -120,6 +121,17 @@ def test_writers_jsonl_tensorboard_and_plot(tmp_path):
     png = metrics.plot_run(str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert metrics.plot_run(str(tmp_path / "nothing")) is None
+
+
+def test_tensorboard_writer_leaves_torch_unimported(tmp_path):
+    """tensorboardX imports torch whenever it is installed (over a CPU-second a run); the writers open it without,
+    and the process can still import torch afterwards."""
+    pytest.importorskip("torch")
+    code = ("import sys; from neox_jax import metrics; w = metrics.Writers(sys.argv[1]); w.write(1, {'loss': 2.0}); "
+            "w.close(); print('torch' in sys.modules); import torch; print(torch.tensor([3]).item())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.split() == ["False", "3"], out.stdout + out.stderr
+    assert _tensorboard_scalars(str(tmp_path / "tensorboard"))["train/loss"] == [(1, 2.0)]
 
 
 def test_disabled_writers_write_nothing(tmp_path):
