@@ -15,6 +15,7 @@ can tell the leftovers of a writer that was killed (`kill -9`, a lost node) from
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import re
@@ -110,3 +111,12 @@ def atomic_path(target):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Wait for, then hold, an flock on the file `path` (created if missing) for the block: the processes of one
+    host that build the same file take turns. The kernel releases it when the holder dies, kill -9 included."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield

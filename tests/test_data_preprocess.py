@@ -1,5 +1,6 @@
 """Tokenizers, Pile preprocessing and the .bin/.idx format, checked against an independent reader."""
 
+import concurrent.futures
 import gzip
 import io
 import json
@@ -7,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -241,6 +243,27 @@ def test_prepare_dataset_caches_by_content(tmp_path):
     write_jsonl(src, [doc("changed text")])
     second = pp.prepare_dataset(src, cache_dir=str(tmp_path / "cache"), progress=False)
     assert second != first and len(indexed.IndexedDataset(second)) == 1
+
+
+def test_builders_of_one_cache_entry_take_turns(tmp_path):
+    """Runs started together on a fresh machine (a sweep, the tests' workers) all build the bundled sample's cache
+    entry: the resumable writer's unfinished files have fixed names, so without the lock they wrote into each
+    other's and one ended with an error (seen: an IndexError in the .idx writer, then a missing .sizes.partial)."""
+    src = ASSETS["val"]
+    cache, n = str(tmp_path / "cache"), 4
+    start = threading.Barrier(n)
+
+    def build(_):
+        start.wait()
+        return pp.prepare_dataset(src, cache_dir=cache, progress=False)
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:  # flock holds between two opens in one process too
+        prefixes = set(pool.map(build, range(n)))
+    alone = pp.prepare_dataset(src, cache_dir=str(tmp_path / "alone"), progress=False)
+    (prefix,) = prefixes
+    for suffix in (".bin", ".idx"):
+        assert open(prefix + suffix, "rb").read() == open(alone + suffix, "rb").read()
+    assert not [f for f in os.listdir(cache) if f.endswith((".partial", ".tmp"))]  # no unfinished file left
 
 
 def test_train_sentencepiece_and_preprocess_with_it(tmp_path):

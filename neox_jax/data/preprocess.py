@@ -394,27 +394,39 @@ def cache_key(files: Sequence[str], tokenizer_path: str, append_eod: bool = True
     return h.hexdigest()
 
 
+def _cached(prefix: str, vocab_size: int, cache_dir: str, paths: Sequence[str]) -> bool:
+    """Whether the cache entry `prefix` is there and sound; a damaged one is ours to rebuild (nothing is lost)."""
+    if not indexed.exists(prefix):
+        return False
+    try:
+        indexed.check_token_ids(indexed.IndexedDataset(prefix), vocab_size, cache_dir, "cache entry")
+        return True
+    except indexed.IndexedFormatError as e:
+        log.warning("%s; tokenizing %s again", e, ", ".join(paths))
+        return False
+
+
 def prepare_dataset(inputs: str | Sequence[str], tokenizer_path: str | None = None,
                     cache_dir: str | None = None, workers: int = 1, progress: bool = True) -> str:
     """Preprocess Pile-format inputs into `cache_dir` on first use; returns the `.bin/.idx` prefix.
 
-    The cache entry is named by a hash of the inputs and the tokenizer, so changing either makes a new
-    one; concurrent callers (several processes on one host) each write atomically and the last rename wins
-    with identical content. Up to _MAX_THREADS workers tokenize in threads of this process (the HF
+    The cache entry is named by a hash of the inputs and the tokenizer, so changing either makes a new one.
+    Concurrent builders (the processes of a host, runs started together on a fresh machine) take turns on a lock
+    beside the entry: one tokenizes, the others read what it wrote; a finished entry is read without the lock (a
+    read-only cache works). Up to _MAX_THREADS workers tokenize in threads of this process (the HF
     tokenizer's batched encoder also uses every core itself); more are spawned processes, which re-import
     the caller's main module, so only scripts with an `if __name__ == "__main__":` guard may ask for that.
     """
-    files = expand_inputs(inputs)
+    paths = expand_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_path)
     cache_dir = cache_dir or indexed.default_cache_dir()
-    stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(files[0])) or "data"
-    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(files, tokenizer.path)}")
-    if indexed.exists(prefix):
-        try:  # a cache entry is ours to rebuild: one damaged on disk is tokenized again, nothing is lost
-            indexed.check_token_ids(indexed.IndexedDataset(prefix), tokenizer.vocab_size, cache_dir,
-                                    "cache entry")
-            return prefix
-        except indexed.IndexedFormatError as e:
-            log.warning("%s; tokenizing %s again", e, ", ".join(files))
-    preprocess(files, prefix, tokenizer.path, workers=workers, progress=progress)
+    stem = re.sub(r"(\.[A-Za-z0-9]+)+$", "", os.path.basename(paths[0])) or "data"
+    prefix = os.path.join(cache_dir, f"{stem}-{cache_key(paths, tokenizer.path)}")
+    if _cached(prefix, tokenizer.vocab_size, cache_dir, paths):
+        return prefix
+    os.makedirs(cache_dir, exist_ok=True)
+    # the writer's unfinished files have fixed names: two builders of one entry would write into each other's
+    with files.exclusive(prefix + ".lock"):
+        if not _cached(prefix, tokenizer.vocab_size, cache_dir, paths):  # or another builder made it meanwhile
+            preprocess(paths, prefix, tokenizer.path, workers=workers, progress=progress)
     return prefix
