@@ -213,7 +213,7 @@ def test_evaluate_script_forks_nothing_and_warns_nothing(small_hf):
     """Bootstrap stderrs (LAMBADA's perplexity) without a fork()ed pool beside JAX's threads, and none of lm-eval's
     "Custom kwargs" advice for our local tasks."""
     done, *_ = evaluate_script("--hf", str(small_hf), "--tasks", "lambada_openai,piqa", "--limit", "3",
-                              "--bootstrap_iters", "100")
+                               "--bootstrap_iters", "100")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "os.fork()" not in done.stderr and "Custom kwargs" not in done.stderr
     assert "lambada_openai" in done.stdout and "perplexity" in done.stdout
