@@ -66,9 +66,11 @@ class NeoXLM(TemplateLM):
     """model_args: `hf=DIR` or `checkpoint=DIR` (params dir or training workdir), `batch_size` (rows of
     `row_length` tokens per compiled scoring call, prompts per generation batch), `row_length` (default 256),
     `max_length` (default: max_position_embeddings), `dtype` (float32 | bfloat16 | float16),
-    `tokenizer` (path; default the HF dir's tokenizer.json, else the 20B tokenizer), `max_gen_toks`,
+    `tokenizer` (path; default the one the model was made with: the HF dir's tokenizer.json, the run's
+    data.tokenizer of a params dir or workdir, else the 20B tokenizer), `max_gen_toks`,
     `tensor_parallel` (mesh: all devices, weights split tensor_parallel ways, batch rows over the rest).
-    From Python, `model_config=`, `params=` and a `neox_jax.data.tokenizer` object may be passed instead, and
+    From Python, `model_config=`, `params=` (with `hf` or `checkpoint` naming their source, for the tokenizer) and a
+    `neox_jax.data.tokenizer` object may be passed instead, and
     `stacked=True` scores with the params' stacked layers as they are (no per-layer copy)."""
 
     def __init__(self, hf: str | None = None, checkpoint: str | None = None, batch_size: int | str = 8,
@@ -79,7 +81,7 @@ class NeoXLM(TemplateLM):
         if model_config is None:
             model_config, params = weights.load_model(hf=hf, checkpoint=checkpoint, dtype=dtype)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = tok_lib.load_tokenizer(tokenizer, hf_dir=hf)
+            tokenizer = weights.tokenizer_for(model_config, tokenizer, hf=hf, checkpoint=checkpoint)
         self.mesh = sharding.inference_mesh(int(tensor_parallel)) if mesh is None else mesh
         self._generator = gen_lib.Generator(model_config, params, vocab_limit=tokenizer.vocab_size, mesh=self.mesh,
                                             stacked=stacked)

@@ -18,22 +18,22 @@ from typing import Callable
 
 from neox_jax import checkpoint, errors, files, table, weights
 from neox_jax import evaluate as E
-from neox_jax.data import tokenizer as tok_lib
 
 STEP_DIR = re.compile(r"^step_?(\d+)$")  # an HF checkpoint of a series: step1000 (Pythia's revisions) or step_1000
 SETTINGS = ("tasks", "num_fewshot", "limit", "seed", "dtype")  # what makes two evaluations of a step the same
 
 
 def checkpoints(path: str) -> dict[int, Callable]:
-    """step -> a loader of (model config, params, the HF dir or None), for a training workdir's kept steps or a
-    folder of HF checkpoints `step<N>/`. One InputError when `path` is neither."""
+    """step -> a loader of (model config, params, their source as NeoXLM's keyword: {"checkpoint": workdir} or
+    {"hf": dir}), for a training workdir's kept steps or a folder of HF checkpoints `step<N>/`. One InputError when
+    `path` is neither."""
     if os.path.isdir(checkpoint.checkpoint_dir(path)):
         ckpt = checkpoint.Checkpointer(path, async_save=False, create=False)
         try:
             steps = ckpt.all_steps()
         finally:
             ckpt.close()
-        return {s: (lambda dtype, s=s: (*weights.load_model(checkpoint=path, step=s, dtype=dtype), None))
+        return {s: (lambda dtype, s=s: (*weights.load_model(checkpoint=path, step=s, dtype=dtype), {"checkpoint": path}))
                 for s in steps}
     found = {}
     if os.path.isdir(path):
@@ -41,7 +41,7 @@ def checkpoints(path: str) -> dict[int, Callable]:
             m = STEP_DIR.match(name)
             if m and os.path.isdir(os.path.join(path, name)):
                 found[int(m.group(1))] = (lambda dtype, d=os.path.join(path, name):
-                                          (*weights.load_model(hf=d, dtype=dtype), d))
+                                          (*weights.load_model(hf=d, dtype=dtype), {"hf": d}))
     if not found:
         raise errors.InputError(f"--workdir {path}: neither a training workdir (no checkpoints/ folder) nor a folder "
                                 "of HF checkpoints named by step (step1000/, step2000/, ...)")
@@ -93,10 +93,9 @@ def evaluate(path: str, steps: list[int], tasks: list[str], out_dir: str, *, say
         if target.exists():
             results[step] = _read(target, settings)
             continue
-        m, params, hf_dir = loaders[step](lm_args.get("dtype"))
+        m, params, source = loaders[step](lm_args.get("dtype"))
         if lm is None:
-            tokenizer = lm_args.get("tokenizer") or tok_lib.load_tokenizer(None, hf_dir=hf_dir)
-            lm = E.NeoXLM(model_config=m, params=params, **{**lm_args, "tokenizer": tokenizer, "dtype": None})
+            lm = E.NeoXLM(model_config=m, params=params, **{**lm_args, **source, "dtype": None})
         else:
             lm.set_params(params)
         del params

@@ -4,6 +4,7 @@ orbax checkpoint, read through `neox_jax.checkpoint`).
 
     load(path) -> (config, params)          any of the three, told apart by what the directory holds
     load_model(hf=, checkpoint=, dtype=)    (model config, params) for generation and evaluation
+    tokenizer_for(m, tokenizer, hf=, checkpoint=)   the tokenizer that model was made with, checked to fit it
     params_for(m, path)                     `train.init_from`: the params at `path`, checked to fit the run's model
     save_params / load_params               a params dir: config.json (the run config) + params.safetensors
                                             ("a/b/c" keys), pickle-free
@@ -33,6 +34,7 @@ from flax import traverse_util
 from neox_jax import checkpoint, convert, errors
 from neox_jax import config as C
 from neox_jax import files as files_lib
+from neox_jax.data import tokenizer as tok_lib
 
 PARAMS_FILE = "params.safetensors"
 FIELD = "config field train.init_from"
@@ -85,6 +87,37 @@ def load_model(*, hf: str | None = None, checkpoint: str | None = None, dtype: s
         m.dtype = m.param_dtype = dtype
         params = jax.tree.map(lambda x: x.astype(dtype), params)
     return m, params
+
+
+def tokenizer_for(m, tokenizer: str | None = None, *, hf: str | None = None, checkpoint: str | None = None
+                  ) -> tok_lib.Tokenizer:
+    """The tokenizer of the model `m` loaded from `hf` or `checkpoint`: `tokenizer` (a path) when given, else the one
+    it was made with (an HF dir's tokenizer.json; the data.tokenizer of the run that wrote a params dir or training
+    workdir), else the bundled 20B tokenizer. One TokenizerError when it has more ids than the model's embedding:
+    ids past it would read other rows in silence."""
+    if not tokenizer and checkpoint:
+        recorded = _run_config(checkpoint).get("data", {}).get("tokenizer") or None
+        if recorded and not os.path.isfile(recorded):
+            raise tok_lib.TokenizerError(f"{checkpoint} was trained with data.tokenizer={recorded}, which is not "
+                                         "there now; give the tokenizer file with --tokenizer")
+        tokenizer = recorded
+    tok = tok_lib.load_tokenizer(tokenizer or None, hf_dir=hf)
+    if tok.vocab_size > C.padded_vocab(m):
+        model = f"the model at {hf or checkpoint}" if hf or checkpoint else "the model"
+        raise tok_lib.TokenizerError(f"tokenizer {tok.path} has {tok.vocab_size} ids but {model} embeds only "
+                                     f"{C.padded_vocab(m)}: give the tokenizer it was trained with (--tokenizer)")
+    return tok
+
+
+def _run_config(path: str) -> dict:
+    """The run config (as saved, a dict) of a params dir or a training workdir's latest checkpoint."""
+    if _kind(path, "checkpoint") == "params":
+        return convert.read_json(pathlib.Path(path) / convert.CONFIG_FILE)
+    ckpt = checkpoint.Checkpointer(path, async_save=False, create=False)
+    try:
+        return ckpt.restore_config()
+    finally:
+        ckpt.close()
 
 
 def model_config(path: str):

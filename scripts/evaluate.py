@@ -44,7 +44,9 @@ def parse(argv):
     p.add_argument("--max_length", type=cli.positive_int, default=None,
                    help="default: the model's max_position_embeddings")
     p.add_argument("--dtype", choices=DTYPES, default=None)
-    p.add_argument("--tokenizer", help="tokenizer file (default: the HF dir's tokenizer.json, else the 20B tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the model's own: the HF dir's "
+                   "tokenizer.json, the data.tokenizer of the run that wrote a params dir or workdir, else the 20B "
+                   "tokenizer)")
     p.add_argument("--tensor_parallel", type=cli.positive_int, default=1)
     p.add_argument("--include_builtin_tasks", action="store_true",
                    help="also offer lm-eval's own tasks (implied by a task name that is not one of ours)")

@@ -16,7 +16,6 @@ import sys
 from neox_jax import cli, errors, sharding, weights
 from neox_jax import generate as G
 from neox_jax.config import DTYPES
-from neox_jax.data.tokenizer import load_tokenizer
 
 
 def parse(argv):
@@ -24,7 +23,9 @@ def parse(argv):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="HF GPTNeoXForCausalLM directory")
     source.add_argument("--checkpoint", help="neox_jax params dir (config.json + params.safetensors) or training workdir")
-    p.add_argument("--tokenizer", help="tokenizer file (default: the HF dir's tokenizer.json, else the 20B tokenizer)")
+    p.add_argument("--tokenizer", help="tokenizer file (default: the model's own: the HF dir's "
+                   "tokenizer.json, the data.tokenizer of the run that wrote a params dir or workdir, else the 20B "
+                   "tokenizer)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompt_file", help=".txt (one prompt per line) or .jsonl ({\"prompt\": ...} per line)")
     p.add_argument("--output", help="JSONL file for the completions")
@@ -52,8 +53,8 @@ def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
     cli.check_writable(args.output, "--output", args.overwrite)  # before the model is loaded and run
     prompts = args.prompt + (G.read_prompts(args.prompt_file) if args.prompt_file else [])
-    tokenizer = load_tokenizer(args.tokenizer, hf_dir=args.hf)
     m, params = weights.load_model(hf=args.hf, checkpoint=args.checkpoint, dtype=args.dtype)
+    tokenizer = weights.tokenizer_for(m, args.tokenizer, hf=args.hf, checkpoint=args.checkpoint)
     sampling = G.Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=args.seed, stop_strings=tuple(args.stop),
                           stop_token_ids=tuple(args.stop_token_id) + (() if args.ignore_eod else (tokenizer.eod_id,)))

@@ -25,7 +25,8 @@ import pytest
 from conftest import FIXTURES, ROOT, script_env
 from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
-from neox_jax.data import dataset, indexed, preprocess
+from neox_jax import evaluate as E
+from neox_jax.data import dataset, default_paths, indexed, preprocess
 from neox_jax.workdir import WorkdirBusyError, hold_workdir
 from tiny_configs import TINY_PY, script as _script, tiny_py
 
@@ -572,21 +573,45 @@ def custom_tokenizer_run(tmp_path_factory):
         last = trainer.train(config, str(tmp / "run"))
     finally:
         mp.undo()
-    return last, metrics.read_jsonl(str(tmp / "run" / "metrics.jsonl"))
+    return last, metrics.read_jsonl(str(tmp / "run" / "metrics.jsonl")), tmp
 
 
 @pytest.mark.slow
 def test_custom_tokenizer_workflow_trains(custom_tokenizer_run):
-    last, rows = custom_tokenizer_run
+    last, rows, _ = custom_tokenizer_run
     assert last["step"] == 6 and np.isfinite(last["val_loss"]) and last["unigram_val_loss"] < np.log(512)
 
 
 @pytest.mark.slow
 def test_throughput_excludes_evaluation_time(custom_tokenizer_run):
-    _, rows = custom_tokenizer_run
+    _, rows, _ = custom_tokenizer_run
     train = [r for r in rows if r["split"] == "train" and r.get("step_time") is not None]
     assert [r["step"] for r in train] == [2, 3, 4, 5, 6]  # steps 3 and 6 were each followed by a 1 s evaluation
     assert max(r["step_time"] for r in train) < 0.7, [(r["step"], r["step_time"]) for r in train]
+
+
+@pytest.mark.slow
+def test_a_run_is_read_back_with_its_own_tokenizer(custom_tokenizer_run, tmp_path, capsys):
+    """generate.py and evaluate.py default to the tokenizer a model was made with; where that is not known (a run
+    on pre-tokenized data) or gone, one line asks for --tokenizer instead of ids past the model's embedding."""
+    *_, tmp = custom_tokenizer_run
+    generate, workdir = _script("generate").main, str(tmp / "run")
+    prompt = ["--prompt", "The", "--max_new_tokens", "2", "--output", str(tmp_path / "o.jsonl")]
+    line = _fails(generate, ["--checkpoint", workdir, *prompt], capsys)  # data.tokenizer "": the 20B tokenizer
+    assert line == (f"FATAL: tokenizer {default_paths()['tokenizer']} has 50277 ids but the model at {workdir} embeds "
+                    "only 512: give the tokenizer it was trained with (--tokenizer)")
+    generate(["--checkpoint", workdir, "--tokenizer", str(tmp / "tok.model"), *prompt])
+    assert len(json.loads((tmp_path / "o.jsonl").read_text())["tokens"]) == 2
+    # a params dir of a run that named its tokenizer reads it; one whose tokenizer is gone says so
+    config, params = weights.load(workdir)
+    config.data.tokenizer = str(tmp / "tok.model")
+    weights.save_params(config, params, tmp_path / "params")
+    assert E.NeoXLM(checkpoint=str(tmp_path / "params")).tokenizer.path == config.data.tokenizer
+    config.data.tokenizer = str(tmp_path / "moved.model")
+    weights.save_params(config, params, tmp_path / "params", overwrite=True)
+    assert _fails(_script("evaluate").main, ["--checkpoint", str(tmp_path / "params"), "--tasks", "piqa"], capsys) == (
+        f"FATAL: {tmp_path / 'params'} was trained with data.tokenizer={tmp_path / 'moved.model'}, which is not "
+        "there now; give the tokenizer file with --tokenizer")
 
 
 def test_preprocessing_a_directory_and_empty_input(tmp_path, capsys):
