@@ -32,11 +32,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"  # small real files the tests read (sources and licences in its README)
 
-# A 512-id sentencepiece tokenizer of the bundled Pile sample (tests/fixtures/README.md) and the model fields that
-# fit it: the runs of configs/tiny.py that test the loop, not the 20B tokenizer, take it, so their steps are not
-# spent in a 50,688-row embedding and head (1.3 -> 0.05 CPU-s a step on 8 devices).
-SMALL_TOKENIZER = str(FIXTURES / "tokenizers" / "pile_sp512.model")
-SMALL_VOCAB = {"data.tokenizer": SMALL_TOKENIZER, "model.vocab_size": 512}
+from tiny_sp512 import SMALL_TOKENIZER, SMALL_VOCAB, SMALL_VOCAB_FLAGS  # noqa: E402,F401 (re-exported)
 
 
 def script_env(devices: int | None = None, **extra) -> dict:

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import script_env
+from tiny_sp512 import SMALL_VOCAB_FLAGS
+from tiny_sp512 import SPEC as SMALL_TINY
 
 from neox_jax.bench import device, timing
 from neox_jax.bench import generate as gen_bench
@@ -61,8 +63,9 @@ def test_config_flags_go_only_to_commands_that_take_a_config(capsys):
 @pytest.mark.slow
 def test_train_benchmark_rows_and_hf_ratio(tmp_path, capsys):
     out = tmp_path / "train.json"
-    benchmark("train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.train.batch_size=8",
-              "--config.train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "2", "--compare-hf",
+    benchmark("train", "--config", "configs/tiny.py", *SMALL_VOCAB_FLAGS, "--config.model.num_layers=1",
+              "--config.train.batch_size=8", "--config.train.seq_len=16", "--steps", "1", "--warmup", "1",
+              "--windows", "2", "--compare-hf",
               "--variant", "train.loss_chunks=2", "--json", str(out), "--profile", str(tmp_path / "trace"))
     rows = json.loads(out.read_text())
     assert [r["impl"] for r in rows] == ["neox_jax", "neox_jax[loss_chunks=2]", "hf_torch_eager"]
@@ -90,7 +93,7 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys, monkeypatch):
     out = tmp_path / "generate.json"
     # the read rate over a 16 MiB array instead of 256 MiB: seconds of sums on CPU for a figure checked by hand above
     monkeypatch.setattr(device, "memory_bandwidth_gbs", functools.partial(device.memory_bandwidth_gbs, 2**24, 3))
-    benchmark("generate", "--config", "configs/tiny.py", "--dtype", "float32", "--batches", "1,2",
+    benchmark("generate", "--config", SMALL_TINY, "--dtype", "float32", "--batches", "1,2",
               "--prompt-len", "4", "--new-tokens", "4", "--layer-loops", "scan,unstacked", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [(r["impl"], r["batch"]) for r in rows] == [("neox_jax", 1), ("neox_jax_unstacked", 1),
@@ -107,8 +110,9 @@ def test_generate_benchmark_rows_per_layer_loop(tmp_path, capsys, monkeypatch):
 @pytest.mark.slow
 def test_energy_benchmark_interleaves_off_and_on(tmp_path, capsys):
     out = tmp_path / "energy.json"
-    benchmark("energy", "--config.model.num_layers=1", "--config.train.batch_size=8", "--config.train.seq_len=16",
-              "--config.train.log_every=2", "--steps", "4", "--pairs", "2", "--json", str(out))
+    benchmark("energy", *SMALL_VOCAB_FLAGS, "--config.model.num_layers=1", "--config.train.batch_size=8",
+              "--config.train.seq_len=16", "--config.train.log_every=2", "--steps", "4", "--pairs", "2", "--json",
+              str(out))
     r = json.loads(out.read_text())
     assert len(r["step_time_off"]) == len(r["step_time_on"]) == 2 and r["steps_per_window"] == 4
     rel = [(b - a) / a for a, b in zip(r["step_time_off"], r["step_time_on"])]
@@ -199,8 +203,9 @@ def test_tables_show_dashes_for_missing_figures():
 @pytest.mark.slow
 def test_train_benchmark_table_on_cpu(capsys):
     """A run on CPU (no memory stats, no peak, no HF): the table has dashes, the progress lines went to stderr."""
-    benchmark("train", "--config", "configs/tiny.py", "--config.model.num_layers=1", "--config.train.batch_size=8",
-              "--config.train.seq_len=16", "--steps", "1", "--warmup", "1", "--windows", "1")
+    benchmark("train", "--config", "configs/tiny.py", *SMALL_VOCAB_FLAGS, "--config.model.num_layers=1",
+              "--config.train.batch_size=8", "--config.train.seq_len=16", "--steps", "1", "--warmup", "1",
+              "--windows", "1")
     out = capsys.readouterr()
     assert_clean_table(out.out)
     assert "neox_jax" in out.out and out.err.count("row {") == 1
@@ -212,7 +217,7 @@ def test_profile_of_a_training_run_as_documented(tmp_path, capsys):
     --steps STOP-START`; a workdir without a trace says how to write one."""
     env = script_env(PYTHONPATH=str(ROOT))
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", "configs/tiny.py",
-                           "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
+                           *SMALL_VOCAB_FLAGS, "--workdir", str(tmp_path / "run"), "--config.train.steps=4",
                            "--config.train.profile_steps=1,3"], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

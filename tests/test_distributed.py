@@ -20,16 +20,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, script_env
+from conftest import ROOT, SMALL_VOCAB_FLAGS, script_env
 from neox_jax import distributed
 from tiny_configs import script
 
 TRAIN = str(ROOT / "scripts" / "train.py")
 STEPS, CKPT_STEP = 6, 3
-# the tiny config shrunk further: what is compared is the multi-process plumbing, not the model
-TINY = ["--config", str(ROOT / "configs" / "tiny.py"), "--config.model.num_layers=2", "--config.model.hidden_size=64",
-        "--config.train.seq_len=32", "--config.train.batch_size=8", "--config.train.log_every=1",
-        "--config.train.eval_every=0", "--config.optimizer.warmup_steps=2"]
+# the tiny config shrunk further, on the 512-id tokenizer: what is compared is the multi-process plumbing, not
+# the model
+TINY = ["--config", str(ROOT / "configs" / "tiny.py"), *SMALL_VOCAB_FLAGS, "--config.model.num_layers=2",
+        "--config.model.hidden_size=64", "--config.train.seq_len=32", "--config.train.batch_size=8",
+        "--config.train.log_every=1", "--config.train.eval_every=0", "--config.optimizer.warmup_steps=2"]
 RUN_TIMEOUT = 240  # seconds for one run of STEPS steps on a loaded 2-core machine
 
 

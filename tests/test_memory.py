@@ -15,7 +15,7 @@ from neox_jax import config as cfg, fit, layout, memory, setup, sharding, target
 from neox_jax.data.dataset import train_spec
 
 from configs import pythia
-from conftest import ROOT, script_env
+from conftest import ROOT, SMALL_VOCAB_FLAGS, script_env
 from tiny_configs import tiny_config
 
 # Big enough that activations, not fixed overheads, set the peak: 8 sequences of 256 per device, 4 layers.
@@ -112,23 +112,22 @@ def test_a_config_without_data_is_refused_unless_it_asks_for_the_sample():
 
 
 def _train(tmp_path, *flags):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--workdir",
-                           str(tmp_path / "run"), *flags], capture_output=True, text=True, cwd=ROOT, env=env,
+                           str(tmp_path / "run"), *flags], capture_output=True, text=True, cwd=ROOT, env=script_env(),
                           timeout=600)
 
 
 @pytest.mark.slow
 def test_train_script_checks_memory_before_the_first_step(tmp_path):
-    tiny = ["--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.train.steps=2",
+    tiny = ["--config", os.path.join(ROOT, "configs", "tiny.py"), *SMALL_VOCAB_FLAGS, "--config.train.steps=2",
             "--config.train.eval_every=0", "--config.energy.track=false"]
-    out = _train(tmp_path, *tiny, "--config.train.device_memory_gb=0.3")
+    out = _train(tmp_path, *tiny, "--config.train.device_memory_gb=0.04")
     assert out.returncode == 2, out.stderr[-2000:]
     fatal = [line for line in out.stderr.splitlines() if line.startswith("FATAL:")]
-    assert len(fatal) == 1 and "GB per device, more than the 0.30 GB" in fatal[0] and "--config." in fatal[0]
+    assert len(fatal) == 1 and "GB per device, more than the 0.04 GB" in fatal[0] and "--config." in fatal[0]
     assert "devices: 1 cpu" in out.stdout and "mesh data 1 x fsdp 1 x tensor 1" in out.stdout
     assert os.listdir(tmp_path / "run") == [".lock.0"]  # nothing written but the workdir's lock
-    out = _train(tmp_path, *tiny, "--config.train.device_memory_gb=0.3", "--config.train.memory_check=false")
+    out = _train(tmp_path, *tiny, "--config.train.device_memory_gb=0.04", "--config.train.memory_check=false")
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memory check off" in out.stdout
     out = _train(tmp_path, "--config", os.path.join(ROOT, "configs", "pythia.py:14m"))

@@ -11,6 +11,7 @@ from neox_jax import errors, series, trainer
 from neox_jax import evaluate as E
 
 from tiny_configs import script, tiny_py
+from tiny_sp512 import SMALL_VOCAB
 
 TASKS = ["piqa", "arc_easy"]
 LIMIT = 6
@@ -82,8 +83,9 @@ def test_hf_series_scores_each_step_as_alone_compiles_once_and_resumes(tmp_path,
 @pytest.mark.slow
 def test_a_run_with_pythias_schedule_evaluates_its_kept_steps_in_one_command(tmp_path, capsys):
     workdir = tmp_path / "run"
-    config = tiny_py(**{"train.steps": 10, "train.checkpoint_steps": "pythia", "train.checkpoint_every": 100,
-                        "train.keep_checkpoints": 1, "train.eval_every": 0, "train.batch_size": 8,
+    config = tiny_py(**{**SMALL_VOCAB, "train.steps": 10, "train.checkpoint_steps": "pythia",
+                        "train.checkpoint_every": 100, "train.keep_checkpoints": 1, "train.eval_every": 0,
+                        "train.batch_size": 8,
                         "model.max_position_embeddings": 512, "train.log_every": 5})
     trainer.train(config, str(workdir))
     main = script("evaluate").main
@@ -107,7 +109,8 @@ def test_tasks_scored_inside_the_loop_are_the_checkpoints_own_scores(tmp_path):
     from neox_jax import cli, metrics
 
     workdir = tmp_path / "run"
-    config = tiny_py(**{"train.steps": 8, "train.eval_every": 0, "train.batch_size": 8, "train.log_every": 4,
+    config = tiny_py(**{**SMALL_VOCAB, "train.steps": 8, "train.eval_every": 0, "train.batch_size": 8,
+                        "train.log_every": 4,
                         "train.eval_tasks": ",".join(TASKS), "train.eval_tasks_every": 4,
                         "train.eval_tasks_limit": LIMIT, "model.max_position_embeddings": 512})
     last = trainer.train(config, str(workdir), task_eval=E.LoopEvaluator(config))

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from conftest import ROOT, script_env
+from conftest import ROOT, SMALL_VOCAB, script_env
 from neox_jax import config as cfg
 from neox_jax import metrics, trainer
 from neox_jax.data import default_paths, preprocess
@@ -37,8 +37,9 @@ from neox_jax.data import default_paths, preprocess
 SBATCH = str(ROOT / "scripts" / "slurm" / "train.sbatch")
 CLUSTER = str(ROOT / "scripts" / "slurm" / "local_cluster.sh")
 TINY = str(ROOT / "configs" / "tiny.py")
-# the tiny config shrunk further; a constant checkpoint schedule that only the stop signals and the end trigger
-RUN = {"model.num_layers": 2, "model.hidden_size": 64, "train.seq_len": 32, "train.batch_size": 8,
+# the tiny config shrunk further, on the 512-id tokenizer; a constant checkpoint schedule that only the stop signals
+# and the end trigger
+RUN = {**SMALL_VOCAB, "model.num_layers": 2, "model.hidden_size": 64, "train.seq_len": 32, "train.batch_size": 8,
        "train.log_every": 1, "train.eval_every": 0, "optimizer.warmup_steps": 2, "train.steps": 60,
        "train.checkpoint_every": 1000}
 # seconds added to each step of the requeued runs' first attempts (tests/slow_steps.py): the preempted one is still
@@ -208,7 +209,7 @@ def _submit_sweep(cluster: dict, tmp) -> str:
         from neox_jax.sweep import Sweep
 
         def get_sweep():
-            return Sweep(config={TINY!r}, fixed={{"model.num_layers": 1, "model.hidden_size": 32,
+            return Sweep(config={TINY!r}, fixed={{**{SMALL_VOCAB!r}, "model.num_layers": 1, "model.hidden_size": 32,
                          "model.num_heads": 2, "train.seq_len": 16, "train.batch_size": 8, "train.steps": 3,
                          "train.eval_every": 0, "optimizer.warmup_steps": 1}},
                          runs=[{{"optimizer.lr": 1e-3}}, {{"optimizer.lr": 3e-3}},
