@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, ROOT, script_env
+from conftest import FIXTURES, ROOT, SMALL_TOKENIZER, script_env
 from neox_jax import checkpoint as ckpt
 from neox_jax import convert, errors, metrics, trainer, weights
 from neox_jax import evaluate as E
@@ -458,11 +458,11 @@ def test_damaged_safetensors_are_one_line_in_convert_and_evaluate(tmp_path, caps
 @pytest.mark.slow
 def test_generate_empty_and_too_long_prompts(tmp_path, capsys):
     generate = _script("generate")
-    hf = str(TINY_HF)
-    line = _fails(generate.main, ["--hf", hf, "--prompt", "a " * 80, "--max_new_tokens", "2"], capsys)
+    hf = ["--hf", str(TINY_HF), "--tokenizer", SMALL_TOKENIZER]  # a tokenizer within the model's 512 ids
+    line = _fails(generate.main, [*hf, "--prompt", "a " * 80, "--max_new_tokens", "2"], capsys)
     assert re.search(r"prompt 0 has 8\d tokens, .* max_position_embeddings=64", line)
     assert capsys.readouterr().out == ""  # refused before the prompt is echoed
-    generate.main(["--hf", hf, "--prompt", "", "--max_new_tokens", "3", "--output", str(tmp_path / "o.jsonl")])
+    generate.main([*hf, "--prompt", "", "--max_new_tokens", "3", "--output", str(tmp_path / "o.jsonl")])
     row = json.loads((tmp_path / "o.jsonl").read_text())
     assert row["prompt"] == "" and len(row["tokens"]) == 3 and row["finish_reason"]
 
