@@ -15,26 +15,26 @@ setup: $(STAMP)
 
 # torch is pinned to the CPU wheel and installed before transformers so pip never pulls a CUDA build. The
 # accelerator's jax plugin comes last, at the jax version the project installed.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	rm -f $(VENV)/.installed-jax-*
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test]"
 ifeq ($(JAX),cpu)
 	$(VPY) -m pip uninstall -q -y $(PLUGINS) 2>/dev/null || true
 else
-	$(VPY) -m pip install -q "jax[$(JAX)]==$$($(VPY) -c 'import jax; print(jax.__version__)')"
+	$(VPY) -m pip install -q -c constraints.txt "jax[$(JAX)]==$$($(VPY) -c 'import jax; print(jax.__version__)')"
 endif
 	touch $(STAMP)
 
 # Compile-only targets: .venv-cuda (jax[cuda13], ~4 GB) and .venv-tpu (jax[tpu]), the setup.cfg extras.
 venv-cuda: .venv-cuda/.installed
 venv-tpu: .venv-tpu/.installed
-.venv-%/.installed: setup.cfg pyproject.toml
+.venv-%/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x .venv-$*/bin/python || $(PY) -m venv .venv-$*
 	.venv-$*/bin/python -m pip install -q --upgrade pip
-	.venv-$*/bin/python -m pip install -q -e ".[$*]"
+	.venv-$*/bin/python -m pip install -q -c constraints.txt -e ".[$*]"
 	touch $@
 
 train: $(STAMP)
