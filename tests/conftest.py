@@ -7,9 +7,9 @@ import re
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count=" not in _flags:  # pytest-xdist's workers inherit the controller's
     _flags += " --xla_force_host_platform_device_count=8"
-# The tests' programs are tiny: compiling them is most of the suite's CPU. XLA:CPU's backend at -O0 compiles
-# in about half the time and runs slower by less (tiny train step: 10 s -> 4 s to compile, 0.06 -> 0.2 s a step;
-# test_pipeline.py 83 -> 48 CPU-seconds). Subprocesses inherit it through script_env.
+# The tests' programs are tiny: compiling them is most of the suite's CPU. XLA:CPU's backend at -O0 once compiled
+# in about half the time (tiny train step: 10 s -> 4 s; test_pipeline.py 83 -> 48 CPU-seconds); with jax 0.10.2 it
+# changes neither compile nor step time (BUILD.md, "Tests"). Subprocesses inherit it through script_env.
 if "--xla_backend_optimization_level=" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()
