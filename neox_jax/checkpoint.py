@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import Any
 
 import jax
@@ -68,13 +69,17 @@ class CheckpointSaveError(errors.RunFailure):
 class _OrbaxTracebacks(logging.Filter):
     """Drops the tracebacks orbax logs from its background save threads: the same exception is raised in the
     main thread at the next save or wait, where it becomes one CheckpointSaveError (a full disk otherwise
-    printed four tracebacks of a hundred lines each). asyncio logs the same for orbax's tasks a failed save
-    abandoned ("Task exception was never retrieved", naming the orbax coroutine)."""
+    printed four tracebacks of a hundred lines each). asyncio logs the same for orbax's tasks and futures a failed
+    save abandoned ("Task exception was never retrieved", naming the orbax coroutine; "_GatheringFuture exception
+    was never retrieved", naming nothing of orbax but a traceback through it), when they happen to be collected."""
 
     def filter(self, record):
+        if not (record.exc_info and record.levelno >= logging.ERROR):
+            return True
         orbax = f"{os.sep}orbax{os.sep}"
-        return not (record.exc_info and record.levelno >= logging.ERROR
-                    and (orbax in record.pathname or orbax in record.getMessage()))
+        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
+        return not any(orbax in where for where in (record.pathname, record.getMessage(),
+                                                     *(frame.filename for frame in frames)))
 
 
 _TRACEBACK_FILTER = _OrbaxTracebacks()
