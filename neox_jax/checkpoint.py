@@ -77,9 +77,8 @@ class _OrbaxTracebacks(logging.Filter):
         if not (record.exc_info and record.levelno >= logging.ERROR):
             return True
         orbax = f"{os.sep}orbax{os.sep}"
-        frames = traceback.extract_tb(record.exc_info[2]) if record.exc_info[2] else []
-        return not any(orbax in where for where in (record.pathname, record.getMessage(),
-                                                     *(frame.filename for frame in frames)))
+        frames = (frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2]))
+        return not any(orbax in where for where in (record.pathname, record.getMessage(), *frames))
 
 
 _TRACEBACK_FILTER = _OrbaxTracebacks()

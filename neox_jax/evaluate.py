@@ -70,8 +70,8 @@ class NeoXLM(TemplateLM):
     data.tokenizer of a params dir or workdir, else the 20B tokenizer), `max_gen_toks`,
     `tensor_parallel` (mesh: all devices, weights split tensor_parallel ways, batch rows over the rest).
     From Python, `model_config=`, `params=` (with `hf` or `checkpoint` naming their source, for the tokenizer) and a
-    `neox_jax.data.tokenizer` object may be passed instead, and
-    `stacked=True` scores with the params' stacked layers as they are (no per-layer copy)."""
+    `neox_jax.data.tokenizer` object may be passed instead, and `stacked=True` scores with the params' stacked
+    layers as they are (no per-layer copy)."""
 
     def __init__(self, hf: str | None = None, checkpoint: str | None = None, batch_size: int | str = 8,
                  max_length: int | None = None, dtype: str | None = None, tokenizer: Any = None,

@@ -33,7 +33,8 @@ def checkpoints(path: str) -> dict[int, Callable]:
             steps = ckpt.all_steps()
         finally:
             ckpt.close()
-        return {s: (lambda dtype, s=s: (*weights.load_model(checkpoint=path, step=s, dtype=dtype), {"checkpoint": path}))
+        return {s: (lambda dtype, s=s: (*weights.load_model(checkpoint=path, step=s, dtype=dtype),
+                                        {"checkpoint": path}))
                 for s in steps}
     found = {}
     if os.path.isdir(path):
