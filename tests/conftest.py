@@ -12,6 +12,11 @@ if "--xla_force_host_platform_device_count=" not in _flags:  # pytest-xdist's wo
 # changes neither compile nor step time (BUILD.md, "Tests"). Subprocesses inherit it through script_env.
 if "--xla_backend_optimization_level=" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
+# XLA:CPU's older fusion emitters compile the tests' programs in about 40% less CPU (test_precision.py 45 -> 27
+# CPU-s, the suite's in-process tests 957 -> 832) for slightly slower steps, which these short runs barely take; the
+# scripts the tests start inherit it, so their numbers match the in-process references bit for bit (BUILD.md, "Tests").
+if "--xla_cpu_use_fusion_emitters=" not in _flags:
+    _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 # One BLAS / OpenMP thread per process: the suite runs a worker per core, and numpy's, scipy's and torch's pools
 # would each spin on every core (test_scaling.py: 22.6 CPU-s for 12.6 s of wall time, 12.7 with one thread, the
@@ -46,14 +51,14 @@ def script_env(devices: int | None = None, **extra) -> dict:
     return env
 
 
-
-# The files that take over a minute of a worker each, longest first (`pytest --durations=0`, summed per file;
-# test_slurm.py first: its minutes are mostly spent waiting for its SLURM jobs, which run beside the others). Run
+# The files that take over ~20 s of a worker each, longest first (a CI run's seconds per file, 2026-12-06;
+# test_slurm.py first: its minute is mostly spent waiting for its SLURM jobs, which run beside the others). Run
 # with `--dist loadfile --no-loadscope-reorder` (the Makefile), pytest-xdist hands out files in this order, so no
 # long file starts last while the other worker idles; by default it orders files by their number of tests.
-LONG_FILES = ("test_slurm.py", "test_readme.py", "test_trainer.py", "test_distributed.py", "test_benchmark.py",
-              "test_train_step.py", "test_evaluate.py", "test_series.py", "test_memory.py", "test_generate.py",
-              "test_precision.py", "test_preflight.py")
+LONG_FILES = ("test_slurm.py", "test_readme.py", "test_distributed.py", "test_evaluate.py", "test_trainer.py",
+              "test_faults.py", "test_benchmark.py", "test_series.py", "test_train_step.py", "test_sweep.py",
+              "test_memory.py", "test_data_resume.py", "test_compile_targets.py", "test_precision.py",
+              "test_splash.py", "test_context.py", "test_generate.py")
 
 
 def pytest_collection_modifyitems(config, items):

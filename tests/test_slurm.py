@@ -43,13 +43,14 @@ RUN = {**SMALL_VOCAB, "model.num_layers": 2, "model.hidden_size": 64, "train.seq
        "train.log_every": 1, "train.eval_every": 0, "optimizer.warmup_steps": 2, "train.steps": 60,
        "train.checkpoint_every": 1000}
 # seconds added to each step of the requeued runs' first attempts (tests/slow_steps.py): the preempted one is still
-# running when 3 steps are logged; the time-limited one's 60 steps (240 s) outlast the warning, which comes 90-120 s
-# into a 4-minute job
+# running when 3 steps are logged; the time-limited one's 60 steps (240 s) outlast the warning, which comes 30-60 s
+# into a 3-minute job
 SLOW_STEP = {"preempt": 0.5, "time": 4.0}
 # the time-limited job: the warning leaves 120-150 s to finish a step and save, enough for the tiny model's start-up
 # and compile on a loaded 2-core CI machine (85 s and 86 s seen there; with @60 in a 2-minute job the limit struck
-# before the first step was done)
-TIME_LIMIT = ["--time=4", "--signal=B:USR1@150"]
+# before the first step was done). A 3-minute job is the shortest with that margin: the test waits ~1 minute less
+# than with a 4-minute one. train.py answers USR1 from its first lines, so an early warning finds the handler.
+TIME_LIMIT = ["--time=3", "--signal=B:USR1@150"]
 ON_CPU = ["--gpus-per-node=0", "--cpus-per-task=1", "--oversubscribe", "--nodes=1"]
 JOB_TIMEOUT = 600  # seconds for any one job, requeues included, on a loaded 2-core machine
 
@@ -271,8 +272,8 @@ def test_a_preempted_job_checkpoints_requeues_itself_and_ends_with_the_uninterru
 
 @pytest.mark.slow
 def test_a_job_shorter_than_its_run_requeues_on_the_time_limit_warning_until_done(cluster, jobs):
-    """--time=4 with --signal=B:USR1@150: SLURM warns the batch script, which stops the tasks; they checkpoint and
-    the job requeues itself. SLURM checks time limits every 30 s, so the warning lands 90-120 s into an attempt, at
+    """--time=3 with --signal=B:USR1@150: SLURM warns the batch script, which stops the tasks; they checkpoint and
+    the job requeues itself. SLURM checks time limits every 30 s, so the warning lands 30-60 s into an attempt, at
     times while the run is still starting on a loaded machine (then the step after start-up is saved, and the next
     attempt may make as little progress): to bound the test's length, the limit of the requeued job is lifted to 10
     minutes as it is released, and that attempt runs to the end."""
