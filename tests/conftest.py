@@ -13,7 +13,7 @@ if "--xla_force_host_platform_device_count=" not in _flags:  # pytest-xdist's wo
 if "--xla_backend_optimization_level=" not in _flags:
     _flags += " --xla_backend_optimization_level=0"
 # XLA:CPU's older fusion emitters compile the tests' programs in about 40% less CPU (test_precision.py 45 -> 27
-# CPU-s, the suite's in-process tests 957 -> 832) for slightly slower steps, which these short runs barely take; the
+# CPU-s; the suite's per-test CPU 957 -> ~880) for slightly slower steps, which these short runs barely take; the
 # scripts the tests start inherit it, so their numbers match the in-process references bit for bit (BUILD.md, "Tests").
 if "--xla_cpu_use_fusion_emitters=" not in _flags:
     _flags += " --xla_cpu_use_fusion_emitters=false"
