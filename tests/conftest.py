@@ -7,16 +7,16 @@ import re
 _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_force_host_platform_device_count=" not in _flags:  # pytest-xdist's workers inherit the controller's
     _flags += " --xla_force_host_platform_device_count=8"
-# The tests' programs are tiny: compiling them is most of the suite's CPU. XLA:CPU's backend at -O0 once compiled
-# in about half the time (tiny train step: 10 s -> 4 s; test_pipeline.py 83 -> 48 CPU-seconds); with jax 0.10.2 it
-# changes neither compile nor step time (BUILD.md, "Tests"). Subprocesses inherit it through script_env.
-if "--xla_backend_optimization_level=" not in _flags:
-    _flags += " --xla_backend_optimization_level=0"
-# XLA:CPU's older fusion emitters compile the tests' programs in about 40% less CPU (test_precision.py 45 -> 27
-# CPU-s; the suite's per-test CPU 957 -> ~880) for slightly slower steps, which these short runs barely take; the
-# scripts the tests start inherit it, so their numbers match the in-process references bit for bit (BUILD.md, "Tests").
-if "--xla_cpu_use_fusion_emitters=" not in _flags:
-    _flags += " --xla_cpu_use_fusion_emitters=false"
+# The tests' programs are tiny: compiling them is most of the suite's CPU (BUILD.md, "Tests"). XLA:CPU's older
+# fusion emitters compile them in about 40% less CPU (test_precision.py 45 -> 27 CPU-s; the suite's per-test CPU
+# 957 -> ~880) for slightly slower steps, which these short runs barely take. -O0 once compiled in about half the time
+# (tiny train step: 10 s -> 4 s); with jax 0.10.2 it changes neither compile nor step time. Scripts the tests start
+# inherit both through script_env, so their numbers match the in-process references bit for bit; the README walk
+# passes them to its commands (tests/test_readme.py).
+COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+for _flag in COMPILE_FLAGS:
+    if _flag.split("=")[0] + "=" not in _flags:
+        _flags += f" {_flag}"
 os.environ["XLA_FLAGS"] = _flags.strip()
 # One BLAS / OpenMP thread per process: the suite runs a worker per core, and numpy's, scipy's and torch's pools
 # would each spin on every core (test_scaling.py: 22.6 CPU-s for 12.6 s of wall time, 12.7 with one thread, the

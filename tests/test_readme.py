@@ -20,8 +20,8 @@ What a RUN case changes before running, all listed here:
 The commands see a user's environment: XLA_FLAGS holds only XLA:CPU's compile options (COMPILE_FAST; conftest's 8
 simulated devices are for in-process tests; a command that wants devices sets XLA_FLAGS itself, as the README's
 do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
-PYTHONPATH (every script finds its own checkout). The walk took 5.8 minutes on 2 cores shared with other jobs
-(load average ~6; 3.9 minutes of CPU): `pytest -q tests/test_readme.py --durations=0 -rs`.
+PYTHONPATH (every script finds its own checkout). In `make test` the walk holds a worker for ~3.1 minutes on 2
+cores shared with the other worker (2.4 minutes of CPU, 2026-12-06); alone: `pytest -q tests/test_readme.py -rs`.
 """
 
 import dataclasses
@@ -36,15 +36,15 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import COMPILE_FLAGS, ROOT
 from readme_commands import Command, commands
 
 DOCS = ("README.md", "BUILD.md")
 TIMEOUT_S = 300  # one command; the slowest run here takes ~1 minute on 2 busy cores
-# XLA:CPU's compile options as conftest sets them for the in-process tests (-O0, the older fusion emitters): the
+# XLA:CPU's compile options of the in-process tests (conftest.COMPILE_FLAGS: -O0, the older fusion emitters): the
 # walk's programs compile in less CPU (a 4-step `make train` 14.9 -> 13.5 CPU-s); what they compute is the same to
 # rounding. A command that sets XLA_FLAGS itself replaces them.
-COMPILE_FAST = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+COMPILE_FAST = " ".join(COMPILE_FLAGS)
 
 RUN, SKIP, XFAIL = "run", "skip", "xfail"
 _SLOW_BENCH = "a benchmark: minutes on 2 cores (measured: `train --preset cpu-small --profile` 150 s, with " \
