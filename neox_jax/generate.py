@@ -90,8 +90,8 @@ def prefill(m, params, ids, mask, cache):
     Returns (logits of each row's last token [B, V], cache, rotary position of that token [B])."""
     positions = jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)
     net = model_lib.for_params(m, params)
-    logits, cache = net.apply({"params": params}, ids, positions=positions, cache=cache, input_mask=mask)
-    return logits[:, -1], cache, positions[:, -1]
+    x, cache = net.apply({"params": params}, ids, positions=positions, cache=cache, input_mask=mask, method="hidden")
+    return model_lib.head_logits(x[:, -1], params["embed_out"]), cache, positions[:, -1]
 
 
 def decode_step(m, params, tokens, positions, cache):
