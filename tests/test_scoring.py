@@ -72,3 +72,18 @@ def test_bad_requests_raise_one_clear_error():
         scoring.group_requests([([1], list(range(17)))], 16, 16)
     with pytest.raises(ValueError, match="context of 0"):
         scoring.group_requests([([], [1])], 16, 16)
+
+
+def test_the_heads_positions_are_split_over_the_batch_devices():
+    """The positions gathered for the output head stay split over the mesh's batch axes, as the rows they come
+    from are: each of the 8 devices runs the 50k-wide head on 1/8 of them (replicated, each would run all)."""
+    import jax
+    from neox_jax import sharding
+
+    mesh = sharding.inference_mesh()
+    hidden = sharding.put_batch(np.arange(8 * 16 * 4, dtype=np.float32).reshape(8, 16, 4), mesh)
+    index = np.arange(0, 128, 2, dtype=np.int32)
+    with sharding.activation_rules(mesh, zero_stage=0):
+        x = jax.jit(scoring.gather_positions)(hidden, index)
+    np.testing.assert_array_equal(x, np.asarray(hidden).reshape(-1, 4)[index])
+    assert {shard.data.shape for shard in x.addressable_shards} == {(64 // 8, 4)}
