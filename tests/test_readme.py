@@ -20,8 +20,8 @@ What a RUN case changes before running, all listed here:
 The commands see a user's environment: XLA_FLAGS holds only XLA:CPU's compile options (COMPILE_FAST; conftest's 8
 simulated devices are for in-process tests; a command that wants devices sets XLA_FLAGS itself, as the README's
 do), JAX_PLATFORMS=cpu, HF_*_OFFLINE=1, no
-PYTHONPATH (every script finds its own checkout). In `make test` the walk holds a worker for ~3.1 minutes on 2
-cores shared with the other worker (2.4 minutes of CPU, 2026-12-06); alone: `pytest -q tests/test_readme.py -rs`.
+PYTHONPATH (every script finds its own checkout). In `make test` the walk holds a worker for ~2.5 minutes on 2
+cores shared with the other worker (~2 minutes of CPU, 2026-12-06); alone: `pytest -q tests/test_readme.py -rs`.
 """
 
 import dataclasses
