@@ -164,7 +164,7 @@ def default_workdir(config_spec: str) -> str:
     return os.path.join("runs", name)
 
 
-def summary(last: dict, workdir: str) -> str:
+def final_line(last: dict, workdir: str) -> str:
     """The run's last line: step, losses (with the unigram baseline beside the validation loss), the latest
     train.eval_tasks scores, throughput, energy, goodput."""
     parts = [f"done: step {last.get('step')}"]

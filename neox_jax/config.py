@@ -182,8 +182,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def merge(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], flag: str | None = None
-          ) -> ml_collections.ConfigDict:
+def override(base: ml_collections.ConfigDict, overrides: Mapping[str, Any], flag: str | None = None
+             ) -> ml_collections.ConfigDict:
     """Apply {"a.b.c": value} overrides, refusing unknown keys with near names. A text value for a field that
     is not text is read as the field's type (`"3e-4"` for a float, `"true"` for a bool), as a command line gives
     it; errors name `flag`.a.b.c=value when the overrides came from that flag."""
@@ -246,11 +246,11 @@ def from_spec(spec: str, overrides: Mapping[str, Any] | None = None, flag: str |
         call = f"get_config({arg!r})" if arg else "get_config()"
         raise ConfigError(f"config file {path}: {call} returned {type(c).__name__}, expected an "
                           "ml_collections.ConfigDict (does it end with `return config`?)")
-    return merge(c, overrides or {}, flag)
+    return override(c, overrides or {}, flag)
 
 
 def parse_overrides(pairs, flag: str) -> dict:
-    """["a.b=1", "c=x"] -> {"a.b": "1", "c": "x"}; `merge` types each value by its field."""
+    """["a.b=1", "c=x"] -> {"a.b": "1", "c": "x"}; `override` types each value by its field."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")

@@ -106,7 +106,7 @@ def settings_that_fit(run: setup.RunSetup, limit: int, compiled: int | None = No
     found = []
     for overrides, cost in _candidates(run.config):
         try:
-            config = cfg.merge(run.config, overrides)
+            config = cfg.override(run.config, overrides)
             other = setup.build(cfg.validate(config), sharding.make_mesh(config, run.mesh.devices.flat))
         except (cfg.ConfigError, ValueError):
             continue

@@ -79,8 +79,8 @@ def _span(steps: list[int]) -> str:
     return shown or "no steps"
 
 
-def evaluate(path: str, steps: list[int], tasks: list[str], out_dir: str, *, say=print, lm_args: dict | None = None,
-             **eval_args) -> dict[int, dict]:
+def evaluate_steps(path: str, steps: list[int], tasks: list[str], out_dir: str, *, say=print,
+                   lm_args: dict | None = None, **eval_args) -> dict[int, dict]:
     """Each step's lm-eval results, evaluated (or read back from `out_dir`/step_<N>.json); `lm_args` go to
     NeoXLM (batch_size, tokenizer, dtype, ...), `eval_args` to `neox_jax.evaluate.evaluate`."""
     loaders = checkpoints(path)

@@ -28,7 +28,7 @@ from neox_jax import sharding, targets
 from neox_jax.config import ConfigError
 
 
-def check(m, seq_len: int) -> None:
+def check_runnable(m, seq_len: int) -> None:
     """One ConfigError naming the field, for a splash call that cannot run here."""
     if targets.target_platform() != "tpu" and not m.splash_interpret:
         raise ConfigError(f"model.attention_impl=splash: the Pallas kernel compiles only for TPU (this step is for "
@@ -53,7 +53,7 @@ def local_attention(q: jax.Array, k: jax.Array, v: jax.Array, m, offset: int) ->
     """One device's attention: queries q [b, Tq, n, d] at positions offset .. offset + Tq - 1 over keys k, v
     [b, Tk, n, d] at positions 0 .. Tk - 1 (Tq < Tk under context parallelism), causal."""
     tq, tk, heads, d = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
-    check(m, tq)
+    check_runnable(m, tq)
     q = (q.astype(jnp.float32) / math.sqrt(d)).astype(q.dtype)  # the kernel does not scale the scores
     block_q, block_kv = cfg.splash_blocks(m, tq)
     sizes = kernel_lib.BlockSizes(

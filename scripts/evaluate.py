@@ -96,7 +96,7 @@ def _series(args, tasks, limit) -> None:
     out_dir = args.output_dir or os.path.join(args.workdir, "eval")
     try:
         E.check_offline(tasks)
-        results = series.evaluate(
+        results = series.evaluate_steps(
             args.workdir, steps, tasks, out_dir,
             lm_args=dict(batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
                          tokenizer=args.tokenizer, tensor_parallel=args.tensor_parallel),

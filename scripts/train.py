@@ -91,7 +91,7 @@ def main(argv=None):
             distributed.abort_peer_failure(e, workdir)
         raise
     if jax.process_index() == 0:
-        print(cli.summary(last, workdir), flush=True)
+        print(cli.final_line(last, workdir), flush=True)
     return 0 if last["step"] >= config.train.steps else errors.EXIT_RESUMABLE
 
 

@@ -61,7 +61,7 @@ def test_unknown_pythia_size():
     ],
 )
 def test_invalid_values_name_the_field(field, value, message):
-    c = C.merge(tiny.get_config(), {field: value})
+    c = C.override(tiny.get_config(), {field: value})
     with pytest.raises(C.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         C.validate(c)
 
@@ -74,14 +74,14 @@ def test_invalid_values_name_the_field(field, value, message):
 ])
 def test_bad_mixing_weights_are_refused_up_front(weights, message):
     """validate checks data.train_weights against the datasets data.train_paths names, before any data is read."""
-    c = C.merge(tiny.get_config(), {"data.train_paths": "a, b,", "data.train_weights": weights})
+    c = C.override(tiny.get_config(), {"data.train_paths": "a, b,", "data.train_weights": weights})
     with pytest.raises(C.ConfigError, match=re.escape(message)):
         C.validate(c)
     assert C.mixing_weights("", 2) == [1.0, 1.0] and C.mixing_weights("2,1", 2) == [2.0, 1.0]
 
 def test_typo_is_rejected_with_near_names():
     with pytest.raises(C.ConfigError, match=r"unknown config field 'model.hiden_size'; did you mean 'model.hidden_size'"):
-        C.merge(tiny.get_config(), {"model.hiden_size": 64})
+        C.override(tiny.get_config(), {"model.hiden_size": 64})
     c = tiny.get_config()
     c.model.unlock()
     c.model.num_layer = 3  # a typo inside a config file
@@ -100,7 +100,7 @@ def test_command_line_config_args_are_split_once_and_typed_by_their_fields():
     assert (config.optimizer.lr, config.train.steps, config.data.order) == (3e-4, 7, "gpt_neox")
     assert isinstance(config.train.steps, int) and isinstance(config.optimizer.lr, float)
     for text, value in (("true", True), ("False", False), ("1", True), ("no", False)):
-        assert C.merge(config, {"energy.track": text}).energy.track is value
+        assert C.override(config, {"energy.track": text}).energy.track is value
     for field, text, message in (("train.steps", "abc", "--config.train.steps=abc: expected an integer"),
                                  ("optimizer.lr", "fast", "--config.optimizer.lr=fast: expected a number"),
                                  ("energy.track", "maybe", "--config.energy.track=maybe: expected true or false")):

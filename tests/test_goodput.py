@@ -141,10 +141,10 @@ def test_a_record_holds_the_totals_and_the_attempts_bookkeeping():
 
 def test_the_summary_line_shows_goodput():
     r = goodput.record(goodput.resume(FIRST, 6, 1050.0), {"productive": 4.0, "other": 1.0}, 1050.0, 6)
-    line = cli.summary({"step": 8, "loss": 2.0, **r}, "runs/x")
+    line = cli.final_line({"step": 8, "loss": 2.0, **r}, "runs/x")
     assert "goodput 29% of 55 s over 2 attempts (compile 2 s, data 0 s, checkpoints 0 s, eval 2 s, start-up 10 s, " \
            "lost 24 s (2 steps run again), other 1 s) | workdir runs/x" in line
-    assert "goodput" not in cli.summary({"step": 8}, "runs/x")
+    assert "goodput" not in cli.final_line({"step": 8}, "runs/x")
 
 
 def test_earlier_records_are_read_from_metrics_jsonl(tmp_path):

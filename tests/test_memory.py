@@ -80,7 +80,7 @@ def test_a_step_over_the_device_memory_stops_naming_settings_that_fit(head_heavy
     best = fit.settings_that_fit(run, limit, peak)[0]
     assert best.flags() in line
     # the compiler agrees: the first suggestion, compiled, fits the limit
-    c = cfg.merge(run.config, best.overrides)
+    c = cfg.override(run.config, best.overrides)
     other = setup.build(cfg.validate(c), sharding.make_mesh(c, jax.devices()[:2]))
     assert fit.compiled_peak(train.compile_train_step(other).memory_analysis()) <= limit
 
@@ -106,8 +106,8 @@ def test_a_config_without_data_is_refused_unless_it_asks_for_the_sample():
     with pytest.raises(ValueError, match=r"data.train_paths: empty.*--config.data.train_paths=PREFIX.*"
                                          r"data.bundled_sample=true"):
         train_spec(c)
-    assert train_spec(cfg.merge(c, {"data.train_paths": "/data/pile"})) == "/data/pile"
-    assert train_spec(cfg.merge(c, {"data.bundled_sample": True})).endswith("train.jsonl.zst")
+    assert train_spec(cfg.override(c, {"data.train_paths": "/data/pile"})) == "/data/pile"
+    assert train_spec(cfg.override(c, {"data.bundled_sample": True})).endswith("train.jsonl.zst")
     assert train_spec(cfg.from_spec(os.path.join(ROOT, "configs", "tiny.py"))).endswith("train.jsonl.zst")
 
 

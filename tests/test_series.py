@@ -61,7 +61,7 @@ def test_hf_series_scores_each_step_as_alone_compiles_once_and_resumes(tmp_path,
     folder = tmp_path / "pythia"
     for seed, step in enumerate((0, 1, 512)):
         make_hf_model(folder / f"step{step}", SMALL, seed=seed)
-    compiles, results = _compiles_per_step(lambda say: series.evaluate(
+    compiles, results = _compiles_per_step(lambda say: series.evaluate_steps(
         str(folder), [0, 1, 512], TASKS, str(tmp_path / "all"), say=say, limit=LIMIT, bootstrap_iters=10))
     assert compiles[0] > 0 and compiles[1:] == [0, 0]  # later steps swap their weights into the compiled functions
     for step in (0, 1, 512):  # each step's scores are its model's own
@@ -74,10 +74,10 @@ def test_hf_series_scores_each_step_as_alone_compiles_once_and_resumes(tmp_path,
     assert all(r[4] > 0 for r in rows if r[2] == "acc")  # with their stderr
     # the same command again reads every step back and evaluates nothing
     monkeypatch.setattr(E, "evaluate", lambda *a, **k: pytest.fail("a finished step was evaluated again"))
-    again = series.evaluate(str(folder), [0, 1, 512], TASKS, str(tmp_path / "all"), limit=LIMIT)
+    again = series.evaluate_steps(str(folder), [0, 1, 512], TASKS, str(tmp_path / "all"), limit=LIMIT)
     assert {s: r["results"] for s, r in again.items()} == {s: r["results"] for s, r in results.items()}
     with pytest.raises(errors.InputError, match=r"step_0.json was evaluated with other settings \(limit: 6, now 5\)"):
-        series.evaluate(str(folder), [0], TASKS, str(tmp_path / "all"), limit=5)
+        series.evaluate_steps(str(folder), [0], TASKS, str(tmp_path / "all"), limit=5)
 
 
 @pytest.mark.slow
@@ -116,8 +116,8 @@ def test_tasks_scored_inside_the_loop_are_the_checkpoints_own_scores(tmp_path):
     last = trainer.train(config, str(workdir), task_eval=E.LoopEvaluator(config))
     rows = [r for r in metrics.read_jsonl(str(workdir / "metrics.jsonl")) if r["split"] == "tasks"]
     assert [r["step"] for r in rows] == [4, 8] and all(f"{t}/acc" in rows[0] for t in TASKS)
-    assert "tasks at step 8: piqa acc" in cli.summary(last, str(workdir))
-    after = series.evaluate(str(workdir), [8], TASKS, str(tmp_path / "eval"), limit=LIMIT, bootstrap_iters=100)
+    assert "tasks at step 8: piqa acc" in cli.final_line(last, str(workdir))
+    after = series.evaluate_steps(str(workdir), [8], TASKS, str(tmp_path / "eval"), limit=LIMIT, bootstrap_iters=100)
     for task in TASKS:
         assert rows[1][f"{task}/acc"] == pytest.approx(after[8]["results"][task]["acc,none"], abs=1e-9)
         assert rows[1][f"{task}/acc_norm"] == pytest.approx(after[8]["results"][task]["acc_norm,none"], abs=1e-9)

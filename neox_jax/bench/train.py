@@ -34,7 +34,7 @@ def random_token_step(config):
     """(train state, compiled train step, one global batch of random tokens) for `config` on this host's devices
     (on one device, whatever mesh the config asks for)."""
     if jax.device_count() == 1:
-        config = cfg.merge(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
+        config = cfg.override(config, {"mesh.data": -1, "mesh.fsdp": 1, "mesh.tensor": 1})
     mesh = sharding.make_mesh(config)
     run = setup.build(config, mesh)
     t = config.train

@@ -192,21 +192,34 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
     run = resumable.describe_run(names, tokenizer.path, append_eod=append_eod, skip_bad=skip_bad, dedup=dedup,
                                  split_by_component=split_by_component, keep_whitespace_docs=keep_whitespace_docs,
                                  add_special_tokens=add_special_tokens, neox_names=neox_names, text_key=text_key)
-    record = resumable.load(output_prefix, run) if resume else resumable.discard(output_prefix)
-    position = (0, 0)
+    record = resumable.load_progress(output_prefix, run) if resume else resumable.discard(output_prefix)
+    position = (0, 0) if record is None else tuple(record["position"])
     if record is not None:
-        position = tuple(record["position"])
         summary.restore(record["summary"])
     docs = iter_documents(names, skip_bad, summary.bad, keep_whitespace_docs, text_key, start=position)
     if dedup:
         docs = _drop_duplicates(docs, summary, _seen_before(names, position, keep_whitespace_docs, text_key,
                                                             skip_bad) if record else None)
-    start, before = time.perf_counter(), summary.seconds
     recorder = resumable.Recorder(output_prefix, run, progress_every, record)
-    # The stack closes every writer with the exception, if any: a failed run discards all partial outputs, an
-    # interrupted one (Ctrl-C, SIGTERM) keeps them with its progress for --resume.
+    _tokenize(docs, outputs, summary, recorder, (record or {}).get("outputs", {}), tokenizer, workers=workers,
+              append_eod=append_eod, progress=progress)
+    if not outputs.writers:  # an empty dataset trains nothing: refuse (no output file was opened)
+        recorder.remove()
+        raise _no_documents(names, output_prefix, summary)
+    for key, prefix in summary.outputs.items():  # what the pair holds and what made it (data/manifest.py)
+        manifest.write(prefix, tokenizer.path, run["inputs"], sha256=outputs.writers[key].sha256, **(extra_manifest or {}))
+    recorder.remove()
+    return summary
+
+
+def _tokenize(docs, outputs: _Outputs, summary: Summary, recorder: resumable.Recorder, resume: dict, tokenizer, *,
+              workers: int, append_eod: bool, progress: bool) -> None:
+    """Encode `docs` into `outputs` (a resumed run's reopened first, cut back to `resume`), recording progress.
+    The stack closes every writer with the exception, if any: a failed run discards all partial outputs, an
+    interrupted one (Ctrl-C, SIGTERM) keeps them with its progress for --resume."""
+    start, before = time.perf_counter(), summary.seconds
     with contextlib.ExitStack() as stack:
-        outputs.start(stack, (record or {}).get("outputs", {}))
+        outputs.start(stack, resume)
         bar = stack.enter_context(tqdm(unit="B", unit_scale=True, desc="tokenizing", mininterval=0.5,
                                        initial=summary.text_bytes, disable=not progress or None))
         pool, encode = _tokenizer_pool(workers, tokenizer, append_eod)
@@ -225,14 +238,7 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
         except BaseException:
             recorder.remove()
             raise
-        if not outputs.writers:  # an empty dataset trains nothing: refuse before any file appears
-            recorder.remove()
-            raise _no_documents(names, output_prefix, summary)
     summary.seconds = before + time.perf_counter() - start
-    for key, prefix in summary.outputs.items():  # what the pair holds and what made it (data/manifest.py)
-        manifest.write(prefix, tokenizer.path, run["inputs"], sha256=outputs.writers[key].sha256, **(extra_manifest or {}))
-    recorder.remove()
-    return summary
 
 
 def _already_complete(output_prefix: str, record: dict) -> Summary:

@@ -74,7 +74,7 @@ def discard(output_prefix: str) -> None:
                     ", ".join(left))
 
 
-def load(output_prefix: str, run: dict) -> dict | None:
+def load_progress(output_prefix: str, run: dict) -> dict | None:
     """The progress recorded for `output_prefix`, checked to be this same run; None (starting from the beginning)
     when there is none."""
     path = path_of(output_prefix)
