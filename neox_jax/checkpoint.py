@@ -71,17 +71,21 @@ class _OrbaxTracebacks(logging.Filter):
     main thread at the next save or wait, where it becomes one CheckpointSaveError (a full disk otherwise
     printed four tracebacks of a hundred lines each). asyncio logs the same for orbax's tasks and futures a failed
     save abandoned ("Task exception was never retrieved", naming the orbax coroutine; "_GatheringFuture exception
-    was never retrieved", naming nothing of orbax but a traceback through it), when they happen to be collected."""
+    was never retrieved", naming nothing of orbax but a traceback through it; "Future exception was never
+    retrieved" for a write tensorstore failed, with no Python frames at all but the path of the save's temporary
+    folder), when they happen to be collected."""
 
     def filter(self, record):
         if not (record.exc_info and record.levelno >= logging.ERROR):
             return True
         orbax = f"{os.sep}orbax{os.sep}"
         frames = (frame.f_code.co_filename for frame, _ in traceback.walk_tb(record.exc_info[2]))
-        return not any(orbax in where for where in (record.pathname, record.getMessage(), *frames))
+        return not (any(orbax in where for where in (record.pathname, record.getMessage(), *frames))
+                    or _ORBAX_TMP in str(record.exc_info[1]))
 
 
 _TRACEBACK_FILTER = _OrbaxTracebacks()
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of a save's folder until orbax renames it, complete
 
 
 def _closed_loop(unraisable) -> bool:
@@ -473,7 +477,7 @@ def _tidy(directory: str) -> None:
     dangling, stray = [], []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if _SET_ASIDE.fullmatch(name) or ".orbax-checkpoint-tmp" in name:
+        if _SET_ASIDE.fullmatch(name) or _ORBAX_TMP in name:
             continue  # set aside before, or a save cut short: orbax skips them
         if os.path.islink(path) and not os.path.exists(path):
             dangling.append(name)
