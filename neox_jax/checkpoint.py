@@ -66,6 +66,9 @@ class CheckpointSaveError(errors.RunFailure):
     """A checkpoint could not be written (a full disk, an I/O error); the ones written before are intact."""
 
 
+_ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of a save's folder until orbax renames it, complete
+
+
 class _OrbaxTracebacks(logging.Filter):
     """Drops the tracebacks orbax logs from its background save threads: the same exception is raised in the
     main thread at the next save or wait, where it becomes one CheckpointSaveError (a full disk otherwise
@@ -85,7 +88,6 @@ class _OrbaxTracebacks(logging.Filter):
 
 
 _TRACEBACK_FILTER = _OrbaxTracebacks()
-_ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of a save's folder until orbax renames it, complete
 
 
 def _closed_loop(unraisable) -> bool:

@@ -19,8 +19,8 @@ Each request is scored as lm-eval's `hf` backend scores it: the tokens `(context
   length; the last call of a length takes the smallest power-of-two number of rows that holds what is left.
 - **The head only where it is needed.** The body (embedding, layers, final LayerNorm) runs on the rows; the
   output head runs on the distinct positions that predict a continuation token alone, gathered in chunks of
-  HEAD_CHUNKS sizes (split over the devices as the rows are), and scores every target read at a position from one logsumexp and one argmax. At
-  Pythia-70m's shape the 50,304-wide head costs more than a position's layers, and a LAMBADA request scores 1-2
+  HEAD_CHUNKS sizes (split over the devices as the rows are), and scores every target read at a position from
+  one logsumexp and one argmax. At Pythia-70m's shape the 50,304-wide head costs more than a position's layers, and a LAMBADA request scores 1-2
   of its ~80 positions.
 
 Compiled shapes, per row length used: the body at `rows` rows and at the power-of-two row counts the last calls

@@ -199,8 +199,9 @@ def test_goodput_of_a_resume_from_an_older_checkpoint(reference, tmp_path, capsy
     assert 0 <= wall - end["attempt_wall_s"] < 0.02 * wall + 0.2  # only closing the writers is left out
     assert end["wall_s"] == pytest.approx(earlier["wall_s"] + end["downtime_s"] + end["attempt_wall_s"])
     assert end["productive_s"] == pytest.approx(earlier["productive_s"] - end["rerun_s"] + end["attempt_productive_s"])
-    assert f"goodput {end['goodput']:.0%} of {end['wall_s']:.0f} s over 2 attempts" in cli.final_line(last, str(workdir))
-    assert "(2 steps run again)" in cli.final_line(last, str(workdir))
+    line = cli.final_line(last, str(workdir))
+    assert f"goodput {end['goodput']:.0%} of {end['wall_s']:.0f} s over 2 attempts" in line
+    assert "(2 steps run again)" in line
 
 
 @pytest.mark.slow

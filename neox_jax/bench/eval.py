@@ -174,8 +174,8 @@ def format_rows(rows: list[dict]) -> str:
 def loop_vs_after(workdir: str, steps: tuple[int, int], tasks: list[str], limit: int, passes: int = 2) -> list[dict]:
     """What train.eval_tasks costs inside the loop against evaluating the checkpoint afterwards: the seconds of one
     warm `evaluate.LoopEvaluator` call on step B's weights (already on the device, as in the loop), and of the
-    series' second step (`series.evaluate_steps` over steps A, B: loading B from the workdir, then evaluating it), in ABBA
-    order over `passes`. The first step of each compiles; neither time includes a compile."""
+    series' second step (`series.evaluate_steps` over steps A, B: loading B from the workdir, then evaluating it),
+    in ABBA order over `passes`. The first step of each compiles; neither time includes a compile."""
     _, first = weights.load_workdir_params(workdir, steps[0])
     run_config, second = weights.load_workdir_params(workdir, steps[1])
     m = run_config.model
@@ -193,8 +193,9 @@ def loop_vs_after(workdir: str, steps: tuple[int, int], tasks: list[str], limit:
             else:
                 marks = []
                 with tempfile.TemporaryDirectory() as out:
-                    series.evaluate_steps(workdir, list(steps), tasks, out, say=lambda _: marks.append(time.perf_counter()),
-                                    limit=limit, bootstrap_iters=100)
+                    series.evaluate_steps(workdir, list(steps), tasks, out,
+                                          say=lambda _: marks.append(time.perf_counter()), limit=limit,
+                                          bootstrap_iters=100)
                     rows.append({"pass": i + 1, "how": "afterwards (load + evaluate)",
                                  "seconds": time.perf_counter() - marks[1]})
     return rows

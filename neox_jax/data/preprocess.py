@@ -193,8 +193,9 @@ def preprocess(inputs: str | Sequence[str], output_prefix: str, tokenizer_path: 
                                  split_by_component=split_by_component, keep_whitespace_docs=keep_whitespace_docs,
                                  add_special_tokens=add_special_tokens, neox_names=neox_names, text_key=text_key)
     record = resumable.load_progress(output_prefix, run) if resume else resumable.discard(output_prefix)
-    position = (0, 0) if record is None else tuple(record["position"])
+    position = (0, 0)
     if record is not None:
+        position = tuple(record["position"])
         summary.restore(record["summary"])
     docs = iter_documents(names, skip_bad, summary.bad, keep_whitespace_docs, text_key, start=position)
     if dedup:
