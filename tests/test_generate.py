@@ -230,3 +230,15 @@ def test_generate_script_writes_jsonl(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "params"), "--tokenizer", tokenizer, "--prompt_file", str(bad)])
     assert e.value.code == 2 and "bad.jsonl, line 2" in capsys.readouterr().err
+
+
+def test_prefill_runs_the_head_on_the_last_positions_only(tiny):
+    """The prompt's logits are needed at each row's last position alone: the compiled prefill never forms the
+    [B, T, vocab] logits (a 2,048-token prompt's would be ~400 MB per row in fp32)."""
+    m, params = tiny
+    b, t = 2, 16
+    cache = model_lib.init_cache(m, b, t + NEW)
+    ids, mask = np.ones((b, t), np.int32), np.ones((b, t), bool)
+    hlo = jax.jit(functools.partial(G.prefill, m)).lower(params, ids, mask, cache).as_text()
+    assert f"{b}x{PADDED}xf32" in hlo
+    assert f"{b}x{t}x{PADDED}xf32" not in hlo and f"{b * t}x{PADDED}xf32" not in hlo
